@@ -1,0 +1,65 @@
+# ngx_http_loyalty_module
+#
+#   make run     install what is missing, build, start redis + nginx demo
+#   make test    install what is missing, build, run every test
+#
+# NGINX_SRC=/path/to/nginx-1.x.y builds against a full nginx source tree
+# instead of Debian's nginx-dev (/usr/share/nginx/src).
+
+PYTHON    = /usr/bin/python3
+NGINX_SRC ?= /usr/share/nginx/src
+NGINX_BIN ?= /usr/sbin/nginx
+MODULE    = build/ngx_http_loyalty_module.so
+
+SOURCES   = config $(wildcard ngx_module/*.c ngx_module/*.h)
+
+CFLAGS_UNIT = -g -O1 -Wall -Wextra -Werror -Wno-unused-parameter \
+              -I ngx_module -I build/nginx/objs \
+              -I build/nginx/src/core -I build/nginx/src/os/unix \
+              -I build/nginx/src/event
+
+.PHONY: all build run test unit integration build-static clean deps-run \
+        deps-test
+
+all: build
+
+build: $(MODULE)
+
+$(MODULE): $(SOURCES)
+	NGINX_SRC=$(NGINX_SRC) tools/build-module
+
+deps-run:
+	tools/install-deps run
+
+deps-test:
+	tools/install-deps test build/src
+
+run: deps-run
+	$(MAKE) build
+	tools/run-demo
+
+test: deps-test
+	$(MAKE) build
+	$(MAKE) unit
+	$(MAKE) integration
+	$(MAKE) build-static
+
+build/unit/test_rules: tests/unit/test_rules.c ngx_module/ngx_http_loyalty_rules.c \
+                       ngx_module/ngx_http_loyalty_rules.h $(MODULE)
+	@mkdir -p build/unit
+	$(CC) $(CFLAGS_UNIT) -o $@ tests/unit/test_rules.c \
+	    ngx_module/ngx_http_loyalty_rules.c -lcmocka
+
+unit: build/unit/test_rules
+	build/unit/test_rules
+
+integration: $(MODULE)
+	NGINX_BIN=$(NGINX_BIN) LOYALTY_MODULE=$(CURDIR)/$(MODULE) \
+	    $(PYTHON) -m pytest -q tests/integration
+
+# the same sources as a static and as a dynamic module of a full nginx tree
+build-static:
+	tools/build-full build/src
+
+clean:
+	rm -rf build

@@ -1,0 +1,459 @@
+
+/*
+ * Copyright (C) The ngx_http_loyalty_module authors
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+#include "ngx_http_loyalty_module.h"
+
+
+static ngx_int_t ngx_http_loyalty_identify(ngx_http_request_t *r,
+    ngx_http_loyalty_loc_conf_t *llcf, ngx_http_loyalty_ctx_t *ctx);
+static ngx_int_t ngx_http_loyalty_read(ngx_http_request_t *r,
+    ngx_http_loyalty_loc_conf_t *llcf, ngx_http_loyalty_ctx_t *ctx);
+static void ngx_http_loyalty_read_handler(ngx_http_loyalty_cmd_t *cmd,
+    ngx_http_loyalty_reply_t *reply);
+static ngx_uint_t ngx_http_loyalty_parse_record(ngx_http_request_t *r,
+    ngx_http_loyalty_ctx_t *ctx, ngx_http_loyalty_reply_t *reply);
+static void ngx_http_loyalty_finish(ngx_http_request_t *r,
+    ngx_http_loyalty_ctx_t *ctx);
+static ngx_int_t ngx_http_loyalty_offer_cond(void *data, void *cond);
+static void ngx_http_loyalty_cleanup(void *data);
+static ngx_int_t ngx_http_loyalty_header_filter(ngx_http_request_t *r);
+
+
+static ngx_http_output_header_filter_pt  ngx_http_next_header_filter;
+
+
+static ngx_str_t  ngx_http_loyalty_fields[] = {
+    ngx_string("points"),
+    ngx_string("lifetime"),
+    ngx_string("orders"),
+    ngx_string("first_order"),
+    ngx_string("last_order")
+};
+
+#define NGX_HTTP_LOYALTY_NFIELDS                                             \
+    (sizeof(ngx_http_loyalty_fields) / sizeof(ngx_str_t))
+
+
+ngx_int_t
+ngx_http_loyalty_handler(ngx_http_request_t *r)
+{
+    ngx_int_t                     rc;
+    ngx_pool_cleanup_t           *cln;
+    ngx_http_loyalty_ctx_t       *ctx;
+    ngx_http_loyalty_loc_conf_t  *llcf;
+
+    if (r != r->main) {
+        return NGX_DECLINED;
+    }
+
+    llcf = ngx_http_get_module_loc_conf(r, ngx_http_loyalty_module);
+
+    if (!llcf->enable) {
+        return NGX_DECLINED;
+    }
+
+    ctx = ngx_http_loyalty_get_ctx(r);
+
+    if (ctx) {
+        if (ctx->waiting) {
+            return NGX_AGAIN;
+        }
+
+        /* resumed after the read, or entered again after a redirect */
+
+        rc = ctx->rc;
+        ctx->rc = NGX_DECLINED;
+
+        return rc;
+    }
+
+    ctx = ngx_pcalloc(r->pool, sizeof(ngx_http_loyalty_ctx_t));
+    if (ctx == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    cln = ngx_pool_cleanup_add(r->pool, 0);
+    if (cln == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    cln->handler = ngx_http_loyalty_cleanup;
+    cln->data = ctx;
+
+    ctx->request = r;
+    ctx->rc = NGX_DECLINED;
+    ngx_http_set_ctx(r, ctx, ngx_http_loyalty_module);
+
+    ngx_http_loyalty_strip_headers(r);
+
+    rc = ngx_http_loyalty_identify(r, llcf, ctx);
+
+    if (rc == NGX_ERROR) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    if (rc == NGX_OK) {
+        rc = ngx_http_loyalty_read(r, llcf, ctx);
+
+        if (rc == NGX_AGAIN) {
+            ctx->waiting = 1;
+
+            r->read_event_handler = ngx_http_test_reading;
+            r->write_event_handler = ngx_http_request_empty_handler;
+            r->main->count++;
+
+            return NGX_DONE;
+        }
+
+        if (rc == NGX_ERROR) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        ctx->status = NGX_HTTP_LOYALTY_UNAVAILABLE;
+    }
+
+    ngx_http_loyalty_finish(r, ctx);
+
+    rc = ctx->rc;
+    ctx->rc = NGX_DECLINED;
+
+    return rc;
+}
+
+
+/*
+ * The ctx, also after an internal redirect, which zeroes the module ctx
+ * of the request but keeps its pool.
+ */
+
+ngx_http_loyalty_ctx_t *
+ngx_http_loyalty_get_ctx(ngx_http_request_t *r)
+{
+    ngx_pool_cleanup_t      *cln;
+    ngx_http_loyalty_ctx_t  *ctx;
+
+    r = r->main;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_http_loyalty_module);
+
+    if (ctx == NULL && (r->internal || r->filter_finalize)) {
+
+        for (cln = r->pool->cleanup; cln; cln = cln->next) {
+            if (cln->handler == ngx_http_loyalty_cleanup) {
+                ctx = cln->data;
+                ngx_http_set_ctx(r, ctx, ngx_http_loyalty_module);
+                break;
+            }
+        }
+    }
+
+    return ctx;
+}
+
+
+/* NGX_OK when a valid customer id is found, NGX_DECLINED when none */
+
+static ngx_int_t
+ngx_http_loyalty_identify(ngx_http_request_t *r,
+    ngx_http_loyalty_loc_conf_t *llcf, ngx_http_loyalty_ctx_t *ctx)
+{
+    ngx_str_t  id;
+
+    if (llcf->customer == NULL) {
+        ctx->status = NGX_HTTP_LOYALTY_ANONYMOUS;
+        return NGX_DECLINED;
+    }
+
+    if (ngx_http_complex_value(r, llcf->customer, &id) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    if (id.len == 0) {
+        ctx->status = NGX_HTTP_LOYALTY_ANONYMOUS;
+        return NGX_DECLINED;
+    }
+
+    if (ngx_http_loyalty_valid_id(id.data, id.len) != NGX_OK) {
+        ctx->status = NGX_HTTP_LOYALTY_INVALID;
+
+        ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
+                      "loyalty: invalid customer id of %uz bytes",
+                      id.len);
+
+        return NGX_DECLINED;
+    }
+
+    ctx->customer = id;
+
+    return NGX_OK;
+}
+
+
+/* NGX_AGAIN while the record is read, NGX_DECLINED when Redis is down */
+
+static ngx_int_t
+ngx_http_loyalty_read(ngx_http_request_t *r,
+    ngx_http_loyalty_loc_conf_t *llcf, ngx_http_loyalty_ctx_t *ctx)
+{
+    u_char      *p;
+    ngx_str_t    argv[2 + NGX_HTTP_LOYALTY_NFIELDS];
+    ngx_uint_t   i;
+
+    ngx_str_set(&argv[0], "HMGET");
+
+    argv[1].len = llcf->prefix.len + 1 + ctx->customer.len + 1;
+    argv[1].data = ngx_pnalloc(r->pool, argv[1].len);
+    if (argv[1].data == NULL) {
+        return NGX_ERROR;
+    }
+
+    p = ngx_cpymem(argv[1].data, llcf->prefix.data, llcf->prefix.len);
+    *p++ = '{';
+    p = ngx_cpymem(p, ctx->customer.data, ctx->customer.len);
+    *p = '}';
+
+    for (i = 0; i < NGX_HTTP_LOYALTY_NFIELDS; i++) {
+        argv[2 + i] = ngx_http_loyalty_fields[i];
+    }
+
+    ctx->cmd = ngx_http_loyalty_redis_send(llcf->server,
+                                           2 + NGX_HTTP_LOYALTY_NFIELDS,
+                                           argv, llcf->timeout,
+                                           ngx_http_loyalty_read_handler,
+                                           ctx, r->connection->log);
+
+    if (ctx->cmd == NULL) {
+        return NGX_DECLINED;
+    }
+
+    return NGX_AGAIN;
+}
+
+
+static void
+ngx_http_loyalty_read_handler(ngx_http_loyalty_cmd_t *cmd,
+    ngx_http_loyalty_reply_t *reply)
+{
+    ngx_connection_t        *c;
+    ngx_http_request_t      *r;
+    ngx_http_loyalty_ctx_t  *ctx;
+
+    ctx = cmd->data;
+
+    if (ctx == NULL) {
+        /* the request is gone */
+        return;
+    }
+
+    r = ctx->request;
+    c = r->connection;
+
+    ngx_http_set_log_request(c->log, r);
+
+    ctx->cmd = NULL;
+    ctx->waiting = 0;
+
+    if (reply == NULL) {
+        ctx->status = NGX_HTTP_LOYALTY_UNAVAILABLE;
+
+    } else {
+        ctx->status = ngx_http_loyalty_parse_record(r, ctx, reply);
+    }
+
+    ngx_log_debug2(NGX_LOG_DEBUG_HTTP, c->log, 0,
+                   "loyalty read \"%V\": %V", &ctx->customer,
+                   ngx_http_loyalty_status_name(ctx->status));
+
+    ngx_http_loyalty_finish(r, ctx);
+
+    r->read_event_handler = ngx_http_block_reading;
+    r->write_event_handler = ngx_http_core_run_phases;
+
+    ngx_http_core_run_phases(r);
+
+    ngx_http_finalize_request(r, NGX_DONE);
+    ngx_http_run_posted_requests(c);
+}
+
+
+static ngx_uint_t
+ngx_http_loyalty_parse_record(ngx_http_request_t *r,
+    ngx_http_loyalty_ctx_t *ctx, ngx_http_loyalty_reply_t *reply)
+{
+    uint64_t    *field[NGX_HTTP_LOYALTY_NFIELDS];
+    ngx_int_t    rc;
+    ngx_uint_t   i, found;
+
+    if (reply->type == NGX_HTTP_LOYALTY_REPLY_ERROR) {
+        ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
+                      "loyalty: redis error reading customer \"%V\": \"%V\"",
+                      &ctx->customer, &reply->str);
+        return NGX_HTTP_LOYALTY_UNAVAILABLE;
+    }
+
+    if (reply->type != NGX_HTTP_LOYALTY_REPLY_ARRAY
+        || reply->nelts != NGX_HTTP_LOYALTY_NFIELDS)
+    {
+        ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
+                      "loyalty: unexpected redis reply reading customer "
+                      "\"%V\"", &ctx->customer);
+        return NGX_HTTP_LOYALTY_UNAVAILABLE;
+    }
+
+    field[0] = &ctx->record.points;
+    field[1] = &ctx->record.lifetime;
+    field[2] = &ctx->record.orders;
+    field[3] = &ctx->record.first_order;
+    field[4] = &ctx->record.last_order;
+
+    found = 0;
+
+    for (i = 0; i < NGX_HTTP_LOYALTY_NFIELDS; i++) {
+        rc = ngx_http_loyalty_reply_uint(reply->element[i], field[i]);
+
+        if (rc == NGX_DECLINED) {
+            continue;
+        }
+
+        found = 1;
+
+        if (rc == NGX_ERROR) {
+            *field[i] = 0;
+
+            ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
+                          "loyalty: customer \"%V\" has an invalid \"%V\" "
+                          "field, taken as 0",
+                          &ctx->customer, &ngx_http_loyalty_fields[i]);
+        }
+    }
+
+    return found ? NGX_HTTP_LOYALTY_OK : NGX_HTTP_LOYALTY_NEW;
+}
+
+
+/*
+ * Tier, offer and request headers; ctx->rc is what the phase handler
+ * returns: NGX_DECLINED to go on, or an error status.
+ */
+
+static void
+ngx_http_loyalty_finish(ngx_http_request_t *r, ngx_http_loyalty_ctx_t *ctx)
+{
+    ngx_http_loyalty_loc_conf_t  *llcf;
+
+    llcf = ngx_http_get_module_loc_conf(r, ngx_http_loyalty_module);
+
+    ctx->done = 1;
+
+    if (ctx->status == NGX_HTTP_LOYALTY_OK
+        || ctx->status == NGX_HTTP_LOYALTY_NEW)
+    {
+        if (llcf->tiers) {
+            ctx->tier = ngx_http_loyalty_select_tier(llcf->tiers->elts,
+                                                     llcf->tiers->nelts,
+                                                     ctx->record.lifetime);
+        }
+
+        if (llcf->offers) {
+            ctx->offer = ngx_http_loyalty_select_offer(llcf->offers->elts,
+                                                       llcf->offers->nelts,
+                                                       &ctx->record,
+                                                       ctx->tier,
+                                                       ngx_time(),
+                                                   ngx_http_loyalty_offer_cond,
+                                                       r);
+        }
+    }
+
+    if (ctx->status == NGX_HTTP_LOYALTY_UNAVAILABLE
+        && llcf->fail == NGX_HTTP_LOYALTY_FAIL_REJECT)
+    {
+        ctx->rc = NGX_HTTP_SERVICE_UNAVAILABLE;
+        return;
+    }
+
+    if (llcf->request_headers
+        && ngx_http_loyalty_set_request_headers(r, ctx) != NGX_OK)
+    {
+        ctx->rc = NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+}
+
+
+static ngx_int_t
+ngx_http_loyalty_offer_cond(void *data, void *cond)
+{
+    ngx_str_t            value;
+    ngx_http_request_t  *r;
+
+    r = data;
+
+    if (ngx_http_complex_value(r, cond, &value) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    if (value.len == 0 || (value.len == 1 && value.data[0] == '0')) {
+        return NGX_DECLINED;
+    }
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_http_loyalty_cleanup(void *data)
+{
+    ngx_http_loyalty_ctx_t  *ctx = data;
+
+    if (ctx->cmd) {
+        /* the reply, when it comes, is read and dropped */
+        ctx->cmd->data = NULL;
+        ctx->cmd = NULL;
+    }
+}
+
+
+ngx_int_t
+ngx_http_loyalty_filter_init(ngx_conf_t *cf)
+{
+    ngx_http_next_header_filter = ngx_http_top_header_filter;
+    ngx_http_top_header_filter = ngx_http_loyalty_header_filter;
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_loyalty_header_filter(ngx_http_request_t *r)
+{
+    ngx_http_loyalty_ctx_t       *ctx;
+    ngx_http_loyalty_loc_conf_t  *llcf;
+
+    if (r != r->main) {
+        return ngx_http_next_header_filter(r);
+    }
+
+    llcf = ngx_http_get_module_loc_conf(r, ngx_http_loyalty_module);
+
+    if (!llcf->response_headers) {
+        return ngx_http_next_header_filter(r);
+    }
+
+    ctx = ngx_http_loyalty_get_ctx(r);
+
+    if (ctx == NULL || !ctx->done) {
+        return ngx_http_next_header_filter(r);
+    }
+
+    if (ngx_http_loyalty_set_response_headers(r, ctx) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    return ngx_http_next_header_filter(r);
+}

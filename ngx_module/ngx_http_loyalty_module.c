@@ -1,0 +1,744 @@
+
+/*
+ * Copyright (C) The ngx_http_loyalty_module authors
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+#include "ngx_http_loyalty_module.h"
+
+
+#define NGX_HTTP_LOYALTY_REDIS_PORT  6379
+
+
+static ngx_int_t ngx_http_loyalty_preconfiguration(ngx_conf_t *cf);
+static ngx_int_t ngx_http_loyalty_postconfiguration(ngx_conf_t *cf);
+static void *ngx_http_loyalty_create_main_conf(ngx_conf_t *cf);
+static void *ngx_http_loyalty_create_loc_conf(ngx_conf_t *cf);
+static char *ngx_http_loyalty_merge_loc_conf(ngx_conf_t *cf, void *parent,
+    void *child);
+static char *ngx_http_loyalty_redis(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static ngx_http_loyalty_server_t *ngx_http_loyalty_add_server(ngx_conf_t *cf,
+    ngx_str_t *name, ngx_uint_t db, ngx_str_t *user, ngx_str_t *password);
+static char *ngx_http_loyalty_tier(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static char *ngx_http_loyalty_offer(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static ngx_int_t ngx_http_loyalty_init_process(ngx_cycle_t *cycle);
+static void ngx_http_loyalty_exit_process(ngx_cycle_t *cycle);
+
+
+static ngx_conf_enum_t  ngx_http_loyalty_fail[] = {
+    { ngx_string("pass"), NGX_HTTP_LOYALTY_FAIL_PASS },
+    { ngx_string("reject"), NGX_HTTP_LOYALTY_FAIL_REJECT },
+    { ngx_null_string, 0 }
+};
+
+
+static ngx_command_t  ngx_http_loyalty_commands[] = {
+
+    { ngx_string("loyalty"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_loyalty_loc_conf_t, enable),
+      NULL },
+
+    { ngx_string("loyalty_customer"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_set_complex_value_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_loyalty_loc_conf_t, customer),
+      NULL },
+
+    { ngx_string("loyalty_redis"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_1MORE,
+      ngx_http_loyalty_redis,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("loyalty_redis_timeout"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_loyalty_loc_conf_t, timeout),
+      NULL },
+
+    { ngx_string("loyalty_redis_prefix"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_str_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_loyalty_loc_conf_t, prefix),
+      NULL },
+
+    { ngx_string("loyalty_tier"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE23,
+      ngx_http_loyalty_tier,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("loyalty_offer"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_1MORE,
+      ngx_http_loyalty_offer,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("loyalty_fail"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_enum_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_loyalty_loc_conf_t, fail),
+      &ngx_http_loyalty_fail },
+
+    { ngx_string("loyalty_request_headers"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_loyalty_loc_conf_t, request_headers),
+      NULL },
+
+    { ngx_string("loyalty_response_headers"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_loyalty_loc_conf_t, response_headers),
+      NULL },
+
+      ngx_null_command
+};
+
+
+static ngx_http_module_t  ngx_http_loyalty_module_ctx = {
+    ngx_http_loyalty_preconfiguration,     /* preconfiguration */
+    ngx_http_loyalty_postconfiguration,    /* postconfiguration */
+
+    ngx_http_loyalty_create_main_conf,     /* create main configuration */
+    NULL,                                  /* init main configuration */
+
+    NULL,                                  /* create server configuration */
+    NULL,                                  /* merge server configuration */
+
+    ngx_http_loyalty_create_loc_conf,      /* create location configuration */
+    ngx_http_loyalty_merge_loc_conf        /* merge location configuration */
+};
+
+
+ngx_module_t  ngx_http_loyalty_module = {
+    NGX_MODULE_V1,
+    &ngx_http_loyalty_module_ctx,          /* module context */
+    ngx_http_loyalty_commands,             /* module directives */
+    NGX_HTTP_MODULE,                       /* module type */
+    NULL,                                  /* init master */
+    NULL,                                  /* init module */
+    ngx_http_loyalty_init_process,         /* init process */
+    NULL,                                  /* init thread */
+    NULL,                                  /* exit thread */
+    ngx_http_loyalty_exit_process,         /* exit process */
+    NULL,                                  /* exit master */
+    NGX_MODULE_V1_PADDING
+};
+
+
+static ngx_int_t
+ngx_http_loyalty_preconfiguration(ngx_conf_t *cf)
+{
+    return ngx_http_loyalty_add_variables(cf);
+}
+
+
+static ngx_int_t
+ngx_http_loyalty_postconfiguration(ngx_conf_t *cf)
+{
+    ngx_http_handler_pt        *h;
+    ngx_http_core_main_conf_t  *cmcf;
+
+    cmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_core_module);
+
+    h = ngx_array_push(&cmcf->phases[NGX_HTTP_PREACCESS_PHASE].handlers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    *h = ngx_http_loyalty_handler;
+
+    return ngx_http_loyalty_filter_init(cf);
+}
+
+
+static void *
+ngx_http_loyalty_create_main_conf(ngx_conf_t *cf)
+{
+    ngx_http_loyalty_main_conf_t  *lmcf;
+
+    lmcf = ngx_pcalloc(cf->pool, sizeof(ngx_http_loyalty_main_conf_t));
+    if (lmcf == NULL) {
+        return NULL;
+    }
+
+    if (ngx_array_init(&lmcf->servers, cf->pool, 2,
+                       sizeof(ngx_http_loyalty_server_t *))
+        != NGX_OK)
+    {
+        return NULL;
+    }
+
+    return lmcf;
+}
+
+
+static void *
+ngx_http_loyalty_create_loc_conf(ngx_conf_t *cf)
+{
+    ngx_http_loyalty_loc_conf_t  *conf;
+
+    conf = ngx_pcalloc(cf->pool, sizeof(ngx_http_loyalty_loc_conf_t));
+    if (conf == NULL) {
+        return NULL;
+    }
+
+    /*
+     * set by ngx_pcalloc():
+     *
+     *     conf->customer = NULL;
+     *     conf->server = NULL;
+     *     conf->prefix = { 0, NULL };
+     *     conf->tiers = NULL;
+     *     conf->offers = NULL;
+     */
+
+    conf->enable = NGX_CONF_UNSET;
+    conf->timeout = NGX_CONF_UNSET_MSEC;
+    conf->fail = NGX_CONF_UNSET_UINT;
+    conf->request_headers = NGX_CONF_UNSET;
+    conf->response_headers = NGX_CONF_UNSET;
+
+    return conf;
+}
+
+
+static char *
+ngx_http_loyalty_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
+{
+    ngx_http_loyalty_loc_conf_t *prev = parent;
+    ngx_http_loyalty_loc_conf_t *conf = child;
+
+    ngx_str_t                  name;
+    ngx_uint_t                 i, j;
+    ngx_http_loyalty_tier_t   *tier;
+    ngx_http_loyalty_offer_t  *offer;
+
+    ngx_conf_merge_value(conf->enable, prev->enable, 0);
+    ngx_conf_merge_msec_value(conf->timeout, prev->timeout, 100);
+    ngx_conf_merge_str_value(conf->prefix, prev->prefix, "loyalty:");
+    ngx_conf_merge_uint_value(conf->fail, prev->fail,
+                              NGX_HTTP_LOYALTY_FAIL_PASS);
+    ngx_conf_merge_value(conf->request_headers, prev->request_headers, 1);
+    ngx_conf_merge_value(conf->response_headers, prev->response_headers, 0);
+
+    if (conf->customer == NULL) {
+        conf->customer = prev->customer;
+    }
+
+    if (conf->tiers == NULL) {
+        conf->tiers = prev->tiers;
+    }
+
+    if (conf->offers == NULL) {
+        conf->offers = prev->offers;
+    }
+
+    if (conf->server == NULL) {
+        conf->server = prev->server;
+    }
+
+    if (conf->server == NULL && conf->enable) {
+        ngx_str_set(&name, "127.0.0.1:6379");
+
+        conf->server = ngx_http_loyalty_add_server(cf, &name, 0, NULL, NULL);
+        if (conf->server == NULL) {
+            return NGX_CONF_ERROR;
+        }
+
+        prev->server = conf->server;
+    }
+
+    if (conf->server && conf->server->connect_timeout < conf->timeout) {
+        conf->server->connect_timeout = conf->timeout;
+    }
+
+    if (conf->offers == NULL) {
+        return NGX_CONF_OK;
+    }
+
+    offer = conf->offers->elts;
+
+    for (i = 0; i < conf->offers->nelts; i++) {
+
+        if (!offer[i].has_tier) {
+            continue;
+        }
+
+        tier = conf->tiers ? conf->tiers->elts : NULL;
+
+        for (j = 0; conf->tiers && j < conf->tiers->nelts; j++) {
+            if (tier[j].name.len == offer[i].tier.len
+                && ngx_strncmp(tier[j].name.data, offer[i].tier.data,
+                               offer[i].tier.len)
+                   == 0)
+            {
+                break;
+            }
+        }
+
+        if (conf->tiers == NULL || j == conf->tiers->nelts) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "\"loyalty_offer\" \"%V\" refers to "
+                               "unknown tier \"%V\"",
+                               &offer[i].name, &offer[i].tier);
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_http_loyalty_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_loyalty_loc_conf_t *llcf = conf;
+
+    ngx_str_t   *value, *name, user, password;
+    ngx_int_t    db;
+    ngx_uint_t   i;
+
+    if (llcf->server) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    name = NULL;
+    db = 0;
+    ngx_str_null(&user);
+    ngx_str_null(&password);
+
+    for (i = 1; i < cf->args->nelts; i++) {
+
+        if (ngx_strncmp(value[i].data, "db=", 3) == 0) {
+            db = ngx_atoi(value[i].data + 3, value[i].len - 3);
+            if (db == NGX_ERROR) {
+                goto invalid;
+            }
+
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "password=", 9) == 0) {
+            password.data = value[i].data + 9;
+            password.len = value[i].len - 9;
+
+            if (password.len == 0) {
+                goto invalid;
+            }
+
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "user=", 5) == 0) {
+            user.data = value[i].data + 5;
+            user.len = value[i].len - 5;
+
+            if (user.len == 0) {
+                goto invalid;
+            }
+
+            continue;
+        }
+
+        if (value[i].len == sizeof("cluster") - 1
+            && ngx_strncmp(value[i].data, "cluster", 7) == 0)
+        {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "\"cluster\" in \"loyalty_redis\" is not "
+                               "supported by this version");
+            return NGX_CONF_ERROR;
+        }
+
+        if (name) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "\"loyalty_redis\" takes one address "
+                               "without \"cluster\", \"%V\" is extra",
+                               &value[i]);
+            return NGX_CONF_ERROR;
+        }
+
+        name = &value[i];
+    }
+
+    if (name == NULL) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "no address in \"loyalty_redis\"");
+        return NGX_CONF_ERROR;
+    }
+
+    if (user.len && password.len == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"user=\" in \"loyalty_redis\" requires "
+                           "\"password=\"");
+        return NGX_CONF_ERROR;
+    }
+
+    llcf->server = ngx_http_loyalty_add_server(cf, name, db, &user,
+                                               &password);
+    if (llcf->server == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    return NGX_CONF_OK;
+
+invalid:
+
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "invalid parameter \"%V\" in \"loyalty_redis\"",
+                       &value[i]);
+
+    return NGX_CONF_ERROR;
+}
+
+
+/*
+ * Servers are shared by every location that names the same address with
+ * the same database and credentials: one connection per worker each.
+ */
+
+static ngx_http_loyalty_server_t *
+ngx_http_loyalty_add_server(ngx_conf_t *cf, ngx_str_t *name, ngx_uint_t db,
+    ngx_str_t *user, ngx_str_t *password)
+{
+    ngx_url_t                      u;
+    ngx_uint_t                     i;
+    ngx_str_t                      none;
+    ngx_http_loyalty_server_t     *server, **s;
+    ngx_http_loyalty_main_conf_t  *lmcf;
+
+    ngx_str_null(&none);
+
+    if (user == NULL) {
+        user = &none;
+    }
+
+    if (password == NULL) {
+        password = &none;
+    }
+
+    lmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_loyalty_module);
+
+    s = lmcf->servers.elts;
+
+    for (i = 0; i < lmcf->servers.nelts; i++) {
+        server = s[i];
+
+        if (server->name.len == name->len
+            && ngx_strncmp(server->name.data, name->data, name->len) == 0
+            && server->db == db
+            && server->user.len == user->len
+            && ngx_strncmp(server->user.data, user->data, user->len) == 0
+            && server->password.len == password->len
+            && ngx_strncmp(server->password.data, password->data,
+                           password->len)
+               == 0)
+        {
+            return server;
+        }
+    }
+
+    ngx_memzero(&u, sizeof(ngx_url_t));
+
+    u.url = *name;
+    u.default_port = NGX_HTTP_LOYALTY_REDIS_PORT;
+
+    if (ngx_parse_url(cf->pool, &u) != NGX_OK) {
+        if (u.err) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "%s in \"loyalty_redis\" address \"%V\"",
+                               u.err, &u.url);
+        }
+
+        return NULL;
+    }
+
+    if (u.naddrs == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "no addresses for \"%V\" in \"loyalty_redis\"",
+                           &u.url);
+        return NULL;
+    }
+
+    server = ngx_pcalloc(cf->pool, sizeof(ngx_http_loyalty_server_t));
+    if (server == NULL) {
+        return NULL;
+    }
+
+    server->name = *name;
+    server->addr = u.addrs[0];
+    server->db = db;
+    server->user = *user;
+    server->password = *password;
+
+    s = ngx_array_push(&lmcf->servers);
+    if (s == NULL) {
+        return NULL;
+    }
+
+    *s = server;
+
+    return server;
+}
+
+
+static char *
+ngx_http_loyalty_tier(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_loyalty_loc_conf_t *llcf = conf;
+
+    ngx_str_t                *value;
+    ngx_uint_t                i;
+    ngx_http_loyalty_tier_t  *tier;
+
+    value = cf->args->elts;
+
+    if (llcf->tiers == NULL) {
+        llcf->tiers = ngx_array_create(cf->pool, 4,
+                                       sizeof(ngx_http_loyalty_tier_t));
+        if (llcf->tiers == NULL) {
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    tier = llcf->tiers->elts;
+
+    for (i = 0; i < llcf->tiers->nelts; i++) {
+        if (tier[i].name.len == value[1].len
+            && ngx_strncmp(tier[i].name.data, value[1].data, value[1].len)
+               == 0)
+        {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "duplicate tier \"%V\" in \"loyalty_tier\"",
+                               &value[1]);
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    tier = ngx_array_push(llcf->tiers);
+    if (tier == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    tier->name = value[1];
+    tier->multiplier = NGX_HTTP_LOYALTY_FRAC_ONE;
+
+    if (ngx_http_loyalty_parse_uint(value[2].data, value[2].len,
+                                    &tier->min_lifetime)
+        != NGX_OK)
+    {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid lifetime threshold \"%V\" in "
+                           "\"loyalty_tier\"", &value[2]);
+        return NGX_CONF_ERROR;
+    }
+
+    if (cf->args->nelts == 4) {
+        if (ngx_strncmp(value[3].data, "multiplier=", 11) != 0
+            || ngx_http_loyalty_parse_fixed(value[3].data + 11,
+                                            value[3].len - 11,
+                                            &tier->multiplier)
+               != NGX_OK)
+        {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "invalid parameter \"%V\" in "
+                               "\"loyalty_tier\"", &value[3]);
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    for (i = 0; i < llcf->tiers->nelts - 1; i++) {
+        if (((ngx_http_loyalty_tier_t *) llcf->tiers->elts)[i].min_lifetime
+            == tier->min_lifetime)
+        {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "tier \"%V\" in \"loyalty_tier\" has the same "
+                               "threshold as another tier", &value[1]);
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_http_loyalty_offer(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_loyalty_loc_conf_t *llcf = conf;
+
+    char                              *err;
+    time_t                             t;
+    ngx_str_t                         *value, v;
+    ngx_uint_t                         i;
+    ngx_http_complex_value_t          *cv;
+    ngx_http_loyalty_offer_t          *offer;
+    ngx_http_compile_complex_value_t   ccv;
+
+    value = cf->args->elts;
+
+    if (llcf->offers == NULL) {
+        llcf->offers = ngx_array_create(cf->pool, 4,
+                                        sizeof(ngx_http_loyalty_offer_t));
+        if (llcf->offers == NULL) {
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    offer = ngx_array_push(llcf->offers);
+    if (offer == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    ngx_memzero(offer, sizeof(ngx_http_loyalty_offer_t));
+
+    offer->name = value[1];
+
+    for (i = 2; i < cf->args->nelts; i++) {
+
+        if (ngx_strncmp(value[i].data, "inactive=", 9) == 0) {
+
+            if (offer->has_inactive) {
+                err = "is duplicate";
+                goto invalid;
+            }
+
+            v.data = value[i].data + 9;
+            v.len = value[i].len - 9;
+
+            t = ngx_parse_time(&v, 1);
+            if (t == (time_t) NGX_ERROR) {
+                err = "is not a valid time";
+                goto invalid;
+            }
+
+            offer->inactive = t;
+            offer->has_inactive = 1;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "if=", 3) == 0) {
+
+            if (offer->cond) {
+                err = "is duplicate";
+                goto invalid;
+            }
+
+            if (value[i].len < 5 || value[i].data[3] != '$') {
+                err = "must be a variable";
+                goto invalid;
+            }
+
+            cv = ngx_palloc(cf->pool, sizeof(ngx_http_complex_value_t));
+            if (cv == NULL) {
+                return NGX_CONF_ERROR;
+            }
+
+            v.data = value[i].data + 3;
+            v.len = value[i].len - 3;
+
+            ngx_memzero(&ccv, sizeof(ngx_http_compile_complex_value_t));
+
+            ccv.cf = cf;
+            ccv.value = &v;
+            ccv.complex_value = cv;
+
+            if (ngx_http_compile_complex_value(&ccv) != NGX_OK) {
+                return NGX_CONF_ERROR;
+            }
+
+            offer->cond = cv;
+            continue;
+        }
+
+        err = ngx_http_loyalty_offer_param(offer, &value[i]);
+        if (err) {
+            goto invalid;
+        }
+    }
+
+    err = ngx_http_loyalty_offer_check(offer);
+    if (err) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "offer \"%V\" in \"loyalty_offer\": %s",
+                           &offer->name, err);
+        return NGX_CONF_ERROR;
+    }
+
+    return NGX_CONF_OK;
+
+invalid:
+
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "invalid parameter \"%V\" in \"loyalty_offer\": %s",
+                       &value[i], err);
+
+    return NGX_CONF_ERROR;
+}
+
+
+static ngx_int_t
+ngx_http_loyalty_init_process(ngx_cycle_t *cycle)
+{
+    ngx_uint_t                     i;
+    ngx_http_loyalty_server_t    **server;
+    ngx_http_loyalty_main_conf_t  *lmcf;
+
+    lmcf = ngx_http_cycle_get_module_main_conf(cycle,
+                                               ngx_http_loyalty_module);
+    if (lmcf == NULL) {
+        return NGX_OK;
+    }
+
+    server = lmcf->servers.elts;
+
+    for (i = 0; i < lmcf->servers.nelts; i++) {
+        if (ngx_http_loyalty_redis_init_process(cycle, server[i]) != NGX_OK) {
+            return NGX_ERROR;
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_http_loyalty_exit_process(ngx_cycle_t *cycle)
+{
+    ngx_uint_t                     i;
+    ngx_http_loyalty_server_t    **server;
+    ngx_http_loyalty_main_conf_t  *lmcf;
+
+    lmcf = ngx_http_cycle_get_module_main_conf(cycle,
+                                               ngx_http_loyalty_module);
+    if (lmcf == NULL) {
+        return;
+    }
+
+    server = lmcf->servers.elts;
+
+    for (i = 0; i < lmcf->servers.nelts; i++) {
+        ngx_http_loyalty_redis_exit_process(server[i]);
+    }
+}

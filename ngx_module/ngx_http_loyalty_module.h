@@ -1,0 +1,160 @@
+
+/*
+ * Copyright (C) The ngx_http_loyalty_module authors
+ */
+
+
+#ifndef _NGX_HTTP_LOYALTY_MODULE_H_INCLUDED_
+#define _NGX_HTTP_LOYALTY_MODULE_H_INCLUDED_
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+#include "ngx_http_loyalty_rules.h"
+
+
+#define NGX_HTTP_LOYALTY_OFF           0
+#define NGX_HTTP_LOYALTY_ANONYMOUS     1
+#define NGX_HTTP_LOYALTY_INVALID       2
+#define NGX_HTTP_LOYALTY_NEW           3
+#define NGX_HTTP_LOYALTY_OK            4
+#define NGX_HTTP_LOYALTY_UNAVAILABLE   5
+
+/* reply types, numbered as hiredis' REDIS_REPLY_* */
+#define NGX_HTTP_LOYALTY_REPLY_STRING  1
+#define NGX_HTTP_LOYALTY_REPLY_ARRAY   2
+#define NGX_HTTP_LOYALTY_REPLY_INTEGER 3
+#define NGX_HTTP_LOYALTY_REPLY_NIL     4
+#define NGX_HTTP_LOYALTY_REPLY_STATUS  5
+#define NGX_HTTP_LOYALTY_REPLY_ERROR   6
+
+#define NGX_HTTP_LOYALTY_FAIL_PASS     0
+#define NGX_HTTP_LOYALTY_FAIL_REJECT   1
+
+
+typedef struct ngx_http_loyalty_conn_s  ngx_http_loyalty_conn_t;
+typedef struct ngx_http_loyalty_cmd_s   ngx_http_loyalty_cmd_t;
+typedef struct ngx_http_loyalty_reply_s ngx_http_loyalty_reply_t;
+
+
+/* a Redis server as configured: one connection per worker */
+typedef struct {
+    ngx_str_t                  name;            /* as written, for logs */
+    ngx_addr_t                 addr;
+    ngx_uint_t                 db;
+    ngx_str_t                  user;
+    ngx_str_t                  password;
+    ngx_msec_t                 connect_timeout;
+
+    ngx_http_loyalty_conn_t   *conn;            /* per worker */
+} ngx_http_loyalty_server_t;
+
+
+typedef struct {
+    ngx_array_t                servers;   /* ngx_http_loyalty_server_t * */
+} ngx_http_loyalty_main_conf_t;
+
+
+typedef struct {
+    ngx_flag_t                 enable;
+    ngx_http_complex_value_t  *customer;
+    ngx_http_loyalty_server_t *server;
+    ngx_msec_t                 timeout;
+    ngx_str_t                  prefix;
+    ngx_array_t               *tiers;      /* ngx_http_loyalty_tier_t */
+    ngx_array_t               *offers;     /* ngx_http_loyalty_offer_t */
+    ngx_uint_t                 fail;
+    ngx_flag_t                 request_headers;
+    ngx_flag_t                 response_headers;
+} ngx_http_loyalty_loc_conf_t;
+
+
+/* per request, also found again after an internal redirect */
+typedef struct {
+    ngx_uint_t                 status;
+    ngx_str_t                  customer;
+    ngx_http_loyalty_record_t  record;
+    ngx_http_loyalty_tier_t   *tier;
+    ngx_http_loyalty_offer_t  *offer;
+
+    ngx_http_request_t        *request;
+    ngx_http_loyalty_cmd_t    *cmd;             /* while waiting */
+    ngx_int_t                  rc;              /* for the phase handler */
+
+    unsigned                   waiting:1;
+    unsigned                   done:1;
+} ngx_http_loyalty_ctx_t;
+
+
+/* a reply as built by our hiredis reader functions */
+struct ngx_http_loyalty_reply_s {
+    ngx_uint_t                 type;
+    long long                  integer;
+    ngx_str_t                  str;
+    size_t                     nelts;
+    ngx_http_loyalty_reply_t **element;
+};
+
+
+/*
+ * Called once per command: with the reply, or with NULL when the command
+ * failed (connection lost, deadline missed, worker exiting).
+ */
+typedef void (*ngx_http_loyalty_reply_pt)(ngx_http_loyalty_cmd_t *cmd,
+    ngx_http_loyalty_reply_t *reply);
+
+
+struct ngx_http_loyalty_cmd_s {
+    ngx_queue_t                queue;
+    ngx_http_loyalty_reply_pt  handler;
+    void                      *data;       /* NULL once the owner is gone */
+    ngx_msec_t                 deadline;
+};
+
+
+/* ngx_http_loyalty_module.c */
+extern ngx_module_t  ngx_http_loyalty_module;
+
+
+/* ngx_http_loyalty_handler.c */
+ngx_int_t ngx_http_loyalty_handler(ngx_http_request_t *r);
+ngx_http_loyalty_ctx_t *ngx_http_loyalty_get_ctx(ngx_http_request_t *r);
+ngx_int_t ngx_http_loyalty_filter_init(ngx_conf_t *cf);
+
+
+/* ngx_http_loyalty_redis.c */
+ngx_int_t ngx_http_loyalty_redis_init_process(ngx_cycle_t *cycle,
+    ngx_http_loyalty_server_t *server);
+void ngx_http_loyalty_redis_exit_process(ngx_http_loyalty_server_t *server);
+ngx_http_loyalty_cmd_t *ngx_http_loyalty_redis_send(
+    ngx_http_loyalty_server_t *server, ngx_uint_t argc, ngx_str_t *argv,
+    ngx_msec_t timeout, ngx_http_loyalty_reply_pt handler, void *data,
+    ngx_log_t *log);
+
+
+/* ngx_http_loyalty_proto.c */
+size_t ngx_http_loyalty_command_len(ngx_uint_t argc, ngx_str_t *argv);
+u_char *ngx_http_loyalty_command_write(u_char *p, ngx_uint_t argc,
+    ngx_str_t *argv);
+void *ngx_http_loyalty_reader_create(ngx_pool_t *pool);
+void ngx_http_loyalty_reader_free(void *reader);
+ngx_int_t ngx_http_loyalty_reader_feed(void *reader, u_char *buf, size_t n);
+ngx_int_t ngx_http_loyalty_reader_next(void *reader,
+    ngx_http_loyalty_reply_t **reply, ngx_str_t *err);
+ngx_int_t ngx_http_loyalty_reader_idle(void *reader);
+ngx_int_t ngx_http_loyalty_reply_uint(ngx_http_loyalty_reply_t *reply,
+    uint64_t *value);
+
+
+/* ngx_http_loyalty_variables.c */
+ngx_int_t ngx_http_loyalty_add_variables(ngx_conf_t *cf);
+void ngx_http_loyalty_strip_headers(ngx_http_request_t *r);
+ngx_int_t ngx_http_loyalty_set_request_headers(ngx_http_request_t *r,
+    ngx_http_loyalty_ctx_t *ctx);
+ngx_int_t ngx_http_loyalty_set_response_headers(ngx_http_request_t *r,
+    ngx_http_loyalty_ctx_t *ctx);
+ngx_str_t *ngx_http_loyalty_status_name(ngx_uint_t status);
+
+
+#endif /* _NGX_HTTP_LOYALTY_MODULE_H_INCLUDED_ */

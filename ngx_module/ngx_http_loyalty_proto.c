@@ -1,0 +1,286 @@
+
+/*
+ * Copyright (C) The ngx_http_loyalty_module authors
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+#include <hiredis/read.h>
+#include "ngx_http_loyalty_module.h"
+
+
+/*
+ * The Redis protocol.  Commands are encoded here, straight into the
+ * connection's output buffer (hiredis' redisFormatCommand*() would malloc
+ * a copy per command).  Replies are parsed by hiredis' redisReader, with
+ * our own object functions: reply objects come from a pool that the
+ * connection resets whenever no reply is half read.
+ */
+
+
+static void *ngx_http_loyalty_reply_string(const redisReadTask *task,
+    char *str, size_t len);
+static void *ngx_http_loyalty_reply_array(const redisReadTask *task,
+    int elements);
+static void *ngx_http_loyalty_reply_integer(const redisReadTask *task,
+    long long value);
+static void *ngx_http_loyalty_reply_nil(const redisReadTask *task);
+static void ngx_http_loyalty_reply_free(void *reply);
+static ngx_http_loyalty_reply_t *ngx_http_loyalty_reply_create(
+    const redisReadTask *task, ngx_uint_t type);
+
+
+static redisReplyObjectFunctions  ngx_http_loyalty_reply_functions = {
+    ngx_http_loyalty_reply_string,
+    ngx_http_loyalty_reply_array,
+    ngx_http_loyalty_reply_integer,
+    ngx_http_loyalty_reply_nil,
+    ngx_http_loyalty_reply_free
+};
+
+
+size_t
+ngx_http_loyalty_command_len(ngx_uint_t argc, ngx_str_t *argv)
+{
+    size_t      len;
+    ngx_uint_t  i;
+
+    /* "*<argc>\r\n" then "$<len>\r\n<arg>\r\n" per argument */
+
+    len = 1 + NGX_INT_T_LEN + 2;
+
+    for (i = 0; i < argc; i++) {
+        len += 1 + NGX_SIZE_T_LEN + 2 + argv[i].len + 2;
+    }
+
+    return len;
+}
+
+
+u_char *
+ngx_http_loyalty_command_write(u_char *p, ngx_uint_t argc, ngx_str_t *argv)
+{
+    ngx_uint_t  i;
+
+    p = ngx_sprintf(p, "*%ui\r\n", argc);
+
+    for (i = 0; i < argc; i++) {
+        p = ngx_sprintf(p, "$%uz\r\n", argv[i].len);
+        p = ngx_cpymem(p, argv[i].data, argv[i].len);
+        *p++ = CR; *p++ = LF;
+    }
+
+    return p;
+}
+
+
+void *
+ngx_http_loyalty_reader_create(ngx_pool_t *pool)
+{
+    redisReader  *reader;
+
+    reader = redisReaderCreateWithFunctions(&ngx_http_loyalty_reply_functions);
+    if (reader == NULL) {
+        return NULL;
+    }
+
+    reader->privdata = pool;
+
+    return reader;
+}
+
+
+void
+ngx_http_loyalty_reader_free(void *reader)
+{
+    redisReaderFree(reader);
+}
+
+
+ngx_int_t
+ngx_http_loyalty_reader_feed(void *reader, u_char *buf, size_t n)
+{
+    if (redisReaderFeed(reader, (const char *) buf, n) != REDIS_OK) {
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
+
+
+/*
+ * NGX_OK and a reply, NGX_AGAIN when no complete reply is buffered, or
+ * NGX_ERROR on a protocol error (or no memory), described in "err".
+ */
+
+ngx_int_t
+ngx_http_loyalty_reader_next(void *reader, ngx_http_loyalty_reply_t **reply,
+    ngx_str_t *err)
+{
+    void         *obj;
+    redisReader  *rd;
+
+    rd = reader;
+
+    if (redisReaderGetReply(rd, &obj) != REDIS_OK) {
+        err->data = (u_char *) rd->errstr;
+        err->len = ngx_strlen(rd->errstr);
+        return NGX_ERROR;
+    }
+
+    if (obj == NULL) {
+        return NGX_AGAIN;
+    }
+
+    *reply = obj;
+
+    return NGX_OK;
+}
+
+
+/* no reply is half built: its objects may all be released */
+
+ngx_int_t
+ngx_http_loyalty_reader_idle(void *reader)
+{
+    redisReader  *rd;
+
+    rd = reader;
+
+    return rd->ridx == -1 ? NGX_OK : NGX_DECLINED;
+}
+
+
+/* a bulk string or integer reply holding a non-negative integer */
+
+ngx_int_t
+ngx_http_loyalty_reply_uint(ngx_http_loyalty_reply_t *reply, uint64_t *value)
+{
+    switch (reply->type) {
+
+    case NGX_HTTP_LOYALTY_REPLY_NIL:
+        *value = 0;
+        return NGX_DECLINED;
+
+    case NGX_HTTP_LOYALTY_REPLY_INTEGER:
+        if (reply->integer < 0) {
+            return NGX_ERROR;
+        }
+
+        *value = reply->integer;
+        return NGX_OK;
+
+    case NGX_HTTP_LOYALTY_REPLY_STRING:
+        return ngx_http_loyalty_parse_uint(reply->str.data, reply->str.len,
+                                           value);
+
+    default:
+        return NGX_ERROR;
+    }
+}
+
+
+static void *
+ngx_http_loyalty_reply_string(const redisReadTask *task, char *str,
+    size_t len)
+{
+    ngx_http_loyalty_reply_t  *reply;
+
+    reply = ngx_http_loyalty_reply_create(task, task->type);
+    if (reply == NULL) {
+        return NULL;
+    }
+
+    reply->str.data = ngx_pnalloc(task->privdata, len + 1);
+    if (reply->str.data == NULL) {
+        return NULL;
+    }
+
+    ngx_memcpy(reply->str.data, str, len);
+    reply->str.data[len] = '\0';
+    reply->str.len = len;
+
+    return reply;
+}
+
+
+static void *
+ngx_http_loyalty_reply_array(const redisReadTask *task, int elements)
+{
+    ngx_http_loyalty_reply_t  *reply;
+
+    reply = ngx_http_loyalty_reply_create(task, NGX_HTTP_LOYALTY_REPLY_ARRAY);
+    if (reply == NULL) {
+        return NULL;
+    }
+
+    if (elements > 0) {
+        reply->element = ngx_pcalloc(task->privdata,
+                                     elements * sizeof(void *));
+        if (reply->element == NULL) {
+            return NULL;
+        }
+    }
+
+    reply->nelts = elements;
+
+    return reply;
+}
+
+
+static void *
+ngx_http_loyalty_reply_integer(const redisReadTask *task, long long value)
+{
+    ngx_http_loyalty_reply_t  *reply;
+
+    reply = ngx_http_loyalty_reply_create(task, NGX_HTTP_LOYALTY_REPLY_INTEGER);
+    if (reply == NULL) {
+        return NULL;
+    }
+
+    reply->integer = value;
+
+    return reply;
+}
+
+
+static void *
+ngx_http_loyalty_reply_nil(const redisReadTask *task)
+{
+    return ngx_http_loyalty_reply_create(task, NGX_HTTP_LOYALTY_REPLY_NIL);
+}
+
+
+static void
+ngx_http_loyalty_reply_free(void *reply)
+{
+    /* replies live in the connection's reply pool */
+}
+
+
+static ngx_http_loyalty_reply_t *
+ngx_http_loyalty_reply_create(const redisReadTask *task, ngx_uint_t type)
+{
+    ngx_http_loyalty_reply_t  *reply, *parent;
+
+    reply = ngx_pcalloc(task->privdata, sizeof(ngx_http_loyalty_reply_t));
+    if (reply == NULL) {
+        return NULL;
+    }
+
+    reply->type = type;
+
+    if (task->parent) {
+        parent = task->parent->obj;
+
+        if ((size_t) task->idx >= parent->nelts) {
+            return NULL;
+        }
+
+        parent->element[task->idx] = reply;
+    }
+
+    return reply;
+}

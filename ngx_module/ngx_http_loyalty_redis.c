@@ -1,0 +1,817 @@
+
+/*
+ * Copyright (C) The ngx_http_loyalty_module authors
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+#include "ngx_http_loyalty_module.h"
+
+
+/*
+ * One connection per worker and Redis server, opened on first use and
+ * kept.  Commands of concurrent requests are written back to back into
+ * one output buffer, flushed once per event loop iteration, and replies
+ * are matched to them in order.  A connection that fails (refused, reset,
+ * a reply deadline missed, a protocol error) is closed, every command on
+ * it fails at once, and the server stays "down" until a reconnect
+ * succeeds: meanwhile commands fail at once instead of waiting.
+ */
+
+
+#define NGX_HTTP_LOYALTY_CLOSED      0
+#define NGX_HTTP_LOYALTY_CONNECTING  1
+#define NGX_HTTP_LOYALTY_CONNECTED   2
+#define NGX_HTTP_LOYALTY_DOWN        3
+
+#define NGX_HTTP_LOYALTY_OUT_SIZE    65536
+#define NGX_HTTP_LOYALTY_IN_SIZE     16384
+#define NGX_HTTP_LOYALTY_MAX_CMDS    8192
+
+#define NGX_HTTP_LOYALTY_BACKOFF_MIN 100
+#define NGX_HTTP_LOYALTY_BACKOFF_MAX 2000
+
+
+struct ngx_http_loyalty_conn_s {
+    ngx_http_loyalty_server_t  *server;
+    ngx_peer_connection_t       peer;
+    ngx_connection_t           *connection;
+
+    ngx_pool_t                 *pool;
+    ngx_pool_t                 *reply_pool;
+    void                       *reader;
+
+    ngx_buf_t                  *out;
+    u_char                     *in;
+
+    ngx_queue_t                 pending;
+    ngx_queue_t                 free;
+    ngx_uint_t                  npending;
+    ngx_uint_t                  ncmds;
+
+    ngx_event_t                 deadline;
+    ngx_event_t                 backoff;
+    ngx_msec_t                  delay;
+
+    ngx_log_t                   log;
+
+    ngx_uint_t                  state;
+    unsigned                    failed:1;
+};
+
+
+static ngx_int_t ngx_http_loyalty_redis_connect(
+    ngx_http_loyalty_conn_t *conn);
+static void ngx_http_loyalty_redis_handshake(ngx_http_loyalty_conn_t *conn);
+static void ngx_http_loyalty_redis_handshake_handler(
+    ngx_http_loyalty_cmd_t *cmd, ngx_http_loyalty_reply_t *reply);
+static ngx_http_loyalty_cmd_t *ngx_http_loyalty_redis_queue(
+    ngx_http_loyalty_conn_t *conn, ngx_uint_t argc, ngx_str_t *argv,
+    ngx_msec_t timeout, ngx_http_loyalty_reply_pt handler, void *data);
+static void ngx_http_loyalty_redis_write_handler(ngx_event_t *wev);
+static void ngx_http_loyalty_redis_read_handler(ngx_event_t *rev);
+static ngx_int_t ngx_http_loyalty_redis_process(
+    ngx_http_loyalty_conn_t *conn);
+static ngx_int_t ngx_http_loyalty_redis_test_connect(ngx_connection_t *c);
+static void ngx_http_loyalty_redis_deadline_handler(ngx_event_t *ev);
+static void ngx_http_loyalty_redis_backoff_handler(ngx_event_t *ev);
+static void ngx_http_loyalty_redis_close(ngx_http_loyalty_conn_t *conn);
+static void ngx_http_loyalty_redis_fail(ngx_http_loyalty_conn_t *conn);
+static u_char *ngx_http_loyalty_redis_log_error(ngx_log_t *log, u_char *buf,
+    size_t len);
+
+
+ngx_int_t
+ngx_http_loyalty_redis_init_process(ngx_cycle_t *cycle,
+    ngx_http_loyalty_server_t *server)
+{
+    ngx_http_loyalty_conn_t  *conn;
+
+    conn = ngx_pcalloc(cycle->pool, sizeof(ngx_http_loyalty_conn_t));
+    if (conn == NULL) {
+        return NGX_ERROR;
+    }
+
+    conn->pool = ngx_create_pool(4096, cycle->log);
+    if (conn->pool == NULL) {
+        return NGX_ERROR;
+    }
+
+    conn->out = ngx_create_temp_buf(conn->pool, NGX_HTTP_LOYALTY_OUT_SIZE);
+    if (conn->out == NULL) {
+        return NGX_ERROR;
+    }
+
+    conn->in = ngx_pnalloc(conn->pool, NGX_HTTP_LOYALTY_IN_SIZE);
+    if (conn->in == NULL) {
+        return NGX_ERROR;
+    }
+
+    conn->server = server;
+
+    ngx_queue_init(&conn->pending);
+    ngx_queue_init(&conn->free);
+
+    conn->log = *cycle->log;
+    conn->log.handler = ngx_http_loyalty_redis_log_error;
+    conn->log.data = conn;
+    conn->log.action = NULL;
+
+    conn->deadline.handler = ngx_http_loyalty_redis_deadline_handler;
+    conn->deadline.data = conn;
+    conn->deadline.log = &conn->log;
+
+    conn->backoff.handler = ngx_http_loyalty_redis_backoff_handler;
+    conn->backoff.data = conn;
+    conn->backoff.log = &conn->log;
+    conn->backoff.cancelable = 1;
+
+    server->conn = conn;
+
+    return NGX_OK;
+}
+
+
+void
+ngx_http_loyalty_redis_exit_process(ngx_http_loyalty_server_t *server)
+{
+    ngx_queue_t              *q;
+    ngx_http_loyalty_cmd_t   *cmd;
+    ngx_http_loyalty_conn_t  *conn;
+
+    conn = server->conn;
+
+    if (conn == NULL) {
+        return;
+    }
+
+    /* requests are gone with the worker: their commands are only dropped */
+
+    while (!ngx_queue_empty(&conn->pending)) {
+        q = ngx_queue_head(&conn->pending);
+        ngx_queue_remove(q);
+
+        cmd = ngx_queue_data(q, ngx_http_loyalty_cmd_t, queue);
+        cmd->data = NULL;
+    }
+
+    conn->npending = 0;
+
+    ngx_http_loyalty_redis_close(conn);
+
+    if (conn->backoff.timer_set) {
+        ngx_del_timer(&conn->backoff);
+    }
+
+    ngx_destroy_pool(conn->pool);
+
+    server->conn = NULL;
+}
+
+
+/*
+ * Queues a command; NULL when it cannot be sent now (the server is down,
+ * or too much is queued).  The handler is never called from here.
+ */
+
+ngx_http_loyalty_cmd_t *
+ngx_http_loyalty_redis_send(ngx_http_loyalty_server_t *server,
+    ngx_uint_t argc, ngx_str_t *argv, ngx_msec_t timeout,
+    ngx_http_loyalty_reply_pt handler, void *data, ngx_log_t *log)
+{
+    ngx_http_loyalty_cmd_t   *cmd;
+    ngx_http_loyalty_conn_t  *conn;
+
+    conn = server->conn;
+
+    if (conn == NULL) {
+        return NULL;
+    }
+
+    switch (conn->state) {
+
+    case NGX_HTTP_LOYALTY_DOWN:
+        return NULL;
+
+    case NGX_HTTP_LOYALTY_CONNECTING:
+        if (conn->failed) {
+            return NULL;
+        }
+
+        break;
+
+    case NGX_HTTP_LOYALTY_CLOSED:
+        if (ngx_http_loyalty_redis_connect(conn) != NGX_OK) {
+            ngx_http_loyalty_redis_fail(conn);
+            return NULL;
+        }
+
+        break;
+
+    default: /* NGX_HTTP_LOYALTY_CONNECTED */
+        break;
+    }
+
+    cmd = ngx_http_loyalty_redis_queue(conn, argc, argv, timeout, handler,
+                                       data);
+    if (cmd == NULL) {
+        ngx_log_error(NGX_LOG_WARN, log, 0,
+                      "loyalty: too many commands queued for redis %V",
+                      &server->name);
+        return NULL;
+    }
+
+    return cmd;
+}
+
+
+static ngx_int_t
+ngx_http_loyalty_redis_connect(ngx_http_loyalty_conn_t *conn)
+{
+    ngx_int_t                   rc;
+    ngx_connection_t           *c;
+    ngx_peer_connection_t      *pc;
+    ngx_http_loyalty_server_t  *server;
+
+    server = conn->server;
+    pc = &conn->peer;
+
+    ngx_memzero(pc, sizeof(ngx_peer_connection_t));
+
+    pc->sockaddr = server->addr.sockaddr;
+    pc->socklen = server->addr.socklen;
+    pc->name = &server->addr.name;
+    pc->get = ngx_event_get_peer;
+    pc->log = &conn->log;
+    pc->log_error = conn->failed ? NGX_ERROR_INFO : NGX_ERROR_ERR;
+
+    conn->reply_pool = ngx_create_pool(4096, &conn->log);
+    if (conn->reply_pool == NULL) {
+        return NGX_ERROR;
+    }
+
+    conn->reader = ngx_http_loyalty_reader_create(conn->reply_pool);
+    if (conn->reader == NULL) {
+        return NGX_ERROR;
+    }
+
+    conn->out->pos = conn->out->start;
+    conn->out->last = conn->out->start;
+
+    rc = ngx_event_connect_peer(pc);
+
+    ngx_log_debug1(NGX_LOG_DEBUG_HTTP, &conn->log, 0,
+                   "loyalty redis connect: %i", rc);
+
+    if (rc == NGX_ERROR || rc == NGX_BUSY || rc == NGX_DECLINED) {
+        return NGX_ERROR;
+    }
+
+    c = pc->connection;
+    conn->connection = c;
+
+    c->data = conn;
+    c->log = &conn->log;
+    c->read->log = c->log;
+    c->write->log = c->log;
+    c->read->handler = ngx_http_loyalty_redis_read_handler;
+    c->write->handler = ngx_http_loyalty_redis_write_handler;
+
+    ngx_http_loyalty_redis_handshake(conn);
+
+    if (rc == NGX_AGAIN) {
+        conn->state = NGX_HTTP_LOYALTY_CONNECTING;
+        ngx_add_timer(c->write, server->connect_timeout);
+        return NGX_OK;
+    }
+
+    /* a unix socket may connect at once */
+
+    conn->state = NGX_HTTP_LOYALTY_CONNECTING;
+    ngx_post_event(c->write, &ngx_posted_events);
+
+    return NGX_OK;
+}
+
+
+/* AUTH and SELECT go first on every new connection */
+
+static void
+ngx_http_loyalty_redis_handshake(ngx_http_loyalty_conn_t *conn)
+{
+    u_char                     *p;
+    ngx_str_t                   argv[3];
+    ngx_uint_t                  argc;
+    ngx_http_loyalty_server_t  *server;
+    u_char                      db[NGX_INT_T_LEN];
+
+    server = conn->server;
+
+    if (server->password.len) {
+        ngx_str_set(&argv[0], "AUTH");
+        argc = 1;
+
+        if (server->user.len) {
+            argv[argc++] = server->user;
+        }
+
+        argv[argc++] = server->password;
+
+        (void) ngx_http_loyalty_redis_queue(conn, argc, argv,
+                                     server->connect_timeout,
+                                     ngx_http_loyalty_redis_handshake_handler,
+                                     conn);
+    }
+
+    if (server->db) {
+        p = ngx_sprintf(db, "%ui", server->db);
+
+        ngx_str_set(&argv[0], "SELECT");
+        argv[1].data = db;
+        argv[1].len = p - db;
+
+        (void) ngx_http_loyalty_redis_queue(conn, 2, argv,
+                                     server->connect_timeout,
+                                     ngx_http_loyalty_redis_handshake_handler,
+                                     conn);
+    }
+}
+
+
+static void
+ngx_http_loyalty_redis_handshake_handler(ngx_http_loyalty_cmd_t *cmd,
+    ngx_http_loyalty_reply_t *reply)
+{
+    ngx_http_loyalty_conn_t  *conn;
+
+    conn = cmd->data;
+
+    if (conn == NULL || reply == NULL) {
+        return;
+    }
+
+    if (reply->type == NGX_HTTP_LOYALTY_REPLY_ERROR) {
+        ngx_log_error(NGX_LOG_ERR, &conn->log, 0,
+                      "loyalty: redis refused AUTH or SELECT: \"%V\"",
+                      &reply->str);
+
+        ngx_http_loyalty_redis_fail(conn);
+    }
+}
+
+
+static ngx_http_loyalty_cmd_t *
+ngx_http_loyalty_redis_queue(ngx_http_loyalty_conn_t *conn, ngx_uint_t argc,
+    ngx_str_t *argv, ngx_msec_t timeout, ngx_http_loyalty_reply_pt handler,
+    void *data)
+{
+    size_t                   len;
+    ngx_buf_t               *b;
+    ngx_queue_t             *q;
+    ngx_msec_int_t           left;
+    ngx_http_loyalty_cmd_t  *cmd;
+
+    b = conn->out;
+    len = ngx_http_loyalty_command_len(argc, argv);
+
+    if ((size_t) (b->end - b->last) < len) {
+
+        if (b->pos != b->start) {
+            b->last = ngx_movemem(b->start, b->pos, b->last - b->pos);
+            b->pos = b->start;
+        }
+
+        if ((size_t) (b->end - b->last) < len) {
+            return NULL;
+        }
+    }
+
+    if (!ngx_queue_empty(&conn->free)) {
+        q = ngx_queue_head(&conn->free);
+        ngx_queue_remove(q);
+        cmd = ngx_queue_data(q, ngx_http_loyalty_cmd_t, queue);
+
+    } else {
+        if (conn->ncmds == NGX_HTTP_LOYALTY_MAX_CMDS) {
+            return NULL;
+        }
+
+        cmd = ngx_palloc(conn->pool, sizeof(ngx_http_loyalty_cmd_t));
+        if (cmd == NULL) {
+            return NULL;
+        }
+
+        conn->ncmds++;
+    }
+
+    b->last = ngx_http_loyalty_command_write(b->last, argc, argv);
+
+    cmd->handler = handler;
+    cmd->data = data;
+    cmd->deadline = ngx_current_msec + timeout;
+
+    ngx_queue_insert_tail(&conn->pending, &cmd->queue);
+    conn->npending++;
+
+    /* the deadline timer never fires later than the earliest deadline */
+
+    if (conn->deadline.timer_set) {
+        left = (ngx_msec_int_t) (cmd->deadline - conn->deadline.timer.key);
+
+        if (left < 0) {
+            ngx_del_timer(&conn->deadline);
+            ngx_add_timer(&conn->deadline, timeout);
+        }
+
+    } else {
+        ngx_add_timer(&conn->deadline, timeout);
+    }
+
+    if (conn->state == NGX_HTTP_LOYALTY_CONNECTED
+        && !conn->connection->write->posted)
+    {
+        ngx_post_event(conn->connection->write, &ngx_posted_events);
+    }
+
+    return cmd;
+}
+
+
+static void
+ngx_http_loyalty_redis_write_handler(ngx_event_t *wev)
+{
+    ssize_t                   n;
+    ngx_buf_t                *b;
+    ngx_connection_t         *c;
+    ngx_http_loyalty_conn_t  *conn;
+
+    c = wev->data;
+    conn = c->data;
+
+    if (wev->timedout) {
+        ngx_log_error(NGX_LOG_WARN, c->log, NGX_ETIMEDOUT,
+                      "loyalty: redis connect timed out");
+        ngx_http_loyalty_redis_fail(conn);
+        return;
+    }
+
+    if (conn->state == NGX_HTTP_LOYALTY_CONNECTING) {
+
+        if (wev->timer_set) {
+            ngx_del_timer(wev);
+        }
+
+        if (ngx_http_loyalty_redis_test_connect(c) != NGX_OK) {
+            ngx_http_loyalty_redis_fail(conn);
+            return;
+        }
+
+        if (conn->failed) {
+            ngx_log_error(NGX_LOG_INFO, c->log, 0,
+                          "loyalty: redis connection restored");
+        }
+
+        conn->state = NGX_HTTP_LOYALTY_CONNECTED;
+        conn->failed = 0;
+        conn->delay = 0;
+    }
+
+    b = conn->out;
+
+    while (b->pos < b->last) {
+        n = c->send(c, b->pos, b->last - b->pos);
+
+        if (n == NGX_ERROR) {
+            ngx_http_loyalty_redis_fail(conn);
+            return;
+        }
+
+        if (n == NGX_AGAIN) {
+            break;
+        }
+
+        b->pos += n;
+    }
+
+    if (b->pos == b->last) {
+        b->pos = b->start;
+        b->last = b->start;
+    }
+
+    if (ngx_handle_write_event(wev, 0) != NGX_OK) {
+        ngx_http_loyalty_redis_fail(conn);
+    }
+}
+
+
+static void
+ngx_http_loyalty_redis_read_handler(ngx_event_t *rev)
+{
+    ssize_t                   n;
+    ngx_connection_t         *c;
+    ngx_http_loyalty_conn_t  *conn;
+
+    c = rev->data;
+    conn = c->data;
+
+    if (conn->state != NGX_HTTP_LOYALTY_CONNECTED) {
+        /* the write handler learns how the connect went */
+        return;
+    }
+
+    /*
+     * Read until the socket is drained: with edge-triggered events,
+     * bytes left behind would raise no further event.
+     */
+
+    for ( ;; ) {
+        n = c->recv(c, conn->in, NGX_HTTP_LOYALTY_IN_SIZE);
+
+        if (n == NGX_AGAIN) {
+            break;
+        }
+
+        if (n == 0) {
+            ngx_log_error(NGX_LOG_WARN, c->log, 0,
+                          "loyalty: redis closed the connection");
+            ngx_http_loyalty_redis_fail(conn);
+            return;
+        }
+
+        if (n == NGX_ERROR) {
+            ngx_http_loyalty_redis_fail(conn);
+            return;
+        }
+
+        if (ngx_http_loyalty_reader_feed(conn->reader, conn->in, n)
+            != NGX_OK)
+        {
+            ngx_log_error(NGX_LOG_ERR, c->log, 0,
+                          "loyalty: redis reader failed");
+            ngx_http_loyalty_redis_fail(conn);
+            return;
+        }
+
+        if (ngx_http_loyalty_redis_process(conn) != NGX_OK) {
+            return;
+        }
+    }
+
+    if (ngx_handle_read_event(rev, 0) != NGX_OK) {
+        ngx_http_loyalty_redis_fail(conn);
+    }
+}
+
+
+/* hands every complete reply to the oldest command */
+
+static ngx_int_t
+ngx_http_loyalty_redis_process(ngx_http_loyalty_conn_t *conn)
+{
+    ngx_int_t                  rc;
+    ngx_str_t                  err;
+    ngx_queue_t               *q;
+    ngx_connection_t          *c;
+    ngx_http_loyalty_cmd_t    *cmd;
+    ngx_http_loyalty_reply_t  *reply;
+
+    c = conn->connection;
+
+    for ( ;; ) {
+        rc = ngx_http_loyalty_reader_next(conn->reader, &reply, &err);
+
+        if (rc == NGX_AGAIN) {
+            break;
+        }
+
+        if (rc == NGX_ERROR) {
+            ngx_log_error(NGX_LOG_ERR, c->log, 0,
+                          "loyalty: redis protocol error: %V", &err);
+            ngx_http_loyalty_redis_fail(conn);
+            return NGX_ERROR;
+        }
+
+        if (ngx_queue_empty(&conn->pending)) {
+            ngx_log_error(NGX_LOG_ERR, c->log, 0,
+                          "loyalty: unexpected reply from redis");
+            ngx_http_loyalty_redis_fail(conn);
+            return NGX_ERROR;
+        }
+
+        q = ngx_queue_head(&conn->pending);
+        ngx_queue_remove(q);
+        conn->npending--;
+
+        cmd = ngx_queue_data(q, ngx_http_loyalty_cmd_t, queue);
+
+        cmd->handler(cmd, reply);
+
+        ngx_queue_insert_head(&conn->free, &cmd->queue);
+
+        if (conn->connection != c) {
+            /* the handler failed the connection */
+            return NGX_ERROR;
+        }
+    }
+
+    if (ngx_http_loyalty_reader_idle(conn->reader) == NGX_OK) {
+        ngx_reset_pool(conn->reply_pool);
+    }
+
+    if (ngx_queue_empty(&conn->pending) && conn->deadline.timer_set) {
+        ngx_del_timer(&conn->deadline);
+    }
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_loyalty_redis_test_connect(ngx_connection_t *c)
+{
+    int        err;
+    socklen_t  len;
+
+    err = 0;
+    len = sizeof(int);
+
+    if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, (void *) &err, &len) == -1) {
+        err = ngx_socket_errno;
+    }
+
+    if (err) {
+        (void) ngx_connection_error(c, err, "loyalty: redis connect() failed");
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
+
+
+/*
+ * The timer is armed no later than the earliest deadline of the queued
+ * commands; when it fires, a missed deadline takes the connection down,
+ * which keeps a late reply from ever reaching the wrong command.
+ */
+
+static void
+ngx_http_loyalty_redis_deadline_handler(ngx_event_t *ev)
+{
+    ngx_queue_t              *q;
+    ngx_msec_int_t            left, next;
+    ngx_http_loyalty_cmd_t   *cmd;
+    ngx_http_loyalty_conn_t  *conn;
+
+    conn = ev->data;
+
+    next = -1;
+
+    for (q = ngx_queue_head(&conn->pending);
+         q != ngx_queue_sentinel(&conn->pending);
+         q = ngx_queue_next(q))
+    {
+        cmd = ngx_queue_data(q, ngx_http_loyalty_cmd_t, queue);
+
+        left = (ngx_msec_int_t) (cmd->deadline - ngx_current_msec);
+
+        if (left <= 0) {
+            ngx_log_error(NGX_LOG_WARN, &conn->log, NGX_ETIMEDOUT,
+                          "loyalty: redis did not answer in time");
+            ngx_http_loyalty_redis_fail(conn);
+            return;
+        }
+
+        if (next == -1 || left < next) {
+            next = left;
+        }
+    }
+
+    if (next != -1) {
+        ngx_add_timer(ev, (ngx_msec_t) next);
+    }
+}
+
+
+static void
+ngx_http_loyalty_redis_backoff_handler(ngx_event_t *ev)
+{
+    ngx_http_loyalty_conn_t  *conn;
+
+    conn = ev->data;
+
+    if (conn->state != NGX_HTTP_LOYALTY_DOWN || ngx_exiting || ngx_terminate)
+    {
+        return;
+    }
+
+    conn->state = NGX_HTTP_LOYALTY_CLOSED;
+
+    if (ngx_http_loyalty_redis_connect(conn) != NGX_OK) {
+        ngx_http_loyalty_redis_fail(conn);
+    }
+}
+
+
+static void
+ngx_http_loyalty_redis_close(ngx_http_loyalty_conn_t *conn)
+{
+    if (conn->connection) {
+        ngx_close_connection(conn->connection);
+        conn->connection = NULL;
+    }
+
+    if (conn->reader) {
+        ngx_http_loyalty_reader_free(conn->reader);
+        conn->reader = NULL;
+    }
+
+    if (conn->reply_pool) {
+        ngx_destroy_pool(conn->reply_pool);
+        conn->reply_pool = NULL;
+    }
+
+    if (conn->deadline.timer_set) {
+        ngx_del_timer(&conn->deadline);
+    }
+
+    conn->out->pos = conn->out->start;
+    conn->out->last = conn->out->start;
+
+    conn->state = NGX_HTTP_LOYALTY_CLOSED;
+}
+
+
+/*
+ * Closes the connection, schedules a reconnect (about 100ms doubling to
+ * at most 2s, less up to a quarter at random so that workers do not
+ * reconnect in step), then fails every queued command.
+ */
+
+static void
+ngx_http_loyalty_redis_fail(ngx_http_loyalty_conn_t *conn)
+{
+    ngx_msec_t               delay;
+    ngx_queue_t              *q, pending;
+    ngx_http_loyalty_cmd_t   *cmd;
+
+    ngx_http_loyalty_redis_close(conn);
+
+    if (!conn->failed) {
+        ngx_log_error(NGX_LOG_WARN, &conn->log, 0,
+                      "loyalty: redis unavailable, requests get "
+                      "\"unavailable\" until it is back");
+    }
+
+    conn->state = NGX_HTTP_LOYALTY_DOWN;
+    conn->failed = 1;
+
+    if (conn->delay == 0) {
+        conn->delay = NGX_HTTP_LOYALTY_BACKOFF_MIN;
+
+    } else {
+        conn->delay = ngx_min(conn->delay * 2, NGX_HTTP_LOYALTY_BACKOFF_MAX);
+    }
+
+    delay = conn->delay - ngx_random() % (conn->delay / 4 + 1);
+
+    if (conn->backoff.timer_set) {
+        ngx_del_timer(&conn->backoff);
+    }
+
+    ngx_add_timer(&conn->backoff, delay);
+
+    if (ngx_queue_empty(&conn->pending)) {
+        return;
+    }
+
+    pending = conn->pending;
+    pending.next->prev = &pending;
+    pending.prev->next = &pending;
+
+    ngx_queue_init(&conn->pending);
+    conn->npending = 0;
+
+    while (!ngx_queue_empty(&pending)) {
+        q = ngx_queue_head(&pending);
+        ngx_queue_remove(q);
+
+        cmd = ngx_queue_data(q, ngx_http_loyalty_cmd_t, queue);
+
+        cmd->handler(cmd, NULL);
+
+        ngx_queue_insert_head(&conn->free, &cmd->queue);
+    }
+}
+
+
+static u_char *
+ngx_http_loyalty_redis_log_error(ngx_log_t *log, u_char *buf, size_t len)
+{
+    ngx_http_loyalty_conn_t  *conn;
+
+    conn = log->data;
+
+    return ngx_snprintf(buf, len, ", redis: %V", &conn->server->name);
+}

@@ -1,0 +1,373 @@
+
+/*
+ * Copyright (C) The ngx_http_loyalty_module authors
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include "ngx_http_loyalty_rules.h"
+
+
+static ngx_int_t ngx_http_loyalty_key(ngx_str_t *param, const char *key,
+    size_t len, ngx_str_t *value);
+
+
+/* A-Z a-z 0-9 . _ - @ : + */
+static uint32_t  ngx_http_loyalty_id_chars[] = {
+    0x00000000, /* 0000 0000 0000 0000  0000 0000 0000 0000 */
+
+                /* ?>=< ;:98 7654 3210  /.-, +*)( '&%$ #"!  */
+    0x07ff6800, /* 0000 0111 1111 1111  0110 1000 0000 0000 */
+
+                /* _^]\ [ZYX WVUT SRQP  ONML KJIH GFED CBA@ */
+    0x87ffffff, /* 1000 0111 1111 1111  1111 1111 1111 1111 */
+
+                /*  ~}| {zyx wvut srqp  onml kjih gfed cba` */
+    0x07fffffe, /* 0000 0111 1111 1111  1111 1111 1111 1110 */
+
+    0x00000000, 0x00000000, 0x00000000, 0x00000000
+};
+
+
+ngx_int_t
+ngx_http_loyalty_valid_id(u_char *p, size_t len)
+{
+    u_char  *last;
+
+    if (len == 0 || len > NGX_HTTP_LOYALTY_ID_MAX) {
+        return NGX_ERROR;
+    }
+
+    for (last = p + len; p < last; p++) {
+        if (!(ngx_http_loyalty_id_chars[*p >> 5] & (1U << (*p & 0x1f)))) {
+            return NGX_ERROR;
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+/*
+ * A decimal integer of 1 to 19 digits, no sign, no blanks; NGX_ERROR on
+ * anything else or on overflow of 2^63 - 1.
+ */
+
+ngx_int_t
+ngx_http_loyalty_parse_uint(u_char *p, size_t len, uint64_t *value)
+{
+    uint64_t  v;
+    u_char   *last;
+
+    if (len == 0 || len > 19) {
+        return NGX_ERROR;
+    }
+
+    v = 0;
+
+    for (last = p + len; p < last; p++) {
+        if (*p < '0' || *p > '9') {
+            return NGX_ERROR;
+        }
+
+        v = v * 10 + (*p - '0');
+    }
+
+    if (v > (uint64_t) INT64_MAX) {
+        return NGX_ERROR;
+    }
+
+    *value = v;
+
+    return NGX_OK;
+}
+
+
+/*
+ * A non-negative decimal with up to 4 fractional digits ("1", "0.1",
+ * "2.5", "1.0005") as a fixed-point value scaled by 10^4; at most 9
+ * integer digits, so any product with an amount stays within 128 bits.
+ */
+
+ngx_int_t
+ngx_http_loyalty_parse_fixed(u_char *p, size_t len, uint64_t *value)
+{
+    u_char     *last, *dot;
+    uint64_t    v;
+    ngx_uint_t  n, frac;
+
+    last = p + len;
+
+    dot = NULL;
+    v = 0;
+    n = 0;
+    frac = 0;
+
+    for ( /* void */ ; p < last; p++) {
+
+        if (*p == '.') {
+            if (dot || n == 0) {
+                return NGX_ERROR;
+            }
+
+            dot = p;
+            continue;
+        }
+
+        if (*p < '0' || *p > '9') {
+            return NGX_ERROR;
+        }
+
+        if (dot) {
+            if (++frac > NGX_HTTP_LOYALTY_FRAC_DIGITS) {
+                return NGX_ERROR;
+            }
+
+        } else if (++n > 9) {
+            return NGX_ERROR;
+        }
+
+        v = v * 10 + (*p - '0');
+    }
+
+    if (n == 0 || (dot && frac == 0)) {
+        return NGX_ERROR;
+    }
+
+    while (frac++ < NGX_HTTP_LOYALTY_FRAC_DIGITS) {
+        v *= 10;
+    }
+
+    *value = v;
+
+    return NGX_OK;
+}
+
+
+/* the tier with the highest threshold not above the lifetime points */
+
+ngx_http_loyalty_tier_t *
+ngx_http_loyalty_select_tier(ngx_http_loyalty_tier_t *tiers, ngx_uint_t n,
+    uint64_t lifetime)
+{
+    ngx_uint_t                i;
+    ngx_http_loyalty_tier_t  *best;
+
+    best = NULL;
+
+    for (i = 0; i < n; i++) {
+        if (tiers[i].min_lifetime > lifetime) {
+            continue;
+        }
+
+        if (best == NULL || tiers[i].min_lifetime > best->min_lifetime) {
+            best = &tiers[i];
+        }
+    }
+
+    return best;
+}
+
+
+/* the first offer whose conditions all hold */
+
+ngx_http_loyalty_offer_t *
+ngx_http_loyalty_select_offer(ngx_http_loyalty_offer_t *offers, ngx_uint_t n,
+    ngx_http_loyalty_record_t *rec, ngx_http_loyalty_tier_t *tier,
+    time_t now, ngx_http_loyalty_cond_pt cond, void *data)
+{
+    ngx_uint_t                 i;
+    ngx_http_loyalty_offer_t  *o;
+
+    for (i = 0; i < n; i++) {
+        o = &offers[i];
+
+        if (o->new_only && rec->orders != 0) {
+            continue;
+        }
+
+        if (o->has_tier
+            && (tier == NULL
+                || tier->name.len != o->tier.len
+                || ngx_strncmp(tier->name.data, o->tier.data, o->tier.len)
+                   != 0))
+        {
+            continue;
+        }
+
+        if ((o->has_min_points && rec->points < o->min_points)
+            || (o->has_max_points && rec->points > o->max_points)
+            || (o->has_min_orders && rec->orders < o->min_orders)
+            || (o->has_max_orders && rec->orders > o->max_orders))
+        {
+            continue;
+        }
+
+        if (o->has_inactive
+            && (rec->orders == 0
+                || now < 0
+                || (uint64_t) now < rec->last_order
+                || (uint64_t) now - rec->last_order < o->inactive))
+        {
+            continue;
+        }
+
+        if (o->cond && cond && cond(data, o->cond) != NGX_OK) {
+            continue;
+        }
+
+        return o;
+    }
+
+    return NULL;
+}
+
+
+/*
+ * One "key=value" (or "new") parameter of loyalty_offer other than
+ * "inactive=" and "if=", which need nginx to parse; NULL when it is
+ * accepted, or why not.
+ */
+
+char *
+ngx_http_loyalty_offer_param(ngx_http_loyalty_offer_t *offer,
+    ngx_str_t *param)
+{
+    uint64_t   *bound;
+    unsigned    is_set;
+    ngx_str_t   value;
+
+    if (param->len == sizeof("new") - 1
+        && ngx_strncmp(param->data, "new", sizeof("new") - 1) == 0)
+    {
+        if (offer->new_only) {
+            return "is duplicate";
+        }
+
+        offer->new_only = 1;
+        return NULL;
+    }
+
+    if (ngx_http_loyalty_key(param, "code=", sizeof("code=") - 1, &value)
+        == NGX_OK)
+    {
+        if (offer->code.data) {
+            return "is duplicate";
+        }
+
+        if (value.len == 0) {
+            return "has an empty value";
+        }
+
+        offer->code = value;
+        return NULL;
+    }
+
+    if (ngx_http_loyalty_key(param, "tier=", sizeof("tier=") - 1, &value)
+        == NGX_OK)
+    {
+        if (offer->has_tier) {
+            return "is duplicate";
+        }
+
+        if (value.len == 0) {
+            return "has an empty value";
+        }
+
+        offer->tier = value;
+        offer->has_tier = 1;
+        return NULL;
+    }
+
+    if (ngx_http_loyalty_key(param, "min_points=", sizeof("min_points=") - 1,
+                             &value)
+        == NGX_OK)
+    {
+        bound = &offer->min_points;
+        is_set = offer->has_min_points;
+        offer->has_min_points = 1;
+
+    } else if (ngx_http_loyalty_key(param, "max_points=",
+                                    sizeof("max_points=") - 1, &value)
+               == NGX_OK)
+    {
+        bound = &offer->max_points;
+        is_set = offer->has_max_points;
+        offer->has_max_points = 1;
+
+    } else if (ngx_http_loyalty_key(param, "min_orders=",
+                                    sizeof("min_orders=") - 1, &value)
+               == NGX_OK)
+    {
+        bound = &offer->min_orders;
+        is_set = offer->has_min_orders;
+        offer->has_min_orders = 1;
+
+    } else if (ngx_http_loyalty_key(param, "max_orders=",
+                                    sizeof("max_orders=") - 1, &value)
+               == NGX_OK)
+    {
+        bound = &offer->max_orders;
+        is_set = offer->has_max_orders;
+        offer->has_max_orders = 1;
+
+    } else {
+        return "is unknown";
+    }
+
+    if (is_set) {
+        return "is duplicate";
+    }
+
+    if (ngx_http_loyalty_parse_uint(value.data, value.len, bound) != NGX_OK) {
+        return "is not a non-negative integer";
+    }
+
+    return NULL;
+}
+
+
+/* contradictions between the parameters of one offer */
+
+char *
+ngx_http_loyalty_offer_check(ngx_http_loyalty_offer_t *offer)
+{
+    if (offer->has_min_points && offer->has_max_points
+        && offer->min_points > offer->max_points)
+    {
+        return "min_points is greater than max_points";
+    }
+
+    if (offer->has_min_orders && offer->has_max_orders
+        && offer->min_orders > offer->max_orders)
+    {
+        return "min_orders is greater than max_orders";
+    }
+
+    if (offer->new_only
+        && ((offer->has_min_orders && offer->min_orders > 0)
+            || offer->has_inactive))
+    {
+        return "\"new\" cannot be combined with min_orders or inactive";
+    }
+
+    return NULL;
+}
+
+
+static ngx_int_t
+ngx_http_loyalty_key(ngx_str_t *param, const char *key, size_t len,
+    ngx_str_t *value)
+{
+    if (param->len < len
+        || ngx_strncmp(param->data, (u_char *) key, len) != 0)
+    {
+        return NGX_DECLINED;
+    }
+
+    value->data = param->data + len;
+    value->len = param->len - len;
+
+    return NGX_OK;
+}

@@ -1,0 +1,89 @@
+
+/*
+ * Copyright (C) The ngx_http_loyalty_module authors
+ */
+
+
+#ifndef _NGX_HTTP_LOYALTY_RULES_H_INCLUDED_
+#define _NGX_HTTP_LOYALTY_RULES_H_INCLUDED_
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+
+
+/*
+ * Pure logic: customer ids, tiers, offers, numbers.  Nothing here takes a
+ * request, a connection or a pool, and nothing calls into nginx, so the
+ * unit tests link this file alone.
+ */
+
+
+#define NGX_HTTP_LOYALTY_ID_MAX        128
+
+/* fixed-point decimals (rates, multipliers): value * 10^4 */
+#define NGX_HTTP_LOYALTY_FRAC_DIGITS   4
+#define NGX_HTTP_LOYALTY_FRAC_ONE      10000
+
+
+typedef struct {
+    ngx_str_t                  name;
+    uint64_t                   min_lifetime;
+    uint64_t                   multiplier;      /* fixed point, 10^4 */
+} ngx_http_loyalty_tier_t;
+
+
+typedef struct {
+    ngx_str_t                  name;
+    ngx_str_t                  code;
+    ngx_str_t                  tier;
+    uint64_t                   min_points;
+    uint64_t                   max_points;
+    uint64_t                   min_orders;
+    uint64_t                   max_orders;
+    uint64_t                   inactive;        /* seconds */
+
+    void                      *cond;            /* if=, compiled by caller */
+
+    unsigned                   has_tier:1;
+    unsigned                   has_min_points:1;
+    unsigned                   has_max_points:1;
+    unsigned                   has_min_orders:1;
+    unsigned                   has_max_orders:1;
+    unsigned                   has_inactive:1;
+    unsigned                   new_only:1;
+} ngx_http_loyalty_offer_t;
+
+
+/* a customer record as read from Redis */
+typedef struct {
+    uint64_t                   points;
+    uint64_t                   lifetime;
+    uint64_t                   orders;
+    uint64_t                   first_order;
+    uint64_t                   last_order;
+} ngx_http_loyalty_record_t;
+
+
+/* the result of an if= condition, supplied by the caller */
+typedef ngx_int_t (*ngx_http_loyalty_cond_pt)(void *data, void *cond);
+
+
+ngx_int_t ngx_http_loyalty_valid_id(u_char *p, size_t len);
+ngx_int_t ngx_http_loyalty_parse_uint(u_char *p, size_t len, uint64_t *value);
+ngx_int_t ngx_http_loyalty_parse_fixed(u_char *p, size_t len,
+    uint64_t *value);
+
+ngx_http_loyalty_tier_t *ngx_http_loyalty_select_tier(
+    ngx_http_loyalty_tier_t *tiers, ngx_uint_t n, uint64_t lifetime);
+ngx_http_loyalty_offer_t *ngx_http_loyalty_select_offer(
+    ngx_http_loyalty_offer_t *offers, ngx_uint_t n,
+    ngx_http_loyalty_record_t *rec, ngx_http_loyalty_tier_t *tier,
+    time_t now, ngx_http_loyalty_cond_pt cond, void *data);
+
+char *ngx_http_loyalty_offer_param(ngx_http_loyalty_offer_t *offer,
+    ngx_str_t *param);
+char *ngx_http_loyalty_offer_check(ngx_http_loyalty_offer_t *offer);
+
+
+#endif /* _NGX_HTTP_LOYALTY_RULES_H_INCLUDED_ */
