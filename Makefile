@@ -11,7 +11,7 @@ NGINX_SRC ?= /usr/share/nginx/src
 NGINX_BIN ?= /usr/sbin/nginx
 MODULE    = build/ngx_http_loyalty_module.so
 
-SOURCES   = config $(wildcard ngx_module/*.c ngx_module/*.h)
+SOURCES   = config $(wildcard ngx_module/*.c ngx_module/*.h ngx_module/*.lua)
 
 CFLAGS_UNIT = -g -O1 -Wall -Wextra -Werror -Wno-unused-parameter \
               -I ngx_module -I build/nginx/objs \

@@ -246,7 +246,7 @@ ngx_http_loyalty_read_handler(ngx_http_loyalty_cmd_t *cmd,
 
     ctx = cmd->data;
 
-    if (ctx == NULL) {
+    if (ctx == NULL || cmd->exiting) {
         /* the request is gone */
         return;
     }
@@ -429,9 +429,15 @@ ngx_http_loyalty_filter_init(ngx_conf_t *cf)
 }
 
 
+/*
+ * The response headers are known: credit a confirmed order, once per
+ * request whatever redirects and error pages it went through.
+ */
+
 static ngx_int_t
 ngx_http_loyalty_header_filter(ngx_http_request_t *r)
 {
+    ngx_uint_t                    status;
     ngx_http_loyalty_ctx_t       *ctx;
     ngx_http_loyalty_loc_conf_t  *llcf;
 
@@ -439,19 +445,32 @@ ngx_http_loyalty_header_filter(ngx_http_request_t *r)
         return ngx_http_next_header_filter(r);
     }
 
-    llcf = ngx_http_get_module_loc_conf(r, ngx_http_loyalty_module);
-
-    if (!llcf->response_headers) {
-        return ngx_http_next_header_filter(r);
-    }
-
     ctx = ngx_http_loyalty_get_ctx(r);
 
-    if (ctx == NULL || !ctx->done) {
+    if (ctx == NULL || !ctx->done || ctx->filtered) {
         return ngx_http_next_header_filter(r);
     }
 
-    if (ngx_http_loyalty_set_response_headers(r, ctx) != NGX_OK) {
+    ctx->filtered = 1;
+
+    llcf = ngx_http_get_module_loc_conf(r, ngx_http_loyalty_module);
+
+    status = r->headers_out.status;
+
+    if (llcf->earn
+        && status >= NGX_HTTP_OK && status < NGX_HTTP_SPECIAL_RESPONSE
+        && (ctx->status == NGX_HTTP_LOYALTY_OK
+            || ctx->status == NGX_HTTP_LOYALTY_NEW
+            || ctx->status == NGX_HTTP_LOYALTY_UNAVAILABLE))
+    {
+        if (ngx_http_loyalty_credit(r, ctx, llcf) != NGX_OK) {
+            return NGX_ERROR;
+        }
+    }
+
+    if (llcf->response_headers
+        && ngx_http_loyalty_set_response_headers(r, ctx) != NGX_OK)
+    {
         return NGX_ERROR;
     }
 

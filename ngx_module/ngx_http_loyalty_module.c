@@ -8,6 +8,7 @@
 #include <ngx_core.h>
 #include <ngx_http.h>
 #include "ngx_http_loyalty_module.h"
+#include "ngx_http_loyalty_script.h"
 
 
 #define NGX_HTTP_LOYALTY_REDIS_PORT  6379
@@ -26,6 +27,12 @@ static ngx_http_loyalty_server_t *ngx_http_loyalty_add_server(ngx_conf_t *cf,
 static char *ngx_http_loyalty_tier(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_http_loyalty_offer(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static char *ngx_http_loyalty_earn_rate(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static char *ngx_http_loyalty_expire(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static char *ngx_http_loyalty_ledger(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static ngx_int_t ngx_http_loyalty_init_process(ngx_cycle_t *cycle);
 static void ngx_http_loyalty_exit_process(ngx_cycle_t *cycle);
@@ -110,6 +117,55 @@ static ngx_command_t  ngx_http_loyalty_commands[] = {
       offsetof(ngx_http_loyalty_loc_conf_t, response_headers),
       NULL },
 
+    { ngx_string("loyalty_earn"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_set_complex_value_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_loyalty_loc_conf_t, earn),
+      NULL },
+
+    { ngx_string("loyalty_earn_rate"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_loyalty_earn_rate,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("loyalty_redeem"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_set_complex_value_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_loyalty_loc_conf_t, redeem),
+      NULL },
+
+    { ngx_string("loyalty_order_id"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_set_complex_value_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_loyalty_loc_conf_t, order_id),
+      NULL },
+
+    { ngx_string("loyalty_expire"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_loyalty_expire,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("loyalty_ledger"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_loyalty_ledger,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("loyalty_journal"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_loyalty_journal_directive,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
       ngx_null_command
 };
 
@@ -188,6 +244,11 @@ ngx_http_loyalty_create_main_conf(ngx_conf_t *cf)
         return NULL;
     }
 
+    lmcf->script.data = ngx_http_loyalty_script;
+    lmcf->script.len = sizeof(ngx_http_loyalty_script) - 1;
+
+    ngx_http_loyalty_script_sha1(&lmcf->script, lmcf->script_sha);
+
     return lmcf;
 }
 
@@ -210,6 +271,11 @@ ngx_http_loyalty_create_loc_conf(ngx_conf_t *cf)
      *     conf->prefix = { 0, NULL };
      *     conf->tiers = NULL;
      *     conf->offers = NULL;
+     *     conf->earn = NULL;
+     *     conf->redeem = NULL;
+     *     conf->order_id = NULL;
+     *     conf->journal = NULL;
+     *     conf->journal_set = 0;
      */
 
     conf->enable = NGX_CONF_UNSET;
@@ -217,6 +283,9 @@ ngx_http_loyalty_create_loc_conf(ngx_conf_t *cf)
     conf->fail = NGX_CONF_UNSET_UINT;
     conf->request_headers = NGX_CONF_UNSET;
     conf->response_headers = NGX_CONF_UNSET;
+    conf->earn_rate = NGX_CONF_UNSET_UINT;
+    conf->expire = NGX_CONF_UNSET;
+    conf->ledger = NGX_CONF_UNSET;
 
     return conf;
 }
@@ -228,10 +297,11 @@ ngx_http_loyalty_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_http_loyalty_loc_conf_t *prev = parent;
     ngx_http_loyalty_loc_conf_t *conf = child;
 
-    ngx_str_t                  name;
-    ngx_uint_t                 i, j;
-    ngx_http_loyalty_tier_t   *tier;
-    ngx_http_loyalty_offer_t  *offer;
+    ngx_str_t                          name;
+    ngx_uint_t                         i, j;
+    ngx_http_loyalty_tier_t           *tier;
+    ngx_http_loyalty_offer_t          *offer;
+    ngx_http_compile_complex_value_t   ccv;
 
     ngx_conf_merge_value(conf->enable, prev->enable, 0);
     ngx_conf_merge_msec_value(conf->timeout, prev->timeout, 100);
@@ -240,6 +310,57 @@ ngx_http_loyalty_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
                               NGX_HTTP_LOYALTY_FAIL_PASS);
     ngx_conf_merge_value(conf->request_headers, prev->request_headers, 1);
     ngx_conf_merge_value(conf->response_headers, prev->response_headers, 0);
+    ngx_conf_merge_uint_value(conf->earn_rate, prev->earn_rate,
+                              NGX_HTTP_LOYALTY_FRAC_ONE);
+    ngx_conf_merge_value(conf->expire, prev->expire, 0);
+    ngx_conf_merge_value(conf->ledger, prev->ledger, 100);
+
+    if (conf->prefix.len > NGX_HTTP_LOYALTY_PREFIX_MAX) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"loyalty_redis_prefix\" \"%V\" is longer "
+                           "than %d bytes",
+                           &conf->prefix, NGX_HTTP_LOYALTY_PREFIX_MAX);
+        return NGX_CONF_ERROR;
+    }
+
+    if (conf->earn == NULL) {
+        conf->earn = prev->earn;
+    }
+
+    if (conf->redeem == NULL) {
+        conf->redeem = prev->redeem;
+    }
+
+    if (!conf->journal_set) {
+        conf->journal = prev->journal;
+        conf->journal_set = prev->journal_set;
+    }
+
+    if (conf->order_id == NULL) {
+        conf->order_id = prev->order_id;
+    }
+
+    if (conf->order_id == NULL) {
+        conf->order_id = ngx_palloc(cf->pool,
+                                    sizeof(ngx_http_complex_value_t));
+        if (conf->order_id == NULL) {
+            return NGX_CONF_ERROR;
+        }
+
+        ngx_str_set(&name, "$request_id");
+
+        ngx_memzero(&ccv, sizeof(ngx_http_compile_complex_value_t));
+
+        ccv.cf = cf;
+        ccv.value = &name;
+        ccv.complex_value = conf->order_id;
+
+        if (ngx_http_compile_complex_value(&ccv) != NGX_OK) {
+            return NGX_CONF_ERROR;
+        }
+
+        prev->order_id = conf->order_id;
+    }
 
     if (conf->customer == NULL) {
         conf->customer = prev->customer;
@@ -488,6 +609,7 @@ ngx_http_loyalty_add_server(ngx_conf_t *cf, ngx_str_t *name, ngx_uint_t db,
 
     server->name = *name;
     server->addr = u.addrs[0];
+    server->script = &lmcf->script;
     server->db = db;
     server->user = *user;
     server->password = *password;
@@ -698,6 +820,105 @@ invalid:
 }
 
 
+static char *
+ngx_http_loyalty_earn_rate(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_loyalty_loc_conf_t *llcf = conf;
+
+    uint64_t    rate;
+    ngx_str_t  *value;
+
+    if (llcf->earn_rate != NGX_CONF_UNSET_UINT) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    if (ngx_http_loyalty_parse_fixed(value[1].data, value[1].len, &rate)
+        != NGX_OK)
+    {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid rate \"%V\" in \"loyalty_earn_rate\", "
+                           "expected a number such as 1 or 0.05 with at "
+                           "most 6 digits before and 4 after the point",
+                           &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    llcf->earn_rate = rate;
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_http_loyalty_expire(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_loyalty_loc_conf_t *llcf = conf;
+
+    time_t      t;
+    ngx_str_t  *value;
+
+    if (llcf->expire != NGX_CONF_UNSET) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    if (ngx_strcmp(value[1].data, "off") == 0) {
+        llcf->expire = 0;
+        return NGX_CONF_OK;
+    }
+
+    t = ngx_parse_time(&value[1], 1);
+
+    if (t == (time_t) NGX_ERROR || t == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid time \"%V\" in \"loyalty_expire\"",
+                           &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    llcf->expire = t;
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_http_loyalty_ledger(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_loyalty_loc_conf_t *llcf = conf;
+
+    ngx_int_t   n;
+    ngx_str_t  *value;
+
+    if (llcf->ledger != NGX_CONF_UNSET) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    if (ngx_strcmp(value[1].data, "off") == 0) {
+        llcf->ledger = 0;
+        return NGX_CONF_OK;
+    }
+
+    n = ngx_atoi(value[1].data, value[1].len);
+
+    if (n == NGX_ERROR || n == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid length \"%V\" in \"loyalty_ledger\"",
+                           &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    llcf->ledger = n;
+
+    return NGX_CONF_OK;
+}
+
+
 static ngx_int_t
 ngx_http_loyalty_init_process(ngx_cycle_t *cycle)
 {
@@ -719,7 +940,7 @@ ngx_http_loyalty_init_process(ngx_cycle_t *cycle)
         }
     }
 
-    return NGX_OK;
+    return ngx_http_loyalty_credit_init_process(cycle, lmcf);
 }
 
 
@@ -738,7 +959,11 @@ ngx_http_loyalty_exit_process(ngx_cycle_t *cycle)
 
     server = lmcf->servers.elts;
 
+    /* credits still on a connection are journaled, then those queued */
+
     for (i = 0; i < lmcf->servers.nelts; i++) {
         ngx_http_loyalty_redis_exit_process(server[i]);
     }
+
+    ngx_http_loyalty_credit_exit_process(lmcf);
 }

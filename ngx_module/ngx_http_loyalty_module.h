@@ -36,6 +36,12 @@
 typedef struct ngx_http_loyalty_conn_s  ngx_http_loyalty_conn_t;
 typedef struct ngx_http_loyalty_cmd_s   ngx_http_loyalty_cmd_t;
 typedef struct ngx_http_loyalty_reply_s ngx_http_loyalty_reply_t;
+typedef struct ngx_http_loyalty_credits_s ngx_http_loyalty_credits_t;
+
+
+#define NGX_HTTP_LOYALTY_PREFIX_MAX    64
+#define NGX_HTTP_LOYALTY_ORDER_MAX     128
+#define NGX_HTTP_LOYALTY_SHA1_LEN      40
 
 
 /* a Redis server as configured: one connection per worker */
@@ -46,6 +52,7 @@ typedef struct {
     ngx_str_t                  user;
     ngx_str_t                  password;
     ngx_msec_t                 connect_timeout;
+    ngx_str_t                 *script;          /* loaded on connect */
 
     ngx_http_loyalty_conn_t   *conn;            /* per worker */
 } ngx_http_loyalty_server_t;
@@ -53,6 +60,10 @@ typedef struct {
 
 typedef struct {
     ngx_array_t                servers;   /* ngx_http_loyalty_server_t * */
+    ngx_str_t                  script;
+    u_char                     script_sha[NGX_HTTP_LOYALTY_SHA1_LEN];
+
+    ngx_http_loyalty_credits_t *credits;        /* per worker */
 } ngx_http_loyalty_main_conf_t;
 
 
@@ -67,6 +78,15 @@ typedef struct {
     ngx_uint_t                 fail;
     ngx_flag_t                 request_headers;
     ngx_flag_t                 response_headers;
+
+    ngx_http_complex_value_t  *earn;
+    ngx_uint_t                 earn_rate;       /* fixed point, 10^4 */
+    ngx_http_complex_value_t  *redeem;
+    ngx_http_complex_value_t  *order_id;
+    time_t                     expire;          /* 0: off */
+    ngx_int_t                  ledger;          /* 0: off */
+    ngx_open_file_t           *journal;         /* NULL: error log */
+    ngx_flag_t                 journal_set;
 } ngx_http_loyalty_loc_conf_t;
 
 
@@ -82,9 +102,34 @@ typedef struct {
     ngx_http_loyalty_cmd_t    *cmd;             /* while waiting */
     ngx_int_t                  rc;              /* for the phase handler */
 
+    uint64_t                   earned;
+    uint64_t                   redeemed;
+
     unsigned                   waiting:1;
     unsigned                   done:1;
+    unsigned                   filtered:1;
+    unsigned                   credited:1;
 } ngx_http_loyalty_ctx_t;
+
+
+/* a credit on its way to Redis; outlives its request */
+typedef struct {
+    ngx_queue_t                   queue;
+    ngx_http_loyalty_credits_t   *credits;
+    ngx_http_loyalty_loc_conf_t  *conf;
+    time_t                        ts;
+    uint64_t                      earned;
+    uint64_t                      redeem;
+    ngx_uint_t                    attempts;
+    size_t                        customer_len;
+    size_t                        order_len;
+    size_t                        amount_len;
+    u_char                        customer[NGX_HTTP_LOYALTY_ID_MAX];
+    u_char                        order[NGX_HTTP_LOYALTY_ORDER_MAX];
+    u_char                        amount[NGX_HTTP_LOYALTY_AMOUNT_DIGITS
+                                         + 1 + NGX_HTTP_LOYALTY_FRAC_DIGITS];
+    unsigned                      eval:1;
+} ngx_http_loyalty_credit_t;
 
 
 /* a reply as built by our hiredis reader functions */
@@ -110,6 +155,7 @@ struct ngx_http_loyalty_cmd_s {
     ngx_http_loyalty_reply_pt  handler;
     void                      *data;       /* NULL once the owner is gone */
     ngx_msec_t                 deadline;
+    unsigned                   exiting:1;  /* failed by the worker's exit */
 };
 
 
@@ -133,6 +179,21 @@ ngx_http_loyalty_cmd_t *ngx_http_loyalty_redis_send(
     ngx_log_t *log);
 
 
+/* ngx_http_loyalty_credit.c */
+ngx_int_t ngx_http_loyalty_credit(ngx_http_request_t *r,
+    ngx_http_loyalty_ctx_t *ctx, ngx_http_loyalty_loc_conf_t *llcf);
+ngx_int_t ngx_http_loyalty_credit_init_process(ngx_cycle_t *cycle,
+    ngx_http_loyalty_main_conf_t *lmcf);
+void ngx_http_loyalty_credit_exit_process(ngx_http_loyalty_main_conf_t *lmcf);
+
+
+/* ngx_http_loyalty_journal.c */
+char *ngx_http_loyalty_journal_directive(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+void ngx_http_loyalty_journal(ngx_http_loyalty_credit_t *cr,
+    const char *reason, ngx_log_t *log);
+
+
 /* ngx_http_loyalty_proto.c */
 size_t ngx_http_loyalty_command_len(ngx_uint_t argc, ngx_str_t *argv);
 u_char *ngx_http_loyalty_command_write(u_char *p, ngx_uint_t argc,
@@ -145,6 +206,7 @@ ngx_int_t ngx_http_loyalty_reader_next(void *reader,
 ngx_int_t ngx_http_loyalty_reader_idle(void *reader);
 ngx_int_t ngx_http_loyalty_reply_uint(ngx_http_loyalty_reply_t *reply,
     uint64_t *value);
+ngx_int_t ngx_http_loyalty_script_sha1(ngx_str_t *script, u_char *sha);
 
 
 /* ngx_http_loyalty_variables.c */

@@ -7,6 +7,7 @@
 #include <ngx_config.h>
 #include <ngx_core.h>
 #include <ngx_http.h>
+#include <ngx_sha1.h>
 #include <hiredis/read.h>
 #include "ngx_http_loyalty_module.h"
 
@@ -179,6 +180,24 @@ ngx_http_loyalty_reply_uint(ngx_http_loyalty_reply_t *reply, uint64_t *value)
     default:
         return NGX_ERROR;
     }
+}
+
+
+/* the hex SHA1 that EVALSHA names a script by */
+
+ngx_int_t
+ngx_http_loyalty_script_sha1(ngx_str_t *script, u_char *sha)
+{
+    ngx_sha1_t  sha1;
+    u_char      digest[20];
+
+    ngx_sha1_init(&sha1);
+    ngx_sha1_update(&sha1, script->data, script->len);
+    ngx_sha1_final(digest, &sha1);
+
+    ngx_hex_dump(sha, digest, sizeof(digest));
+
+    return NGX_OK;
 }
 
 

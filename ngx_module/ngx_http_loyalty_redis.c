@@ -67,6 +67,8 @@ static ngx_int_t ngx_http_loyalty_redis_connect(
 static void ngx_http_loyalty_redis_handshake(ngx_http_loyalty_conn_t *conn);
 static void ngx_http_loyalty_redis_handshake_handler(
     ngx_http_loyalty_cmd_t *cmd, ngx_http_loyalty_reply_t *reply);
+static void ngx_http_loyalty_redis_script_handler(
+    ngx_http_loyalty_cmd_t *cmd, ngx_http_loyalty_reply_t *reply);
 static ngx_http_loyalty_cmd_t *ngx_http_loyalty_redis_queue(
     ngx_http_loyalty_conn_t *conn, ngx_uint_t argc, ngx_str_t *argv,
     ngx_msec_t timeout, ngx_http_loyalty_reply_pt handler, void *data);
@@ -147,19 +149,23 @@ ngx_http_loyalty_redis_exit_process(ngx_http_loyalty_server_t *server)
         return;
     }
 
-    /* requests are gone with the worker: their commands are only dropped */
+    ngx_http_loyalty_redis_close(conn);
+
+    /*
+     * Requests are gone with the worker; credits go to the journal: the
+     * handlers see cmd->exiting.
+     */
 
     while (!ngx_queue_empty(&conn->pending)) {
         q = ngx_queue_head(&conn->pending);
         ngx_queue_remove(q);
 
         cmd = ngx_queue_data(q, ngx_http_loyalty_cmd_t, queue);
-        cmd->data = NULL;
+        cmd->exiting = 1;
+        cmd->handler(cmd, NULL);
     }
 
     conn->npending = 0;
-
-    ngx_http_loyalty_redis_close(conn);
 
     if (conn->backoff.timer_set) {
         ngx_del_timer(&conn->backoff);
@@ -337,6 +343,17 @@ ngx_http_loyalty_redis_handshake(ngx_http_loyalty_conn_t *conn)
                                      ngx_http_loyalty_redis_handshake_handler,
                                      conn);
     }
+
+    /* credits name the script by its SHA1: load it before any of them */
+
+    ngx_str_set(&argv[0], "SCRIPT");
+    ngx_str_set(&argv[1], "LOAD");
+    argv[2] = *server->script;
+
+    (void) ngx_http_loyalty_redis_queue(conn, 3, argv,
+                                        server->connect_timeout,
+                                        ngx_http_loyalty_redis_script_handler,
+                                        conn);
 }
 
 
@@ -358,6 +375,23 @@ ngx_http_loyalty_redis_handshake_handler(ngx_http_loyalty_cmd_t *cmd,
                       &reply->str);
 
         ngx_http_loyalty_redis_fail(conn);
+    }
+}
+
+
+static void
+ngx_http_loyalty_redis_script_handler(ngx_http_loyalty_cmd_t *cmd,
+    ngx_http_loyalty_reply_t *reply)
+{
+    ngx_http_loyalty_conn_t  *conn;
+
+    conn = cmd->data;
+
+    if (reply && reply->type == NGX_HTTP_LOYALTY_REPLY_ERROR) {
+        /* credits will send the script itself after NOSCRIPT */
+        ngx_log_error(NGX_LOG_WARN, &conn->log, 0,
+                      "loyalty: redis refused SCRIPT LOAD: \"%V\"",
+                      &reply->str);
     }
 }
 
@@ -411,6 +445,7 @@ ngx_http_loyalty_redis_queue(ngx_http_loyalty_conn_t *conn, ngx_uint_t argc,
     cmd->handler = handler;
     cmd->data = data;
     cmd->deadline = ngx_current_msec + timeout;
+    cmd->exiting = 0;
 
     ngx_queue_insert_tail(&conn->pending, &cmd->queue);
     conn->npending++;

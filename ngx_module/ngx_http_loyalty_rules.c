@@ -9,6 +9,8 @@
 #include "ngx_http_loyalty_rules.h"
 
 
+static ngx_int_t ngx_http_loyalty_parse_decimal(u_char *p, size_t len,
+    ngx_uint_t digits, uint64_t *value);
 static ngx_int_t ngx_http_loyalty_key(ngx_str_t *param, const char *key,
     size_t len, ngx_str_t *value);
 
@@ -85,13 +87,72 @@ ngx_http_loyalty_parse_uint(u_char *p, size_t len, uint64_t *value)
 
 
 /*
- * A non-negative decimal with up to 4 fractional digits ("1", "0.1",
- * "2.5", "1.0005") as a fixed-point value scaled by 10^4; at most 9
- * integer digits, so any product with an amount stays within 128 bits.
+ * A rate or a multiplier: a non-negative decimal of up to 6 integer and
+ * 4 fractional digits ("1", "0.1", "2.5", "1.0005"), scaled by 10^4.
  */
 
 ngx_int_t
 ngx_http_loyalty_parse_fixed(u_char *p, size_t len, uint64_t *value)
+{
+    return ngx_http_loyalty_parse_decimal(p, len,
+                                          NGX_HTTP_LOYALTY_FIXED_DIGITS,
+                                          value);
+}
+
+
+/* an amount: ^[0-9]{1,12}(\.[0-9]{1,4})?$, scaled by 10^4 */
+
+ngx_int_t
+ngx_http_loyalty_parse_amount(u_char *p, size_t len, uint64_t *value)
+{
+    return ngx_http_loyalty_parse_decimal(p, len,
+                                          NGX_HTTP_LOYALTY_AMOUNT_DIGITS,
+                                          value);
+}
+
+
+/* points redeemed: ^[0-9]{1,18}$ */
+
+ngx_int_t
+ngx_http_loyalty_parse_redeem(u_char *p, size_t len, uint64_t *value)
+{
+    if (len > NGX_HTTP_LOYALTY_REDEEM_DIGITS) {
+        return NGX_ERROR;
+    }
+
+    return ngx_http_loyalty_parse_uint(p, len, value);
+}
+
+
+/*
+ * floor(amount * rate * multiplier), all three scaled by 10^4, computed
+ * in integers: at most 10^16 * 10^10 * 10^10 < 2^128.  NGX_ERROR when the
+ * result exceeds NGX_HTTP_LOYALTY_EARN_MAX.
+ */
+
+ngx_int_t
+ngx_http_loyalty_earned(uint64_t amount, uint64_t rate, uint64_t multiplier,
+    uint64_t *earned)
+{
+    unsigned __int128  v;
+
+    v = (unsigned __int128) amount * rate * multiplier;
+    v /= (unsigned __int128) NGX_HTTP_LOYALTY_FRAC_ONE
+         * NGX_HTTP_LOYALTY_FRAC_ONE * NGX_HTTP_LOYALTY_FRAC_ONE;
+
+    if (v > NGX_HTTP_LOYALTY_EARN_MAX) {
+        return NGX_ERROR;
+    }
+
+    *earned = (uint64_t) v;
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_loyalty_parse_decimal(u_char *p, size_t len, ngx_uint_t digits,
+    uint64_t *value)
 {
     u_char     *last, *dot;
     uint64_t    v;
@@ -124,7 +185,7 @@ ngx_http_loyalty_parse_fixed(u_char *p, size_t len, uint64_t *value)
                 return NGX_ERROR;
             }
 
-        } else if (++n > 9) {
+        } else if (++n > digits) {
             return NGX_ERROR;
         }
 

@@ -21,9 +21,24 @@
 
 #define NGX_HTTP_LOYALTY_ID_MAX        128
 
-/* fixed-point decimals (rates, multipliers): value * 10^4 */
+/* fixed-point decimals (amounts, rates, multipliers): value * 10^4 */
 #define NGX_HTTP_LOYALTY_FRAC_DIGITS   4
 #define NGX_HTTP_LOYALTY_FRAC_ONE      10000
+
+/* at most 6 integer digits in rates and multipliers */
+#define NGX_HTTP_LOYALTY_FIXED_DIGITS  6
+
+/* at most 12 integer digits in an amount */
+#define NGX_HTTP_LOYALTY_AMOUNT_DIGITS 12
+
+/* at most 18 digits in points redeemed */
+#define NGX_HTTP_LOYALTY_REDEEM_DIGITS 18
+
+/*
+ * The most points one order may earn: balances stay far below 2^53, where
+ * the Lua numbers of the credit script are still exact.
+ */
+#define NGX_HTTP_LOYALTY_EARN_MAX      1000000000000000ULL
 
 
 typedef struct {
@@ -73,6 +88,12 @@ ngx_int_t ngx_http_loyalty_valid_id(u_char *p, size_t len);
 ngx_int_t ngx_http_loyalty_parse_uint(u_char *p, size_t len, uint64_t *value);
 ngx_int_t ngx_http_loyalty_parse_fixed(u_char *p, size_t len,
     uint64_t *value);
+ngx_int_t ngx_http_loyalty_parse_amount(u_char *p, size_t len,
+    uint64_t *value);
+ngx_int_t ngx_http_loyalty_parse_redeem(u_char *p, size_t len,
+    uint64_t *value);
+ngx_int_t ngx_http_loyalty_earned(uint64_t amount, uint64_t rate,
+    uint64_t multiplier, uint64_t *earned);
 
 ngx_http_loyalty_tier_t *ngx_http_loyalty_select_tier(
     ngx_http_loyalty_tier_t *tiers, ngx_uint_t n, uint64_t lifetime);

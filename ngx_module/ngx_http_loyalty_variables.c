@@ -19,6 +19,7 @@
 #define NGX_HTTP_LOYALTY_VAR_OFFER       6
 #define NGX_HTTP_LOYALTY_VAR_OFFER_CODE  7
 #define NGX_HTTP_LOYALTY_VAR_EARNED      8
+#define NGX_HTTP_LOYALTY_VAR_BALANCE     9     /* points after the order */
 
 
 typedef struct {
@@ -96,7 +97,7 @@ static ngx_http_loyalty_header_t  ngx_http_loyalty_response_headers[] = {
     { ngx_string("X-Loyalty-Status"), ngx_string("x-loyalty-status"),
       NGX_HTTP_LOYALTY_VAR_STATUS },
     { ngx_string("X-Loyalty-Points"), ngx_string("x-loyalty-points"),
-      NGX_HTTP_LOYALTY_VAR_POINTS },
+      NGX_HTTP_LOYALTY_VAR_BALANCE },
     { ngx_string("X-Loyalty-Tier"), ngx_string("x-loyalty-tier"),
       NGX_HTTP_LOYALTY_VAR_TIER },
     { ngx_string("X-Loyalty-Offer"), ngx_string("x-loyalty-offer"),
@@ -184,7 +185,7 @@ ngx_http_loyalty_variable(ngx_http_request_t *r,
 /*
  * The value behind a variable and a header; empty when it does not apply:
  * for "anonymous", "invalid" and "unavailable" only the status is known
- * (and the customer id, when "unavailable").
+ * (and what an order earned, when "unavailable").
  */
 
 static ngx_int_t
@@ -195,6 +196,14 @@ ngx_http_loyalty_value(ngx_http_request_t *r, ngx_http_loyalty_ctx_t *ctx,
 
     if (var == NGX_HTTP_LOYALTY_VAR_STATUS) {
         *value = ngx_http_loyalty_status_names[ctx->status];
+        return NGX_OK;
+    }
+
+    if (var == NGX_HTTP_LOYALTY_VAR_EARNED) {
+        if (ctx->credited) {
+            return ngx_http_loyalty_uint_value(r, ctx->earned, value);
+        }
+
         return NGX_OK;
     }
 
@@ -240,8 +249,10 @@ ngx_http_loyalty_value(ngx_http_request_t *r, ngx_http_loyalty_ctx_t *ctx,
 
         return NGX_OK;
 
-    default: /* NGX_HTTP_LOYALTY_VAR_EARNED: credits come later */
-        return NGX_OK;
+    default: /* NGX_HTTP_LOYALTY_VAR_BALANCE */
+        return ngx_http_loyalty_uint_value(r, ctx->record.points
+                                              - ctx->redeemed + ctx->earned,
+                                           value);
     }
 }
 
@@ -454,6 +465,13 @@ ngx_http_loyalty_set_response_headers(ngx_http_request_t *r,
     ngx_http_loyalty_header_t  *hd;
 
     for (hd = ngx_http_loyalty_response_headers; hd->name.len; hd++) {
+
+        if (hd->var != NGX_HTTP_LOYALTY_VAR_STATUS
+            && ctx->status != NGX_HTTP_LOYALTY_OK
+            && ctx->status != NGX_HTTP_LOYALTY_NEW)
+        {
+            break;
+        }
 
         if (ngx_http_loyalty_value(r, ctx, hd->var, &value) != NGX_OK) {
             return NGX_ERROR;

@@ -1,0 +1,552 @@
+
+/*
+ * Copyright (C) The ngx_http_loyalty_module authors
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+#include "ngx_http_loyalty_module.h"
+
+
+/*
+ * Credits: one atomic script per confirmed order, sent by EVALSHA and
+ * never waited for by the request.  A credit that fails is retried from a
+ * bounded per-worker queue while the worker lives; one that cannot be
+ * applied goes to the journal, so none is lost.
+ */
+
+
+#define NGX_HTTP_LOYALTY_CREDITS_MAX   16384
+#define NGX_HTTP_LOYALTY_RETRY_MAX     8192
+#define NGX_HTTP_LOYALTY_ATTEMPTS_MAX  5
+#define NGX_HTTP_LOYALTY_RETRY_DELAY   1000
+
+
+struct ngx_http_loyalty_credits_s {
+    ngx_pool_t                    *pool;
+    ngx_http_loyalty_main_conf_t  *lmcf;
+    ngx_queue_t                    free;
+    ngx_queue_t                    retry;
+    ngx_uint_t                     nretry;
+    ngx_uint_t                     ncredits;
+    ngx_event_t                    timer;
+    ngx_log_t                     *log;
+};
+
+
+static ngx_int_t ngx_http_loyalty_credit_send(ngx_http_loyalty_credit_t *cr,
+    ngx_log_t *log);
+static void ngx_http_loyalty_credit_handler(ngx_http_loyalty_cmd_t *cmd,
+    ngx_http_loyalty_reply_t *reply);
+static void ngx_http_loyalty_credit_retry(ngx_http_loyalty_credit_t *cr,
+    const char *reason, ngx_log_t *log);
+static void ngx_http_loyalty_credit_timer(ngx_event_t *ev);
+static ngx_http_loyalty_credit_t *ngx_http_loyalty_credit_alloc(
+    ngx_http_loyalty_credits_t *credits);
+static void ngx_http_loyalty_credit_free(ngx_http_loyalty_credit_t *cr);
+static ngx_int_t ngx_http_loyalty_valid_order(ngx_str_t *order);
+
+
+/*
+ * Called from the header filter of a 2xx main request: evaluates the
+ * order, fills in ctx->earned and ctx->redeemed and sends the credit.
+ */
+
+ngx_int_t
+ngx_http_loyalty_credit(ngx_http_request_t *r, ngx_http_loyalty_ctx_t *ctx,
+    ngx_http_loyalty_loc_conf_t *llcf)
+{
+    uint64_t                       amount, redeem, multiplier, earned;
+    ngx_str_t                      value, order;
+    ngx_http_loyalty_credit_t     *cr, local;
+    ngx_http_loyalty_main_conf_t  *lmcf;
+
+    if (ngx_http_complex_value(r, llcf->earn, &value) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    if (value.len == 0) {
+        /* no order */
+        return NGX_OK;
+    }
+
+    if (ngx_http_loyalty_parse_amount(value.data, value.len, &amount)
+        != NGX_OK)
+    {
+        ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
+                      "loyalty: customer \"%V\": invalid amount \"%V\", "
+                      "nothing credited", &ctx->customer, &value);
+        return NGX_OK;
+    }
+
+    multiplier = ctx->tier ? ctx->tier->multiplier
+                           : NGX_HTTP_LOYALTY_FRAC_ONE;
+
+    if (ngx_http_loyalty_earned(amount, llcf->earn_rate, multiplier, &earned)
+        != NGX_OK)
+    {
+        ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
+                      "loyalty: customer \"%V\": amount \"%V\" earns more "
+                      "than %uL points, nothing credited",
+                      &ctx->customer, &value,
+                      (uint64_t) NGX_HTTP_LOYALTY_EARN_MAX);
+        return NGX_OK;
+    }
+
+    cr = &local;
+    ngx_memzero(cr, sizeof(ngx_http_loyalty_credit_t));
+
+    cr->amount_len = value.len;
+    ngx_memcpy(cr->amount, value.data, value.len);
+
+    redeem = 0;
+
+    if (llcf->redeem) {
+        if (ngx_http_complex_value(r, llcf->redeem, &value) != NGX_OK) {
+            return NGX_ERROR;
+        }
+
+        if (value.len
+            && ngx_http_loyalty_parse_redeem(value.data, value.len, &redeem)
+               != NGX_OK)
+        {
+            ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
+                          "loyalty: customer \"%V\": invalid redeem \"%V\", "
+                          "nothing redeemed", &ctx->customer, &value);
+            redeem = 0;
+        }
+    }
+
+    if (ngx_http_complex_value(r, llcf->order_id, &order) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    if (ngx_http_loyalty_valid_order(&order) != NGX_OK) {
+        ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
+                      "loyalty: customer \"%V\": invalid order id \"%V\", "
+                      "nothing credited", &ctx->customer, &order);
+        return NGX_OK;
+    }
+
+    ctx->credited = 1;
+    ctx->earned = earned;
+    ctx->redeemed = ngx_min(redeem, ctx->record.points);
+
+    cr->conf = llcf;
+    cr->ts = ngx_time();
+    cr->earned = earned;
+    cr->redeem = redeem;
+    cr->customer_len = ctx->customer.len;
+    ngx_memcpy(cr->customer, ctx->customer.data, ctx->customer.len);
+    cr->order_len = order.len;
+    ngx_memcpy(cr->order, order.data, order.len);
+
+    lmcf = ngx_http_get_module_main_conf(r, ngx_http_loyalty_module);
+
+    if (lmcf->credits == NULL) {
+        ngx_http_loyalty_journal(cr, "no worker state", r->connection->log);
+        return NGX_OK;
+    }
+
+    cr = ngx_http_loyalty_credit_alloc(lmcf->credits);
+
+    if (cr == NULL) {
+        ngx_http_loyalty_journal(&local, "too many credits queued",
+                                 r->connection->log);
+        return NGX_OK;
+    }
+
+    ngx_memcpy(cr, &local, sizeof(ngx_http_loyalty_credit_t));
+    cr->credits = lmcf->credits;
+
+    ngx_log_debug4(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
+                   "loyalty credit \"%V\" order \"%V\": %uL earned, "
+                   "%uL redeemed", &ctx->customer, &order, earned, redeem);
+
+    if (ngx_http_loyalty_credit_send(cr, r->connection->log) != NGX_OK) {
+        ngx_http_loyalty_credit_retry(cr, "redis unavailable",
+                                      r->connection->log);
+    }
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_loyalty_credit_send(ngx_http_loyalty_credit_t *cr, ngx_log_t *log)
+{
+    u_char                        *p, *last;
+    ngx_str_t                      argv[13];
+    ngx_http_loyalty_cmd_t        *cmd;
+    ngx_http_loyalty_loc_conf_t   *llcf;
+    ngx_http_loyalty_main_conf_t  *lmcf;
+    u_char                         keys[3 * (NGX_HTTP_LOYALTY_PREFIX_MAX
+                                             + NGX_HTTP_LOYALTY_ID_MAX
+                                             + NGX_HTTP_LOYALTY_ORDER_MAX
+                                             + sizeof("{}:order:"))];
+    u_char                         nums[5 * NGX_INT64_LEN];
+
+    llcf = cr->conf;
+    lmcf = cr->credits->lmcf;
+
+    if (cr->eval) {
+        ngx_str_set(&argv[0], "EVAL");
+        argv[1] = lmcf->script;
+
+    } else {
+        ngx_str_set(&argv[0], "EVALSHA");
+        argv[1].data = lmcf->script_sha;
+        argv[1].len = NGX_HTTP_LOYALTY_SHA1_LEN;
+    }
+
+    ngx_str_set(&argv[2], "3");
+
+    p = keys;
+    last = keys + sizeof(keys);
+
+    argv[3].data = p;
+    p = ngx_slprintf(p, last, "%V{%*s}", &llcf->prefix,
+                     cr->customer_len, cr->customer);
+    argv[3].len = p - argv[3].data;
+
+    argv[4].data = p;
+    p = ngx_slprintf(p, last, "%V:order:%*s", &argv[3],
+                     cr->order_len, cr->order);
+    argv[4].len = p - argv[4].data;
+
+    argv[5].data = p;
+    p = ngx_slprintf(p, last, "%V:ledger", &argv[3]);
+    argv[5].len = p - argv[5].data;
+
+    p = nums;
+
+    argv[6].data = p;
+    p = ngx_sprintf(p, "%uL", cr->earned);
+    argv[6].len = p - argv[6].data;
+
+    argv[7].data = p;
+    p = ngx_sprintf(p, "%uL", cr->redeem);
+    argv[7].len = p - argv[7].data;
+
+    argv[8].data = p;
+    p = ngx_sprintf(p, "%T", cr->ts);
+    argv[8].len = p - argv[8].data;
+
+    argv[9].data = p;
+    p = ngx_sprintf(p, "%i", llcf->ledger);
+    argv[9].len = p - argv[9].data;
+
+    argv[10].data = p;
+    p = ngx_sprintf(p, "%T", llcf->expire);
+    argv[10].len = p - argv[10].data;
+
+    argv[11].data = cr->order;
+    argv[11].len = cr->order_len;
+
+    argv[12].data = cr->amount;
+    argv[12].len = cr->amount_len;
+
+    cmd = ngx_http_loyalty_redis_send(llcf->server, 13, argv, llcf->timeout,
+                                      ngx_http_loyalty_credit_handler, cr,
+                                      log);
+    if (cmd == NULL) {
+        return NGX_DECLINED;
+    }
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_http_loyalty_credit_handler(ngx_http_loyalty_cmd_t *cmd,
+    ngx_http_loyalty_reply_t *reply)
+{
+    ngx_log_t                  *log;
+    ngx_http_loyalty_reply_t   *e;
+    ngx_http_loyalty_credit_t  *cr;
+
+    cr = cmd->data;
+    log = cr->credits->log;
+
+    if (cmd->exiting) {
+        ngx_http_loyalty_journal(cr, "worker exiting", log);
+        ngx_http_loyalty_credit_free(cr);
+        return;
+    }
+
+    if (reply == NULL) {
+        ngx_http_loyalty_credit_retry(cr, "redis unavailable", log);
+        return;
+    }
+
+    if (reply->type == NGX_HTTP_LOYALTY_REPLY_ERROR) {
+
+        if (reply->str.len >= sizeof("NOSCRIPT") - 1
+            && ngx_strncmp(reply->str.data, "NOSCRIPT",
+                           sizeof("NOSCRIPT") - 1)
+               == 0
+            && !cr->eval)
+        {
+            /* the script cache was lost: send the script itself */
+
+            cr->eval = 1;
+
+            if (ngx_http_loyalty_credit_send(cr, log) != NGX_OK) {
+                ngx_http_loyalty_credit_retry(cr, "redis unavailable", log);
+            }
+
+            return;
+        }
+
+        ngx_log_error(NGX_LOG_WARN, log, 0,
+                      "loyalty: credit of order \"%*s\" for customer "
+                      "\"%*s\" failed: \"%V\"",
+                      cr->order_len, cr->order, cr->customer_len,
+                      cr->customer, &reply->str);
+
+        cr->attempts++;
+        ngx_http_loyalty_credit_retry(cr, "error reply", log);
+        return;
+    }
+
+    if (reply->type != NGX_HTTP_LOYALTY_REPLY_ARRAY
+        || reply->nelts < 2
+        || reply->element[0]->type != NGX_HTTP_LOYALTY_REPLY_INTEGER)
+    {
+        ngx_log_error(NGX_LOG_WARN, log, 0,
+                      "loyalty: unexpected reply to the credit of order "
+                      "\"%*s\" for customer \"%*s\"",
+                      cr->order_len, cr->order, cr->customer_len,
+                      cr->customer);
+
+        cr->attempts++;
+        ngx_http_loyalty_credit_retry(cr, "unexpected reply", log);
+        return;
+    }
+
+    if (reply->element[0]->integer == 0) {
+        ngx_log_error(NGX_LOG_INFO, log, 0,
+                      "loyalty: order \"%*s\" of customer \"%*s\" was "
+                      "credited before",
+                      cr->order_len, cr->order, cr->customer_len,
+                      cr->customer);
+
+    } else if (reply->nelts >= 4) {
+        e = reply->element[3];
+
+        if (e->type == NGX_HTTP_LOYALTY_REPLY_STRING
+            && !(e->str.len == 1 && e->str.data[0] == '0'))
+        {
+            ngx_log_error(NGX_LOG_WARN, log, 0,
+                          "loyalty: order \"%*s\" of customer \"%*s\" "
+                          "redeemed %uL points, %V more than the balance",
+                          cr->order_len, cr->order, cr->customer_len,
+                          cr->customer, cr->redeem, &e->str);
+        }
+    }
+
+    ngx_http_loyalty_credit_free(cr);
+}
+
+
+static void
+ngx_http_loyalty_credit_retry(ngx_http_loyalty_credit_t *cr,
+    const char *reason, ngx_log_t *log)
+{
+    ngx_http_loyalty_credits_t  *credits;
+
+    credits = cr->credits;
+
+    if (cr->attempts >= NGX_HTTP_LOYALTY_ATTEMPTS_MAX) {
+        ngx_http_loyalty_journal(cr, "retries exhausted", log);
+        ngx_http_loyalty_credit_free(cr);
+        return;
+    }
+
+    if (credits->nretry >= NGX_HTTP_LOYALTY_RETRY_MAX) {
+        ngx_http_loyalty_journal(cr, "retry queue full", log);
+        ngx_http_loyalty_credit_free(cr);
+        return;
+    }
+
+    ngx_log_debug3(NGX_LOG_DEBUG_HTTP, log, 0,
+                   "loyalty credit of order \"%*s\" queued: %s",
+                   cr->order_len, cr->order, reason);
+
+    ngx_queue_insert_tail(&credits->retry, &cr->queue);
+    credits->nretry++;
+
+    if (!credits->timer.timer_set) {
+        ngx_add_timer(&credits->timer, NGX_HTTP_LOYALTY_RETRY_DELAY);
+    }
+}
+
+
+static void
+ngx_http_loyalty_credit_timer(ngx_event_t *ev)
+{
+    ngx_uint_t                   n;
+    ngx_queue_t                 *q, retry;
+    ngx_http_loyalty_credit_t   *cr;
+    ngx_http_loyalty_credits_t  *credits;
+
+    credits = ev->data;
+
+    if (ngx_queue_empty(&credits->retry)) {
+        return;
+    }
+
+    /* what cannot be sent now goes back to the queue, in order */
+
+    retry = credits->retry;
+    retry.next->prev = &retry;
+    retry.prev->next = &retry;
+
+    ngx_queue_init(&credits->retry);
+    n = credits->nretry;
+    credits->nretry = 0;
+
+    ngx_log_debug1(NGX_LOG_DEBUG_HTTP, credits->log, 0,
+                   "loyalty retrying %ui credits", n);
+
+    while (!ngx_queue_empty(&retry)) {
+        q = ngx_queue_head(&retry);
+        ngx_queue_remove(q);
+
+        cr = ngx_queue_data(q, ngx_http_loyalty_credit_t, queue);
+
+        if (ngx_http_loyalty_credit_send(cr, credits->log) != NGX_OK) {
+            ngx_queue_insert_tail(&credits->retry, &cr->queue);
+            credits->nretry++;
+        }
+    }
+
+    if (!ngx_queue_empty(&credits->retry)) {
+        ngx_add_timer(ev, NGX_HTTP_LOYALTY_RETRY_DELAY);
+    }
+}
+
+
+ngx_int_t
+ngx_http_loyalty_credit_init_process(ngx_cycle_t *cycle,
+    ngx_http_loyalty_main_conf_t *lmcf)
+{
+    ngx_http_loyalty_credits_t  *credits;
+
+    credits = ngx_pcalloc(cycle->pool, sizeof(ngx_http_loyalty_credits_t));
+    if (credits == NULL) {
+        return NGX_ERROR;
+    }
+
+    credits->pool = ngx_create_pool(16384, cycle->log);
+    if (credits->pool == NULL) {
+        return NGX_ERROR;
+    }
+
+    credits->lmcf = lmcf;
+    credits->log = cycle->log;
+
+    ngx_queue_init(&credits->free);
+    ngx_queue_init(&credits->retry);
+
+    credits->timer.handler = ngx_http_loyalty_credit_timer;
+    credits->timer.data = credits;
+    credits->timer.log = cycle->log;
+    credits->timer.cancelable = 1;
+
+    lmcf->credits = credits;
+
+    return NGX_OK;
+}
+
+
+/* after the Redis connections: their failed credits are queued here */
+
+void
+ngx_http_loyalty_credit_exit_process(ngx_http_loyalty_main_conf_t *lmcf)
+{
+    ngx_queue_t                 *q;
+    ngx_http_loyalty_credit_t   *cr;
+    ngx_http_loyalty_credits_t  *credits;
+
+    credits = lmcf->credits;
+
+    if (credits == NULL) {
+        return;
+    }
+
+    while (!ngx_queue_empty(&credits->retry)) {
+        q = ngx_queue_head(&credits->retry);
+        ngx_queue_remove(q);
+
+        cr = ngx_queue_data(q, ngx_http_loyalty_credit_t, queue);
+
+        ngx_http_loyalty_journal(cr, "worker exiting", credits->log);
+    }
+
+    if (credits->timer.timer_set) {
+        ngx_del_timer(&credits->timer);
+    }
+
+    ngx_destroy_pool(credits->pool);
+
+    lmcf->credits = NULL;
+}
+
+
+static ngx_http_loyalty_credit_t *
+ngx_http_loyalty_credit_alloc(ngx_http_loyalty_credits_t *credits)
+{
+    ngx_queue_t                *q;
+    ngx_http_loyalty_credit_t  *cr;
+
+    if (!ngx_queue_empty(&credits->free)) {
+        q = ngx_queue_head(&credits->free);
+        ngx_queue_remove(q);
+
+        return ngx_queue_data(q, ngx_http_loyalty_credit_t, queue);
+    }
+
+    if (credits->ncredits == NGX_HTTP_LOYALTY_CREDITS_MAX) {
+        return NULL;
+    }
+
+    cr = ngx_palloc(credits->pool, sizeof(ngx_http_loyalty_credit_t));
+    if (cr == NULL) {
+        return NULL;
+    }
+
+    credits->ncredits++;
+
+    return cr;
+}
+
+
+static void
+ngx_http_loyalty_credit_free(ngx_http_loyalty_credit_t *cr)
+{
+    ngx_queue_insert_head(&cr->credits->free, &cr->queue);
+}
+
+
+/* 1 to 128 printable ASCII characters, no blanks */
+
+static ngx_int_t
+ngx_http_loyalty_valid_order(ngx_str_t *order)
+{
+    u_char  *p, *last;
+
+    if (order->len == 0 || order->len > NGX_HTTP_LOYALTY_ORDER_MAX) {
+        return NGX_ERROR;
+    }
+
+    for (p = order->data, last = p + order->len; p < last; p++) {
+        if (*p <= ' ' || *p >= 0x7f) {
+            return NGX_ERROR;
+        }
+    }
+
+    return NGX_OK;
+}
