@@ -48,7 +48,7 @@ build/unit/test_rules: tests/unit/test_rules.c ngx_module/ngx_http_loyalty_rules
                        ngx_module/ngx_http_loyalty_rules.h $(MODULE)
 	@mkdir -p build/unit
 	$(CC) $(CFLAGS_UNIT) -o $@ tests/unit/test_rules.c \
-	    ngx_module/ngx_http_loyalty_rules.c -lcmocka
+	    ngx_module/ngx_http_loyalty_rules.c -lcmocka -lcrypto
 
 unit: build/unit/test_rules
 	build/unit/test_rules

@@ -12,6 +12,7 @@
 
 static ngx_int_t ngx_http_loyalty_identify(ngx_http_request_t *r,
     ngx_http_loyalty_loc_conf_t *llcf, ngx_http_loyalty_ctx_t *ctx);
+static void ngx_http_loyalty_invalid(ngx_http_request_t *r, const char *why);
 static ngx_int_t ngx_http_loyalty_read(ngx_http_request_t *r,
     ngx_http_loyalty_loc_conf_t *llcf, ngx_http_loyalty_ctx_t *ctx);
 static void ngx_http_loyalty_read_handler(ngx_http_loyalty_cmd_t *cmd,
@@ -179,19 +180,62 @@ ngx_http_loyalty_identify(ngx_http_request_t *r,
         return NGX_DECLINED;
     }
 
+    if (llcf->secrets) {
+        if (ngx_http_loyalty_verify(&id, llcf->secrets->elts,
+                                    llcf->secrets->nelts, &id)
+            != NGX_OK)
+        {
+            ngx_http_loyalty_invalid(r, "invalid customer signature");
+            ctx->status = NGX_HTTP_LOYALTY_INVALID;
+            return NGX_DECLINED;
+        }
+    }
+
     if (ngx_http_loyalty_valid_id(id.data, id.len) != NGX_OK) {
+        ngx_http_loyalty_invalid(r, "invalid customer id");
         ctx->status = NGX_HTTP_LOYALTY_INVALID;
-
-        ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
-                      "loyalty: invalid customer id of %uz bytes",
-                      id.len);
-
         return NGX_DECLINED;
     }
 
     ctx->customer = id;
 
     return NGX_OK;
+}
+
+
+/*
+ * Anyone can send any cookie: one warning a second per worker at most,
+ * with the count of those not logged.  The value itself is not logged.
+ */
+
+static void
+ngx_http_loyalty_invalid(ngx_http_request_t *r, const char *why)
+{
+    time_t                         now;
+    ngx_http_loyalty_main_conf_t  *lmcf;
+
+    lmcf = ngx_http_get_module_main_conf(r, ngx_http_loyalty_module);
+
+    now = ngx_time();
+
+    if (lmcf->invalid_logged == now) {
+        lmcf->invalid_suppressed++;
+        return;
+    }
+
+    lmcf->invalid_logged = now;
+
+    if (lmcf->invalid_suppressed) {
+        ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
+                      "loyalty: %s, treated as anonymous (%ui more not "
+                      "logged)", why, lmcf->invalid_suppressed);
+
+        lmcf->invalid_suppressed = 0;
+        return;
+    }
+
+    ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
+                  "loyalty: %s, treated as anonymous", why);
 }
 
 

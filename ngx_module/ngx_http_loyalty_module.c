@@ -28,6 +28,8 @@ static char *ngx_http_loyalty_tier(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_http_loyalty_offer(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+static char *ngx_http_loyalty_secret(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
 static char *ngx_http_loyalty_earn_rate(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_http_loyalty_expire(ngx_conf_t *cf, ngx_command_t *cmd,
@@ -59,6 +61,13 @@ static ngx_command_t  ngx_http_loyalty_commands[] = {
       ngx_http_set_complex_value_slot,
       NGX_HTTP_LOC_CONF_OFFSET,
       offsetof(ngx_http_loyalty_loc_conf_t, customer),
+      NULL },
+
+    { ngx_string("loyalty_secret"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_loyalty_secret,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
       NULL },
 
     { ngx_string("loyalty_redis"),
@@ -267,6 +276,7 @@ ngx_http_loyalty_create_loc_conf(ngx_conf_t *cf)
      * set by ngx_pcalloc():
      *
      *     conf->customer = NULL;
+     *     conf->secrets = NULL;
      *     conf->server = NULL;
      *     conf->prefix = { 0, NULL };
      *     conf->tiers = NULL;
@@ -364,6 +374,10 @@ ngx_http_loyalty_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
 
     if (conf->customer == NULL) {
         conf->customer = prev->customer;
+    }
+
+    if (conf->secrets == NULL) {
+        conf->secrets = prev->secrets;
     }
 
     if (conf->tiers == NULL) {
@@ -817,6 +831,43 @@ invalid:
                        &value[i], err);
 
     return NGX_CONF_ERROR;
+}
+
+
+static char *
+ngx_http_loyalty_secret(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_loyalty_loc_conf_t *llcf = conf;
+
+    ngx_str_t  *value, *secret;
+
+    value = cf->args->elts;
+
+    if (value[1].len == 0) {
+        return "takes a non-empty key";
+    }
+
+    if (llcf->secrets == NULL) {
+        llcf->secrets = ngx_array_create(cf->pool,
+                                         NGX_HTTP_LOYALTY_SECRETS_MAX,
+                                         sizeof(ngx_str_t));
+        if (llcf->secrets == NULL) {
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    if (llcf->secrets->nelts == NGX_HTTP_LOYALTY_SECRETS_MAX) {
+        return "may be given at most twice (the new key and the old one)";
+    }
+
+    secret = ngx_array_push(llcf->secrets);
+    if (secret == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    *secret = value[1];
+
+    return NGX_CONF_OK;
 }
 
 

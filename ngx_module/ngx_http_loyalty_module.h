@@ -64,12 +64,17 @@ typedef struct {
     u_char                     script_sha[NGX_HTTP_LOYALTY_SHA1_LEN];
 
     ngx_http_loyalty_credits_t *credits;        /* per worker */
+
+    /* per worker: warnings about invalid ids, at most one a second */
+    time_t                     invalid_logged;
+    ngx_uint_t                 invalid_suppressed;
 } ngx_http_loyalty_main_conf_t;
 
 
 typedef struct {
     ngx_flag_t                 enable;
     ngx_http_complex_value_t  *customer;
+    ngx_array_t               *secrets;    /* ngx_str_t */
     ngx_http_loyalty_server_t *server;
     ngx_msec_t                 timeout;
     ngx_str_t                  prefix;

@@ -20,6 +20,8 @@
 
 
 #define NGX_HTTP_LOYALTY_ID_MAX        128
+#define NGX_HTTP_LOYALTY_SIG_LEN       64       /* hex HMAC-SHA256 */
+#define NGX_HTTP_LOYALTY_SECRETS_MAX   2
 
 /* fixed-point decimals (amounts, rates, multipliers): value * 10^4 */
 #define NGX_HTTP_LOYALTY_FRAC_DIGITS   4
@@ -85,6 +87,10 @@ typedef ngx_int_t (*ngx_http_loyalty_cond_pt)(void *data, void *cond);
 
 
 ngx_int_t ngx_http_loyalty_valid_id(u_char *p, size_t len);
+ngx_int_t ngx_http_loyalty_verify(ngx_str_t *value, ngx_str_t *secrets,
+    ngx_uint_t nsecrets, ngx_str_t *id);
+void ngx_http_loyalty_sign(ngx_str_t *secret, u_char *id, size_t len,
+    u_char *sig);
 ngx_int_t ngx_http_loyalty_parse_uint(u_char *p, size_t len, uint64_t *value);
 ngx_int_t ngx_http_loyalty_parse_fixed(u_char *p, size_t len,
     uint64_t *value);
