@@ -63,3 +63,9 @@ build-static:
 
 clean:
 	rm -rf build
+
+# make fuzz, make test-asan, make test-valgrind
+-include tests/fuzz/fuzz.mk
+
+# make bench
+-include bench/bench.mk

@@ -29,18 +29,6 @@ static ngx_int_t ngx_http_loyalty_header_filter(ngx_http_request_t *r);
 static ngx_http_output_header_filter_pt  ngx_http_next_header_filter;
 
 
-static ngx_str_t  ngx_http_loyalty_fields[] = {
-    ngx_string("points"),
-    ngx_string("lifetime"),
-    ngx_string("orders"),
-    ngx_string("first_order"),
-    ngx_string("last_order")
-};
-
-#define NGX_HTTP_LOYALTY_NFIELDS                                             \
-    (sizeof(ngx_http_loyalty_fields) / sizeof(ngx_str_t))
-
-
 ngx_int_t
 ngx_http_loyalty_handler(ngx_http_request_t *r)
 {
@@ -263,7 +251,7 @@ ngx_http_loyalty_read(ngx_http_request_t *r,
     *p = '}';
 
     for (i = 0; i < NGX_HTTP_LOYALTY_NFIELDS; i++) {
-        argv[2 + i] = ngx_http_loyalty_fields[i];
+        argv[2 + i] = ngx_http_loyalty_record_fields[i];
     }
 
     ctx->cmd = ngx_http_loyalty_redis_send(llcf->server,
@@ -330,9 +318,8 @@ static ngx_uint_t
 ngx_http_loyalty_parse_record(ngx_http_request_t *r,
     ngx_http_loyalty_ctx_t *ctx, ngx_http_loyalty_reply_t *reply)
 {
-    uint64_t    *field[NGX_HTTP_LOYALTY_NFIELDS];
-    ngx_int_t    rc;
-    ngx_uint_t   i, found;
+    ngx_int_t   rc;
+    ngx_uint_t  i, bad;
 
     if (reply->type == NGX_HTTP_LOYALTY_REPLY_ERROR) {
         ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
@@ -341,43 +328,25 @@ ngx_http_loyalty_parse_record(ngx_http_request_t *r,
         return NGX_HTTP_LOYALTY_UNAVAILABLE;
     }
 
-    if (reply->type != NGX_HTTP_LOYALTY_REPLY_ARRAY
-        || reply->nelts != NGX_HTTP_LOYALTY_NFIELDS)
-    {
+    rc = ngx_http_loyalty_reply_record(reply, &ctx->record, &bad);
+
+    if (rc == NGX_ERROR) {
         ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
                       "loyalty: unexpected redis reply reading customer "
                       "\"%V\"", &ctx->customer);
         return NGX_HTTP_LOYALTY_UNAVAILABLE;
     }
 
-    field[0] = &ctx->record.points;
-    field[1] = &ctx->record.lifetime;
-    field[2] = &ctx->record.orders;
-    field[3] = &ctx->record.first_order;
-    field[4] = &ctx->record.last_order;
-
-    found = 0;
-
-    for (i = 0; i < NGX_HTTP_LOYALTY_NFIELDS; i++) {
-        rc = ngx_http_loyalty_reply_uint(reply->element[i], field[i]);
-
-        if (rc == NGX_DECLINED) {
-            continue;
-        }
-
-        found = 1;
-
-        if (rc == NGX_ERROR) {
-            *field[i] = 0;
-
+    for (i = 0; bad; i++, bad >>= 1) {
+        if (bad & 1) {
             ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
                           "loyalty: customer \"%V\" has an invalid \"%V\" "
                           "field, taken as 0",
-                          &ctx->customer, &ngx_http_loyalty_fields[i]);
+                          &ctx->customer, &ngx_http_loyalty_record_fields[i]);
         }
     }
 
-    return found ? NGX_HTTP_LOYALTY_OK : NGX_HTTP_LOYALTY_NEW;
+    return (rc == NGX_OK) ? NGX_HTTP_LOYALTY_OK : NGX_HTTP_LOYALTY_NEW;
 }
 
 

@@ -43,6 +43,9 @@ typedef struct ngx_http_loyalty_credits_s ngx_http_loyalty_credits_t;
 #define NGX_HTTP_LOYALTY_ORDER_MAX     128
 #define NGX_HTTP_LOYALTY_SHA1_LEN      40
 
+/* the fields of a customer hash, in HMGET order */
+#define NGX_HTTP_LOYALTY_NFIELDS       5
+
 
 /* a Redis server as configured: one connection per worker */
 typedef struct {
@@ -200,6 +203,7 @@ void ngx_http_loyalty_journal(ngx_http_loyalty_credit_t *cr,
 
 
 /* ngx_http_loyalty_proto.c */
+extern ngx_str_t  ngx_http_loyalty_record_fields[];
 size_t ngx_http_loyalty_command_len(ngx_uint_t argc, ngx_str_t *argv);
 u_char *ngx_http_loyalty_command_write(u_char *p, ngx_uint_t argc,
     ngx_str_t *argv);
@@ -211,6 +215,8 @@ ngx_int_t ngx_http_loyalty_reader_next(void *reader,
 ngx_int_t ngx_http_loyalty_reader_idle(void *reader);
 ngx_int_t ngx_http_loyalty_reply_uint(ngx_http_loyalty_reply_t *reply,
     uint64_t *value);
+ngx_int_t ngx_http_loyalty_reply_record(ngx_http_loyalty_reply_t *reply,
+    ngx_http_loyalty_record_t *record, ngx_uint_t *bad);
 ngx_int_t ngx_http_loyalty_script_sha1(ngx_str_t *script, u_char *sha);
 
 

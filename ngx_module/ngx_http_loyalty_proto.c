@@ -33,6 +33,15 @@ static ngx_http_loyalty_reply_t *ngx_http_loyalty_reply_create(
     const redisReadTask *task, ngx_uint_t type);
 
 
+ngx_str_t  ngx_http_loyalty_record_fields[] = {
+    ngx_string("points"),
+    ngx_string("lifetime"),
+    ngx_string("orders"),
+    ngx_string("first_order"),
+    ngx_string("last_order")
+};
+
+
 static redisReplyObjectFunctions  ngx_http_loyalty_reply_functions = {
     ngx_http_loyalty_reply_string,
     ngx_http_loyalty_reply_array,
@@ -180,6 +189,55 @@ ngx_http_loyalty_reply_uint(ngx_http_loyalty_reply_t *reply, uint64_t *value)
     default:
         return NGX_ERROR;
     }
+}
+
+
+/*
+ * The reply to HMGET of the record fields: NGX_OK for a customer, with
+ * the bits of "bad" set for fields that are not counts (taken as 0),
+ * NGX_DECLINED when no field exists, NGX_ERROR for any other reply.
+ */
+
+ngx_int_t
+ngx_http_loyalty_reply_record(ngx_http_loyalty_reply_t *reply,
+    ngx_http_loyalty_record_t *record, ngx_uint_t *bad)
+{
+    uint64_t   *field[NGX_HTTP_LOYALTY_NFIELDS];
+    ngx_int_t   rc;
+    ngx_uint_t  i, found;
+
+    *bad = 0;
+
+    if (reply->type != NGX_HTTP_LOYALTY_REPLY_ARRAY
+        || reply->nelts != NGX_HTTP_LOYALTY_NFIELDS)
+    {
+        return NGX_ERROR;
+    }
+
+    field[0] = &record->points;
+    field[1] = &record->lifetime;
+    field[2] = &record->orders;
+    field[3] = &record->first_order;
+    field[4] = &record->last_order;
+
+    found = 0;
+
+    for (i = 0; i < NGX_HTTP_LOYALTY_NFIELDS; i++) {
+        rc = ngx_http_loyalty_reply_uint(reply->element[i], field[i]);
+
+        if (rc == NGX_DECLINED) {
+            continue;
+        }
+
+        found = 1;
+
+        if (rc == NGX_ERROR) {
+            *field[i] = 0;
+            *bad |= (ngx_uint_t) 1 << i;
+        }
+    }
+
+    return found ? NGX_OK : NGX_DECLINED;
 }
 
 

@@ -569,6 +569,14 @@ ngx_http_loyalty_redis_read_handler(ngx_event_t *rev)
         }
 
         if (n == 0) {
+            if (ngx_queue_empty(&conn->pending)) {
+                /* an idle connection closed by the server's "timeout" */
+                ngx_log_error(NGX_LOG_INFO, c->log, 0,
+                              "loyalty: redis closed an idle connection");
+                ngx_http_loyalty_redis_close(conn);
+                return;
+            }
+
             ngx_log_error(NGX_LOG_WARN, c->log, 0,
                           "loyalty: redis closed the connection");
             ngx_http_loyalty_redis_fail(conn);
