@@ -134,7 +134,11 @@ ngx_http_loyalty_credit(ngx_http_request_t *r, ngx_http_loyalty_ctx_t *ctx,
     ctx->earned = earned;
     ctx->redeemed = ngx_min(redeem, ctx->record.points);
 
+    lmcf = ngx_http_get_module_main_conf(r, ngx_http_loyalty_module);
+
+    cr->lmcf = lmcf;
     cr->conf = llcf;
+    cr->offer = ctx->offer ? ctx->offer->slot : 0;
     cr->ts = ngx_time();
     cr->earned = earned;
     cr->redeem = redeem;
@@ -142,8 +146,6 @@ ngx_http_loyalty_credit(ngx_http_request_t *r, ngx_http_loyalty_ctx_t *ctx,
     ngx_memcpy(cr->customer, ctx->customer.data, ctx->customer.len);
     cr->order_len = order.len;
     ngx_memcpy(cr->order, order.data, order.len);
-
-    lmcf = ngx_http_get_module_main_conf(r, ngx_http_loyalty_module);
 
     if (lmcf->credits == NULL) {
         ngx_http_loyalty_journal(cr, "no worker state", r->connection->log);
@@ -189,7 +191,7 @@ ngx_http_loyalty_credit_send(ngx_http_loyalty_credit_t *cr, ngx_log_t *log)
     u_char                         nums[5 * NGX_INT64_LEN];
 
     llcf = cr->conf;
-    lmcf = cr->credits->lmcf;
+    lmcf = cr->lmcf;
 
     if (cr->eval) {
         ngx_str_set(&argv[0], "EVAL");
@@ -264,6 +266,7 @@ ngx_http_loyalty_credit_handler(ngx_http_loyalty_cmd_t *cmd,
     ngx_http_loyalty_reply_t *reply)
 {
     ngx_log_t                  *log;
+    ngx_http_loyalty_shctx_t   *sh;
     ngx_http_loyalty_reply_t   *e;
     ngx_http_loyalty_credit_t  *cr;
 
@@ -326,19 +329,32 @@ ngx_http_loyalty_credit_handler(ngx_http_loyalty_cmd_t *cmd,
         return;
     }
 
+    sh = cr->lmcf->sh;
+
     if (reply->element[0]->integer == 0) {
+        ngx_http_loyalty_count(sh, credits[NGX_HTTP_LOYALTY_DUPLICATE]);
+
         ngx_log_error(NGX_LOG_INFO, log, 0,
                       "loyalty: order \"%*s\" of customer \"%*s\" was "
                       "credited before",
                       cr->order_len, cr->order, cr->customer_len,
                       cr->customer);
 
-    } else if (reply->nelts >= 4) {
-        e = reply->element[3];
+    } else {
+        ngx_http_loyalty_count(sh, credits[NGX_HTTP_LOYALTY_APPLIED]);
 
-        if (e->type == NGX_HTTP_LOYALTY_REPLY_STRING
+        if (cr->offer) {
+            ngx_http_loyalty_count(sh, offers[cr->offer - 1].converted);
+        }
+
+        e = (reply->nelts >= 4) ? reply->element[3] : NULL;
+
+        if (e
+            && e->type == NGX_HTTP_LOYALTY_REPLY_STRING
             && !(e->str.len == 1 && e->str.data[0] == '0'))
         {
+            ngx_http_loyalty_count(sh, shortfall);
+
             ngx_log_error(NGX_LOG_WARN, log, 0,
                           "loyalty: order \"%*s\" of customer \"%*s\" "
                           "redeemed %uL points, %V more than the balance",
@@ -374,6 +390,8 @@ ngx_http_loyalty_credit_retry(ngx_http_loyalty_credit_t *cr,
     ngx_log_debug3(NGX_LOG_DEBUG_HTTP, log, 0,
                    "loyalty credit of order \"%*s\" queued: %s",
                    cr->order_len, cr->order, reason);
+
+    ngx_http_loyalty_count(cr->lmcf->sh, credits[NGX_HTTP_LOYALTY_RETRIED]);
 
     ngx_queue_insert_tail(&credits->retry, &cr->queue);
     credits->nretry++;

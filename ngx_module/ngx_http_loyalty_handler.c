@@ -33,7 +33,6 @@ ngx_int_t
 ngx_http_loyalty_handler(ngx_http_request_t *r)
 {
     ngx_int_t                     rc;
-    ngx_pool_cleanup_t           *cln;
     ngx_http_loyalty_ctx_t       *ctx;
     ngx_http_loyalty_loc_conf_t  *llcf;
 
@@ -49,18 +48,38 @@ ngx_http_loyalty_handler(ngx_http_request_t *r)
 
     ctx = ngx_http_loyalty_get_ctx(r);
 
-    if (ctx) {
-        if (ctx->waiting) {
-            return NGX_AGAIN;
-        }
-
-        /* resumed after the read, or entered again after a redirect */
-
-        rc = ctx->rc;
-        ctx->rc = NGX_DECLINED;
-
-        return rc;
+    if (ctx == NULL) {
+        return ngx_http_loyalty_lookup(r, 0);
     }
+
+    if (ctx->waiting) {
+        return NGX_AGAIN;
+    }
+
+    /* resumed after the read, or entered again after a redirect */
+
+    rc = ctx->rc;
+    ctx->rc = NGX_DECLINED;
+
+    return rc;
+}
+
+
+/*
+ * Identifies the customer and starts the read: for the preaccess phase,
+ * or for the loyalty_balance content handler ("content").  Returns what
+ * the phase or the content handler returns; NGX_DONE while Redis reads.
+ */
+
+ngx_int_t
+ngx_http_loyalty_lookup(ngx_http_request_t *r, ngx_uint_t content)
+{
+    ngx_int_t                     rc;
+    ngx_pool_cleanup_t           *cln;
+    ngx_http_loyalty_ctx_t       *ctx;
+    ngx_http_loyalty_loc_conf_t  *llcf;
+
+    llcf = ngx_http_get_module_loc_conf(r, ngx_http_loyalty_module);
 
     ctx = ngx_pcalloc(r->pool, sizeof(ngx_http_loyalty_ctx_t));
     if (ctx == NULL) {
@@ -77,6 +96,7 @@ ngx_http_loyalty_handler(ngx_http_request_t *r)
 
     ctx->request = r;
     ctx->rc = NGX_DECLINED;
+    ctx->content = content;
     ngx_http_set_ctx(r, ctx, ngx_http_loyalty_module);
 
     ngx_http_loyalty_strip_headers(r);
@@ -109,10 +129,25 @@ ngx_http_loyalty_handler(ngx_http_request_t *r)
 
     ngx_http_loyalty_finish(r, ctx);
 
+    if (content) {
+        return ngx_http_loyalty_balance_send(r, ctx);
+    }
+
     rc = ctx->rc;
     ctx->rc = NGX_DECLINED;
 
     return rc;
+}
+
+
+uint64_t
+ngx_http_loyalty_usec(void)
+{
+    struct timespec  ts;
+
+    (void) clock_gettime(CLOCK_MONOTONIC, &ts);
+
+    return (uint64_t) ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
 
@@ -264,6 +299,8 @@ ngx_http_loyalty_read(ngx_http_request_t *r,
         return NGX_DECLINED;
     }
 
+    ctx->sent = ngx_http_loyalty_usec();
+
     return NGX_AGAIN;
 }
 
@@ -295,6 +332,10 @@ ngx_http_loyalty_read_handler(ngx_http_loyalty_cmd_t *cmd,
         ctx->status = NGX_HTTP_LOYALTY_UNAVAILABLE;
 
     } else {
+        ngx_http_loyalty_count_latency(
+                   ngx_http_get_module_main_conf(r, ngx_http_loyalty_module),
+                   ngx_http_loyalty_usec() - ctx->sent);
+
         ctx->status = ngx_http_loyalty_parse_record(r, ctx, reply);
     }
 
@@ -303,6 +344,12 @@ ngx_http_loyalty_read_handler(ngx_http_loyalty_cmd_t *cmd,
                    ngx_http_loyalty_status_name(ctx->status));
 
     ngx_http_loyalty_finish(r, ctx);
+
+    if (ctx->content) {
+        ngx_http_finalize_request(r, ngx_http_loyalty_balance_send(r, ctx));
+        ngx_http_run_posted_requests(c);
+        return;
+    }
 
     r->read_event_handler = ngx_http_block_reading;
     r->write_event_handler = ngx_http_core_run_phases;
@@ -358,9 +405,14 @@ ngx_http_loyalty_parse_record(ngx_http_request_t *r,
 static void
 ngx_http_loyalty_finish(ngx_http_request_t *r, ngx_http_loyalty_ctx_t *ctx)
 {
-    ngx_http_loyalty_loc_conf_t  *llcf;
+    ngx_http_loyalty_shctx_t      *sh;
+    ngx_http_loyalty_loc_conf_t   *llcf;
+    ngx_http_loyalty_main_conf_t  *lmcf;
 
     llcf = ngx_http_get_module_loc_conf(r, ngx_http_loyalty_module);
+    lmcf = ngx_http_get_module_main_conf(r, ngx_http_loyalty_module);
+
+    sh = lmcf->sh;
 
     ctx->done = 1;
 
@@ -382,6 +434,16 @@ ngx_http_loyalty_finish(ngx_http_request_t *r, ngx_http_loyalty_ctx_t *ctx)
                                                    ngx_http_loyalty_offer_cond,
                                                        r);
         }
+
+        if (ctx->offer && ctx->offer->slot) {
+            ngx_http_loyalty_count(sh, offers[ctx->offer->slot - 1].shown);
+        }
+    }
+
+    ngx_http_loyalty_count(sh, requests[ctx->status]);
+
+    if (ctx->content) {
+        return;
     }
 
     if (ctx->status == NGX_HTTP_LOYALTY_UNAVAILABLE

@@ -69,6 +69,8 @@ ngx_http_loyalty_journal(ngx_http_loyalty_credit_t *cr, const char *reason,
     llcf = cr->conf;
     server = llcf->server;
 
+    ngx_http_loyalty_count(cr->lmcf->sh, credits[NGX_HTTP_LOYALTY_JOURNALED]);
+
     p = line;
     last = line + sizeof(line) - 1;
 

@@ -168,6 +168,20 @@ static ngx_command_t  ngx_http_loyalty_commands[] = {
       0,
       NULL },
 
+    { ngx_string("loyalty_status"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
+      ngx_http_loyalty_status,
+      0,
+      0,
+      NULL },
+
+    { ngx_string("loyalty_balance"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
+      ngx_http_loyalty_balance,
+      0,
+      0,
+      NULL },
+
     { ngx_string("loyalty_journal"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
       ngx_http_loyalty_journal_directive,
@@ -220,8 +234,9 @@ ngx_http_loyalty_preconfiguration(ngx_conf_t *cf)
 static ngx_int_t
 ngx_http_loyalty_postconfiguration(ngx_conf_t *cf)
 {
-    ngx_http_handler_pt        *h;
-    ngx_http_core_main_conf_t  *cmcf;
+    ngx_http_handler_pt           *h;
+    ngx_http_core_main_conf_t     *cmcf;
+    ngx_http_loyalty_main_conf_t  *lmcf;
 
     cmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_core_module);
 
@@ -231,6 +246,12 @@ ngx_http_loyalty_postconfiguration(ngx_conf_t *cf)
     }
 
     *h = ngx_http_loyalty_handler;
+
+    lmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_loyalty_module);
+
+    if (ngx_http_loyalty_status_zone(cf, lmcf) != NGX_OK) {
+        return NGX_ERROR;
+    }
 
     return ngx_http_loyalty_filter_init(cf);
 }
@@ -248,6 +269,13 @@ ngx_http_loyalty_create_main_conf(ngx_conf_t *cf)
 
     if (ngx_array_init(&lmcf->servers, cf->pool, 2,
                        sizeof(ngx_http_loyalty_server_t *))
+        != NGX_OK)
+    {
+        return NULL;
+    }
+
+    if (ngx_array_init(&lmcf->offers, cf->pool, 4,
+                       sizeof(ngx_http_loyalty_offer_t *))
         != NGX_OK)
     {
         return NULL;
@@ -624,6 +652,7 @@ ngx_http_loyalty_add_server(ngx_conf_t *cf, ngx_str_t *name, ngx_uint_t db,
     server->name = *name;
     server->addr = u.addrs[0];
     server->script = &lmcf->script;
+    server->sh = &lmcf->sh;
     server->db = db;
     server->user = *user;
     server->password = *password;
@@ -729,7 +758,8 @@ ngx_http_loyalty_offer(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     ngx_str_t                         *value, v;
     ngx_uint_t                         i;
     ngx_http_complex_value_t          *cv;
-    ngx_http_loyalty_offer_t          *offer;
+    ngx_http_loyalty_offer_t          *offer, **o;
+    ngx_http_loyalty_main_conf_t      *lmcf;
     ngx_http_compile_complex_value_t   ccv;
 
     value = cf->args->elts;
@@ -821,6 +851,15 @@ ngx_http_loyalty_offer(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
                            &offer->name, err);
         return NGX_CONF_ERROR;
     }
+
+    lmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_loyalty_module);
+
+    o = ngx_array_push(&lmcf->offers);
+    if (o == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    *o = offer;
 
     return NGX_CONF_OK;
 

@@ -43,8 +43,55 @@ typedef struct ngx_http_loyalty_credits_s ngx_http_loyalty_credits_t;
 #define NGX_HTTP_LOYALTY_ORDER_MAX     128
 #define NGX_HTTP_LOYALTY_SHA1_LEN      40
 
+/* what variables, headers and the balance report */
+#define NGX_HTTP_LOYALTY_VAR_STATUS      0
+#define NGX_HTTP_LOYALTY_VAR_CUSTOMER    1
+#define NGX_HTTP_LOYALTY_VAR_POINTS      2
+#define NGX_HTTP_LOYALTY_VAR_LIFETIME    3
+#define NGX_HTTP_LOYALTY_VAR_TIER        4
+#define NGX_HTTP_LOYALTY_VAR_ORDERS      5
+#define NGX_HTTP_LOYALTY_VAR_OFFER       6
+#define NGX_HTTP_LOYALTY_VAR_OFFER_CODE  7
+#define NGX_HTTP_LOYALTY_VAR_EARNED      8
+#define NGX_HTTP_LOYALTY_VAR_BALANCE     9     /* points after the order */
+
+/* shared counters */
+#define NGX_HTTP_LOYALTY_BUCKETS         12
+#define NGX_HTTP_LOYALTY_OFFERS_MAX      64
+#define NGX_HTTP_LOYALTY_NAME_MAX        64
+
+#define NGX_HTTP_LOYALTY_APPLIED         0
+#define NGX_HTTP_LOYALTY_DUPLICATE       1
+#define NGX_HTTP_LOYALTY_RETRIED         2
+#define NGX_HTTP_LOYALTY_JOURNALED       3
+#define NGX_HTTP_LOYALTY_CREDIT_RESULTS  4
+
 /* the fields of a customer hash, in HMGET order */
 #define NGX_HTTP_LOYALTY_NFIELDS       5
+
+
+typedef struct {
+    ngx_atomic_t               requests[NGX_HTTP_LOYALTY_UNAVAILABLE + 1];
+    ngx_atomic_t               credits[NGX_HTTP_LOYALTY_CREDIT_RESULTS];
+    ngx_atomic_t               shortfall;
+    ngx_atomic_t               connections;
+    ngx_atomic_t               latency[NGX_HTTP_LOYALTY_BUCKETS + 1];
+    ngx_atomic_t               latency_sum;     /* microseconds */
+
+    ngx_uint_t                 noffers;
+    struct {
+        u_char                 name[NGX_HTTP_LOYALTY_NAME_MAX];
+        size_t                 len;
+        ngx_atomic_t           shown;
+        ngx_atomic_t           converted;
+    }                          offers[NGX_HTTP_LOYALTY_OFFERS_MAX];
+} ngx_http_loyalty_shctx_t;
+
+
+#define ngx_http_loyalty_count(sh, counter)                                  \
+    if (sh) {                                                                \
+        (void) ngx_atomic_fetch_add(&(sh)->counter, 1);                      \
+    }
 
 
 /* a Redis server as configured: one connection per worker */
@@ -56,6 +103,7 @@ typedef struct {
     ngx_str_t                  password;
     ngx_msec_t                 connect_timeout;
     ngx_str_t                 *script;          /* loaded on connect */
+    ngx_http_loyalty_shctx_t **sh;
 
     ngx_http_loyalty_conn_t   *conn;            /* per worker */
 } ngx_http_loyalty_server_t;
@@ -67,6 +115,8 @@ typedef struct {
     u_char                     script_sha[NGX_HTTP_LOYALTY_SHA1_LEN];
 
     ngx_http_loyalty_credits_t *credits;        /* per worker */
+    ngx_http_loyalty_shctx_t  *sh;
+    ngx_array_t                offers;   /* ngx_http_loyalty_offer_t * */
 
     /* per worker: warnings about invalid ids, at most one a second */
     time_t                     invalid_logged;
@@ -113,8 +163,11 @@ typedef struct {
     uint64_t                   earned;
     uint64_t                   redeemed;
 
+    uint64_t                   sent;            /* microseconds */
+
     unsigned                   waiting:1;
     unsigned                   done:1;
+    unsigned                   content:1;       /* loyalty_balance */
     unsigned                   filtered:1;
     unsigned                   credited:1;
 } ngx_http_loyalty_ctx_t;
@@ -124,7 +177,9 @@ typedef struct {
 typedef struct {
     ngx_queue_t                   queue;
     ngx_http_loyalty_credits_t   *credits;
+    ngx_http_loyalty_main_conf_t *lmcf;
     ngx_http_loyalty_loc_conf_t  *conf;
+    ngx_uint_t                    offer;        /* slot, 0: none */
     time_t                        ts;
     uint64_t                      earned;
     uint64_t                      redeem;
@@ -173,6 +228,8 @@ extern ngx_module_t  ngx_http_loyalty_module;
 
 /* ngx_http_loyalty_handler.c */
 ngx_int_t ngx_http_loyalty_handler(ngx_http_request_t *r);
+ngx_int_t ngx_http_loyalty_lookup(ngx_http_request_t *r, ngx_uint_t content);
+uint64_t ngx_http_loyalty_usec(void);
 ngx_http_loyalty_ctx_t *ngx_http_loyalty_get_ctx(ngx_http_request_t *r);
 ngx_int_t ngx_http_loyalty_filter_init(ngx_conf_t *cf);
 
@@ -228,6 +285,21 @@ ngx_int_t ngx_http_loyalty_set_request_headers(ngx_http_request_t *r,
 ngx_int_t ngx_http_loyalty_set_response_headers(ngx_http_request_t *r,
     ngx_http_loyalty_ctx_t *ctx);
 ngx_str_t *ngx_http_loyalty_status_name(ngx_uint_t status);
+ngx_int_t ngx_http_loyalty_value(ngx_http_request_t *r,
+    ngx_http_loyalty_ctx_t *ctx, ngx_uint_t var, ngx_str_t *value);
+
+
+/* ngx_http_loyalty_status.c */
+ngx_int_t ngx_http_loyalty_status_zone(ngx_conf_t *cf,
+    ngx_http_loyalty_main_conf_t *lmcf);
+void ngx_http_loyalty_count_latency(ngx_http_loyalty_main_conf_t *lmcf,
+    ngx_uint_t usec);
+char *ngx_http_loyalty_status(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+char *ngx_http_loyalty_balance(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+ngx_int_t ngx_http_loyalty_balance_send(ngx_http_request_t *r,
+    ngx_http_loyalty_ctx_t *ctx);
 
 
 #endif /* _NGX_HTTP_LOYALTY_MODULE_H_INCLUDED_ */

@@ -511,6 +511,8 @@ ngx_http_loyalty_redis_write_handler(ngx_event_t *wev)
         conn->state = NGX_HTTP_LOYALTY_CONNECTED;
         conn->failed = 0;
         conn->delay = 0;
+
+        ngx_http_loyalty_count(*conn->server->sh, connections);
     }
 
     b = conn->out;
@@ -760,6 +762,14 @@ ngx_http_loyalty_redis_backoff_handler(ngx_event_t *ev)
 static void
 ngx_http_loyalty_redis_close(ngx_http_loyalty_conn_t *conn)
 {
+    ngx_http_loyalty_shctx_t  *sh;
+
+    sh = *conn->server->sh;
+
+    if (conn->state == NGX_HTTP_LOYALTY_CONNECTED && sh) {
+        (void) ngx_atomic_fetch_add(&sh->connections, (ngx_atomic_int_t) -1);
+    }
+
     if (conn->connection) {
         ngx_close_connection(conn->connection);
         conn->connection = NULL;

@@ -61,6 +61,7 @@ typedef struct {
     uint64_t                   inactive;        /* seconds */
 
     void                      *cond;            /* if=, compiled by caller */
+    ngx_uint_t                 slot;            /* counters, 0: none */
 
     unsigned                   has_tier:1;
     unsigned                   has_min_points:1;

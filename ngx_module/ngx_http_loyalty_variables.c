@@ -10,18 +10,6 @@
 #include "ngx_http_loyalty_module.h"
 
 
-#define NGX_HTTP_LOYALTY_VAR_STATUS      0
-#define NGX_HTTP_LOYALTY_VAR_CUSTOMER    1
-#define NGX_HTTP_LOYALTY_VAR_POINTS      2
-#define NGX_HTTP_LOYALTY_VAR_LIFETIME    3
-#define NGX_HTTP_LOYALTY_VAR_TIER        4
-#define NGX_HTTP_LOYALTY_VAR_ORDERS      5
-#define NGX_HTTP_LOYALTY_VAR_OFFER       6
-#define NGX_HTTP_LOYALTY_VAR_OFFER_CODE  7
-#define NGX_HTTP_LOYALTY_VAR_EARNED      8
-#define NGX_HTTP_LOYALTY_VAR_BALANCE     9     /* points after the order */
-
-
 typedef struct {
     ngx_str_t                  name;
     ngx_str_t                  lowcase;
@@ -31,8 +19,6 @@ typedef struct {
 
 static ngx_int_t ngx_http_loyalty_variable(ngx_http_request_t *r,
     ngx_http_variable_value_t *v, uintptr_t data);
-static ngx_int_t ngx_http_loyalty_value(ngx_http_request_t *r,
-    ngx_http_loyalty_ctx_t *ctx, ngx_uint_t var, ngx_str_t *value);
 static ngx_int_t ngx_http_loyalty_uint_value(ngx_http_request_t *r,
     uint64_t n, ngx_str_t *value);
 static ngx_int_t ngx_http_loyalty_remove_header(ngx_list_t *l,
@@ -188,7 +174,7 @@ ngx_http_loyalty_variable(ngx_http_request_t *r,
  * (and what an order earned, when "unavailable").
  */
 
-static ngx_int_t
+ngx_int_t
 ngx_http_loyalty_value(ngx_http_request_t *r, ngx_http_loyalty_ctx_t *ctx,
     ngx_uint_t var, ngx_str_t *value)
 {

@@ -1,0 +1,513 @@
+
+/*
+ * Copyright (C) The ngx_http_loyalty_module authors
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+#include "ngx_http_loyalty_module.h"
+
+
+/*
+ * Counters shared by all workers, and the two content handlers:
+ * loyalty_status (Prometheus text) and loyalty_balance (JSON).
+ */
+
+
+#define NGX_HTTP_LOYALTY_ZONE_SIZE     (64 * 1024)
+
+
+static ngx_int_t ngx_http_loyalty_init_zone(ngx_shm_zone_t *shm_zone,
+    void *data);
+static ngx_int_t ngx_http_loyalty_status_handler(ngx_http_request_t *r);
+static ngx_int_t ngx_http_loyalty_balance_handler(ngx_http_request_t *r);
+static u_char *ngx_http_loyalty_json(u_char *p, ngx_str_t *name,
+    ngx_str_t *value, ngx_uint_t quote);
+
+
+/* upper bounds of the latency buckets, in microseconds */
+static ngx_uint_t  ngx_http_loyalty_buckets[NGX_HTTP_LOYALTY_BUCKETS] = {
+    250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000, 250000,
+    500000, 1000000
+};
+
+
+static ngx_str_t  ngx_http_loyalty_credit_results[] = {
+    ngx_string("applied"),
+    ngx_string("duplicate"),
+    ngx_string("retried"),
+    ngx_string("journaled")
+};
+
+
+ngx_int_t
+ngx_http_loyalty_status_zone(ngx_conf_t *cf,
+    ngx_http_loyalty_main_conf_t *lmcf)
+{
+    ngx_str_t        name;
+    ngx_shm_zone_t  *shm_zone;
+
+    ngx_str_set(&name, "loyalty_status");
+
+    shm_zone = ngx_shared_memory_add(cf, &name, NGX_HTTP_LOYALTY_ZONE_SIZE,
+                                     &ngx_http_loyalty_module);
+    if (shm_zone == NULL) {
+        return NGX_ERROR;
+    }
+
+    shm_zone->init = ngx_http_loyalty_init_zone;
+    shm_zone->data = lmcf;
+
+    return NGX_OK;
+}
+
+
+/*
+ * Runs in the master: counters survive a reload, offers are matched to
+ * their counters by name, new names get new ones.
+ */
+
+static ngx_int_t
+ngx_http_loyalty_init_zone(ngx_shm_zone_t *shm_zone, void *data)
+{
+    ngx_http_loyalty_main_conf_t  *olmcf = data;
+
+    size_t                         len;
+    ngx_uint_t                     i, j;
+    ngx_slab_pool_t               *shpool;
+    ngx_http_loyalty_offer_t     **offer;
+    ngx_http_loyalty_shctx_t      *sh;
+    ngx_http_loyalty_main_conf_t  *lmcf;
+
+    lmcf = shm_zone->data;
+    shpool = (ngx_slab_pool_t *) shm_zone->shm.addr;
+
+    if (olmcf) {
+        sh = olmcf->sh;
+
+    } else if (shm_zone->shm.exists) {
+        sh = shpool->data;
+
+    } else {
+        sh = ngx_slab_calloc(shpool, sizeof(ngx_http_loyalty_shctx_t));
+        if (sh == NULL) {
+            return NGX_ERROR;
+        }
+
+        shpool->data = sh;
+    }
+
+    lmcf->sh = sh;
+
+    offer = lmcf->offers.elts;
+
+    for (i = 0; i < lmcf->offers.nelts; i++) {
+
+        len = ngx_min(offer[i]->name.len, NGX_HTTP_LOYALTY_NAME_MAX);
+
+        for (j = 0; j < sh->noffers; j++) {
+            if (sh->offers[j].len == len
+                && ngx_strncmp(sh->offers[j].name, offer[i]->name.data, len)
+                   == 0)
+            {
+                break;
+            }
+        }
+
+        if (j == sh->noffers) {
+            if (j == NGX_HTTP_LOYALTY_OFFERS_MAX) {
+                ngx_log_error(NGX_LOG_WARN, shm_zone->shm.log, 0,
+                              "loyalty: more than %d offer names, "
+                              "\"%V\" is not counted",
+                              NGX_HTTP_LOYALTY_OFFERS_MAX, &offer[i]->name);
+                offer[i]->slot = 0;
+                continue;
+            }
+
+            ngx_memcpy(sh->offers[j].name, offer[i]->name.data, len);
+            sh->offers[j].len = len;
+            sh->noffers++;
+        }
+
+        offer[i]->slot = j + 1;
+    }
+
+    return NGX_OK;
+}
+
+
+void
+ngx_http_loyalty_count_latency(ngx_http_loyalty_main_conf_t *lmcf,
+    ngx_uint_t usec)
+{
+    ngx_uint_t                 i;
+    ngx_http_loyalty_shctx_t  *sh;
+
+    sh = lmcf->sh;
+
+    if (sh == NULL) {
+        return;
+    }
+
+    for (i = 0; i < NGX_HTTP_LOYALTY_BUCKETS; i++) {
+        if (usec <= ngx_http_loyalty_buckets[i]) {
+            break;
+        }
+    }
+
+    (void) ngx_atomic_fetch_add(&sh->latency[i], 1);
+    (void) ngx_atomic_fetch_add(&sh->latency_sum, usec);
+}
+
+
+char *
+ngx_http_loyalty_status(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_core_loc_conf_t  *clcf;
+
+    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+
+    if (clcf->handler) {
+        return "is duplicate";
+    }
+
+    clcf->handler = ngx_http_loyalty_status_handler;
+
+    return NGX_CONF_OK;
+}
+
+
+char *
+ngx_http_loyalty_balance(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_core_loc_conf_t  *clcf;
+
+    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+
+    if (clcf->handler) {
+        return "is duplicate";
+    }
+
+    clcf->handler = ngx_http_loyalty_balance_handler;
+
+    return NGX_CONF_OK;
+}
+
+
+static ngx_int_t
+ngx_http_loyalty_status_handler(ngx_http_request_t *r)
+{
+    size_t                         size;
+    u_char                        *p;
+    ngx_int_t                      rc;
+    ngx_buf_t                     *b;
+    ngx_uint_t                     i, n, cumulative;
+    ngx_chain_t                    out;
+    ngx_http_loyalty_shctx_t      *sh;
+    ngx_http_loyalty_main_conf_t  *lmcf;
+
+    if (!(r->method & (NGX_HTTP_GET|NGX_HTTP_HEAD))) {
+        return NGX_HTTP_NOT_ALLOWED;
+    }
+
+    rc = ngx_http_discard_request_body(r);
+
+    if (rc != NGX_OK) {
+        return rc;
+    }
+
+    lmcf = ngx_http_get_module_main_conf(r, ngx_http_loyalty_module);
+    sh = lmcf->sh;
+
+    if (sh == NULL) {
+        return NGX_HTTP_SERVICE_UNAVAILABLE;
+    }
+
+    n = sh->noffers;
+
+    size = 4096 + (NGX_HTTP_LOYALTY_BUCKETS + 1) * 80
+           + n * 2 * (NGX_HTTP_LOYALTY_NAME_MAX + 80);
+
+    b = ngx_create_temp_buf(r->pool, size);
+    if (b == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    p = b->last;
+
+    p = ngx_sprintf(p,
+            "# HELP loyalty_requests_total Requests seen by the module, "
+            "by status.\n"
+            "# TYPE loyalty_requests_total counter\n");
+
+    for (i = NGX_HTTP_LOYALTY_ANONYMOUS; i <= NGX_HTTP_LOYALTY_UNAVAILABLE;
+         i++)
+    {
+        p = ngx_sprintf(p, "loyalty_requests_total{status=\"%V\"} %uA\n",
+                        ngx_http_loyalty_status_name(i), sh->requests[i]);
+    }
+
+    p = ngx_sprintf(p,
+            "# HELP loyalty_redis_connections Open Redis connections, "
+            "all workers.\n"
+            "# TYPE loyalty_redis_connections gauge\n"
+            "loyalty_redis_connections %uA\n"
+            "# HELP loyalty_redis_up 1 when at least one Redis connection "
+            "is open.\n"
+            "# TYPE loyalty_redis_up gauge\n"
+            "loyalty_redis_up %d\n",
+            sh->connections, sh->connections ? 1 : 0);
+
+    p = ngx_sprintf(p,
+            "# HELP loyalty_redis_latency_seconds Time from sending a read "
+            "to its reply.\n"
+            "# TYPE loyalty_redis_latency_seconds histogram\n");
+
+    cumulative = 0;
+
+    for (i = 0; i < NGX_HTTP_LOYALTY_BUCKETS; i++) {
+        cumulative += sh->latency[i];
+        p = ngx_sprintf(p,
+                        "loyalty_redis_latency_seconds_bucket{le=\"%ui.%06ui\"}"
+                        " %ui\n",
+                        ngx_http_loyalty_buckets[i] / 1000000,
+                        ngx_http_loyalty_buckets[i] % 1000000, cumulative);
+    }
+
+    cumulative += sh->latency[NGX_HTTP_LOYALTY_BUCKETS];
+
+    p = ngx_sprintf(p,
+                    "loyalty_redis_latency_seconds_bucket{le=\"+Inf\"} %ui\n"
+                    "loyalty_redis_latency_seconds_sum %uA.%06uA\n"
+                    "loyalty_redis_latency_seconds_count %ui\n",
+                    cumulative, sh->latency_sum / 1000000,
+                    sh->latency_sum % 1000000, cumulative);
+
+    p = ngx_sprintf(p,
+            "# HELP loyalty_credits_total Credits of orders, by result.\n"
+            "# TYPE loyalty_credits_total counter\n");
+
+    for (i = 0; i < NGX_HTTP_LOYALTY_CREDIT_RESULTS; i++) {
+        p = ngx_sprintf(p, "loyalty_credits_total{result=\"%V\"} %uA\n",
+                        &ngx_http_loyalty_credit_results[i], sh->credits[i]);
+    }
+
+    p = ngx_sprintf(p,
+            "# HELP loyalty_redeem_shortfall_total Orders that redeemed "
+            "more points than the balance.\n"
+            "# TYPE loyalty_redeem_shortfall_total counter\n"
+            "loyalty_redeem_shortfall_total %uA\n",
+            sh->shortfall);
+
+    p = ngx_sprintf(p,
+            "# HELP loyalty_offers_shown_total Requests that carried the "
+            "offer.\n"
+            "# TYPE loyalty_offers_shown_total counter\n");
+
+    for (i = 0; i < n; i++) {
+        p = ngx_sprintf(p, "loyalty_offers_shown_total{offer=\"%*s\"} %uA\n",
+                        sh->offers[i].len, sh->offers[i].name,
+                        sh->offers[i].shown);
+    }
+
+    p = ngx_sprintf(p,
+            "# HELP loyalty_offers_converted_total Orders credited on a "
+            "request that carried the offer.\n"
+            "# TYPE loyalty_offers_converted_total counter\n");
+
+    for (i = 0; i < n; i++) {
+        p = ngx_sprintf(p,
+                        "loyalty_offers_converted_total{offer=\"%*s\"} %uA\n",
+                        sh->offers[i].len, sh->offers[i].name,
+                        sh->offers[i].converted);
+    }
+
+    b->last = p;
+    b->last_buf = (r == r->main) ? 1 : 0;
+    b->last_in_chain = 1;
+
+    r->headers_out.status = NGX_HTTP_OK;
+    r->headers_out.content_length_n = b->last - b->pos;
+    ngx_str_set(&r->headers_out.content_type,
+                "text/plain; version=0.0.4; charset=utf-8");
+    r->headers_out.content_type_len = r->headers_out.content_type.len;
+
+    rc = ngx_http_send_header(r);
+
+    if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) {
+        return rc;
+    }
+
+    out.buf = b;
+    out.next = NULL;
+
+    return ngx_http_output_filter(r, &out);
+}
+
+
+/*
+ * loyalty_balance: the record read by "loyalty on" in this request, or
+ * read here, as JSON.
+ */
+
+static ngx_int_t
+ngx_http_loyalty_balance_handler(ngx_http_request_t *r)
+{
+    ngx_int_t                rc;
+    ngx_http_loyalty_ctx_t  *ctx;
+
+    if (!(r->method & (NGX_HTTP_GET|NGX_HTTP_HEAD))) {
+        return NGX_HTTP_NOT_ALLOWED;
+    }
+
+    rc = ngx_http_discard_request_body(r);
+
+    if (rc != NGX_OK) {
+        return rc;
+    }
+
+    ctx = ngx_http_loyalty_get_ctx(r);
+
+    if (ctx && ctx->done) {
+        return ngx_http_loyalty_balance_send(r, ctx);
+    }
+
+    return ngx_http_loyalty_lookup(r, 1);
+}
+
+
+ngx_int_t
+ngx_http_loyalty_balance_send(ngx_http_request_t *r,
+    ngx_http_loyalty_ctx_t *ctx)
+{
+    size_t        size;
+    u_char       *p;
+    ngx_int_t     rc;
+    ngx_buf_t    *b;
+    ngx_str_t     value, name;
+    ngx_uint_t    i, known;
+    ngx_chain_t   out;
+
+    static ngx_uint_t  vars[] = {
+        NGX_HTTP_LOYALTY_VAR_POINTS,
+        NGX_HTTP_LOYALTY_VAR_LIFETIME,
+        NGX_HTTP_LOYALTY_VAR_ORDERS,
+        NGX_HTTP_LOYALTY_VAR_TIER,
+        NGX_HTTP_LOYALTY_VAR_OFFER,
+        NGX_HTTP_LOYALTY_VAR_OFFER_CODE
+    };
+
+    static ngx_str_t   names[] = {
+        ngx_string("points"),
+        ngx_string("lifetime"),
+        ngx_string("orders"),
+        ngx_string("tier"),
+        ngx_string("offer"),
+        ngx_string("offer_code")
+    };
+
+    known = (ctx->status == NGX_HTTP_LOYALTY_OK
+             || ctx->status == NGX_HTTP_LOYALTY_NEW);
+
+    /* field names and numbers, then strings escaped at most 6 times over */
+
+    size = 512 + 3 * NGX_INT64_LEN;
+
+    if (known) {
+        size += ctx->customer.len * 6;
+
+        if (ctx->tier) {
+            size += ctx->tier->name.len * 6;
+        }
+
+        if (ctx->offer) {
+            size += (ctx->offer->name.len + ctx->offer->code.len) * 6;
+        }
+    }
+
+    b = ngx_create_temp_buf(r->pool, size);
+    if (b == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    p = b->last;
+    *p++ = '{';
+
+    ngx_str_set(&name, "status");
+    p = ngx_http_loyalty_json(p, &name,
+                              ngx_http_loyalty_status_name(ctx->status), 1);
+
+    if (known) {
+        ngx_str_set(&name, "customer");
+        *p++ = ',';
+        p = ngx_http_loyalty_json(p, &name, &ctx->customer, 1);
+
+        for (i = 0; i < sizeof(vars) / sizeof(vars[0]); i++) {
+            if (ngx_http_loyalty_value(r, ctx, vars[i], &value) != NGX_OK) {
+                return NGX_HTTP_INTERNAL_SERVER_ERROR;
+            }
+
+            *p++ = ',';
+
+            if (value.len == 0) {
+                p = ngx_sprintf(p, "\"%V\":null", &names[i]);
+                continue;
+            }
+
+            p = ngx_http_loyalty_json(p, &names[i], &value,
+                                      i >= 3 ? 1 : 0);
+        }
+    }
+
+    *p++ = '}';
+    *p++ = LF;
+
+    b->last = p;
+    b->last_buf = (r == r->main) ? 1 : 0;
+    b->last_in_chain = 1;
+
+    if (known) {
+        r->headers_out.status = NGX_HTTP_OK;
+
+    } else if (ctx->status == NGX_HTTP_LOYALTY_UNAVAILABLE) {
+        r->headers_out.status = NGX_HTTP_SERVICE_UNAVAILABLE;
+
+    } else {
+        r->headers_out.status = NGX_HTTP_UNAUTHORIZED;
+    }
+
+    r->headers_out.content_length_n = b->last - b->pos;
+    ngx_str_set(&r->headers_out.content_type, "application/json");
+    r->headers_out.content_type_len = r->headers_out.content_type.len;
+
+    rc = ngx_http_send_header(r);
+
+    if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) {
+        return rc;
+    }
+
+    out.buf = b;
+    out.next = NULL;
+
+    return ngx_http_output_filter(r, &out);
+}
+
+
+static u_char *
+ngx_http_loyalty_json(u_char *p, ngx_str_t *name, ngx_str_t *value,
+    ngx_uint_t quote)
+{
+    p = ngx_sprintf(p, "\"%V\":", name);
+
+    if (!quote) {
+        return ngx_cpymem(p, value->data, value->len);
+    }
+
+    *p++ = '"';
+    p = (u_char *) ngx_escape_json(p, value->data, value->len);
+    *p++ = '"';
+
+    return p;
+}
