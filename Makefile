@@ -52,6 +52,7 @@ build/unit/test_rules: tests/unit/test_rules.c ngx_module/ngx_http_loyalty_rules
 
 unit: build/unit/test_rules
 	build/unit/test_rules
+	$(PYTHON) -m pytest -q -p no:cacheprovider tests/test_docs.py
 
 integration: $(MODULE)
 	NGINX_BIN=$(NGINX_BIN) LOYALTY_MODULE=$(CURDIR)/$(MODULE) \

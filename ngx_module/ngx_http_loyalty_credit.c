@@ -119,7 +119,15 @@ ngx_http_loyalty_credit(ngx_http_request_t *r, ngx_http_loyalty_ctx_t *ctx,
         }
     }
 
+    lmcf = ngx_http_get_module_main_conf(r, ngx_http_loyalty_module);
+
     if (ngx_http_complex_value(r, llcf->order_id, &order) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    if (order.len == 0
+        && ngx_http_complex_value(r, &lmcf->request_id, &order) != NGX_OK)
+    {
         return NGX_ERROR;
     }
 
@@ -133,8 +141,6 @@ ngx_http_loyalty_credit(ngx_http_request_t *r, ngx_http_loyalty_ctx_t *ctx,
     ctx->credited = 1;
     ctx->earned = earned;
     ctx->redeemed = ngx_min(redeem, ctx->record.points);
-
-    lmcf = ngx_http_get_module_main_conf(r, ngx_http_loyalty_module);
 
     cr->lmcf = lmcf;
     cr->conf = llcf;

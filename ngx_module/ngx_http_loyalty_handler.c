@@ -22,12 +22,47 @@ static ngx_uint_t ngx_http_loyalty_parse_record(ngx_http_request_t *r,
 static void ngx_http_loyalty_finish(ngx_http_request_t *r,
     ngx_http_loyalty_ctx_t *ctx);
 static ngx_int_t ngx_http_loyalty_offer_cond(void *data, void *cond);
+static ngx_http_loyalty_ctx_t *ngx_http_loyalty_create_ctx(
+    ngx_http_request_t *r);
 static void ngx_http_loyalty_cleanup(void *data);
 static ngx_int_t ngx_http_loyalty_header_filter(ngx_http_request_t *r);
 
 
 static ngx_http_output_header_filter_pt  ngx_http_next_header_filter;
 
+
+/*
+ * Preaccess: client-sent X-Loyalty-* headers are removed before anything
+ * else can see them, auth_request subrequests included.
+ */
+
+ngx_int_t
+ngx_http_loyalty_strip_handler(ngx_http_request_t *r)
+{
+    ngx_http_loyalty_loc_conf_t  *llcf;
+
+    if (r != r->main) {
+        return NGX_DECLINED;
+    }
+
+    llcf = ngx_http_get_module_loc_conf(r, ngx_http_loyalty_module);
+
+    if (!llcf->enable || ngx_http_loyalty_get_ctx(r)) {
+        return NGX_DECLINED;
+    }
+
+    if (ngx_http_loyalty_create_ctx(r) == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    return NGX_DECLINED;
+}
+
+
+/*
+ * Precontent: the read comes after access checks and limits, so that a
+ * request they refuse costs no Redis round trip.
+ */
 
 ngx_int_t
 ngx_http_loyalty_handler(ngx_http_request_t *r)
@@ -48,7 +83,7 @@ ngx_http_loyalty_handler(ngx_http_request_t *r)
 
     ctx = ngx_http_loyalty_get_ctx(r);
 
-    if (ctx == NULL) {
+    if (ctx == NULL || !ctx->started) {
         return ngx_http_loyalty_lookup(r, 0);
     }
 
@@ -65,8 +100,37 @@ ngx_http_loyalty_handler(ngx_http_request_t *r)
 }
 
 
+static ngx_http_loyalty_ctx_t *
+ngx_http_loyalty_create_ctx(ngx_http_request_t *r)
+{
+    ngx_pool_cleanup_t      *cln;
+    ngx_http_loyalty_ctx_t  *ctx;
+
+    ctx = ngx_pcalloc(r->pool, sizeof(ngx_http_loyalty_ctx_t));
+    if (ctx == NULL) {
+        return NULL;
+    }
+
+    cln = ngx_pool_cleanup_add(r->pool, 0);
+    if (cln == NULL) {
+        return NULL;
+    }
+
+    cln->handler = ngx_http_loyalty_cleanup;
+    cln->data = ctx;
+
+    ctx->request = r;
+    ctx->rc = NGX_DECLINED;
+    ngx_http_set_ctx(r, ctx, ngx_http_loyalty_module);
+
+    ngx_http_loyalty_strip_headers(r);
+
+    return ctx;
+}
+
+
 /*
- * Identifies the customer and starts the read: for the preaccess phase,
+ * Identifies the customer and starts the read: for the precontent phase,
  * or for the loyalty_balance content handler ("content").  Returns what
  * the phase or the content handler returns; NGX_DONE while Redis reads.
  */
@@ -75,31 +139,22 @@ ngx_int_t
 ngx_http_loyalty_lookup(ngx_http_request_t *r, ngx_uint_t content)
 {
     ngx_int_t                     rc;
-    ngx_pool_cleanup_t           *cln;
     ngx_http_loyalty_ctx_t       *ctx;
     ngx_http_loyalty_loc_conf_t  *llcf;
 
     llcf = ngx_http_get_module_loc_conf(r, ngx_http_loyalty_module);
 
-    ctx = ngx_pcalloc(r->pool, sizeof(ngx_http_loyalty_ctx_t));
+    ctx = ngx_http_loyalty_get_ctx(r);
+
     if (ctx == NULL) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        ctx = ngx_http_loyalty_create_ctx(r);
+        if (ctx == NULL) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
     }
 
-    cln = ngx_pool_cleanup_add(r->pool, 0);
-    if (cln == NULL) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-
-    cln->handler = ngx_http_loyalty_cleanup;
-    cln->data = ctx;
-
-    ctx->request = r;
-    ctx->rc = NGX_DECLINED;
+    ctx->started = 1;
     ctx->content = content;
-    ngx_http_set_ctx(r, ctx, ngx_http_loyalty_module);
-
-    ngx_http_loyalty_strip_headers(r);
 
     rc = ngx_http_loyalty_identify(r, llcf, ctx);
 

@@ -222,7 +222,25 @@ ngx_module_t  ngx_http_loyalty_module = {
 static ngx_int_t
 ngx_http_loyalty_preconfiguration(ngx_conf_t *cf)
 {
-    return ngx_http_loyalty_add_variables(cf);
+    ngx_str_t                          name;
+    ngx_http_loyalty_main_conf_t      *lmcf;
+    ngx_http_compile_complex_value_t   ccv;
+
+    if (ngx_http_loyalty_add_variables(cf) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    lmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_loyalty_module);
+
+    ngx_str_set(&name, "$request_id");
+
+    ngx_memzero(&ccv, sizeof(ngx_http_compile_complex_value_t));
+
+    ccv.cf = cf;
+    ccv.value = &name;
+    ccv.complex_value = &lmcf->request_id;
+
+    return ngx_http_compile_complex_value(&ccv);
 }
 
 
@@ -236,6 +254,13 @@ ngx_http_loyalty_postconfiguration(ngx_conf_t *cf)
     cmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_core_module);
 
     h = ngx_array_push(&cmcf->phases[NGX_HTTP_PREACCESS_PHASE].handlers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    *h = ngx_http_loyalty_strip_handler;
+
+    h = ngx_array_push(&cmcf->phases[NGX_HTTP_PRECONTENT_PHASE].handlers);
     if (h == NULL) {
         return NGX_ERROR;
     }
@@ -330,11 +355,11 @@ ngx_http_loyalty_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_http_loyalty_loc_conf_t *prev = parent;
     ngx_http_loyalty_loc_conf_t *conf = child;
 
-    ngx_str_t                          name;
-    ngx_uint_t                         i, j;
-    ngx_http_loyalty_tier_t           *tier;
-    ngx_http_loyalty_offer_t          *offer;
-    ngx_http_compile_complex_value_t   ccv;
+    ngx_str_t                      name;
+    ngx_uint_t                     i, j;
+    ngx_http_loyalty_tier_t       *tier;
+    ngx_http_loyalty_offer_t      *offer;
+    ngx_http_loyalty_main_conf_t  *lmcf;
 
     ngx_conf_merge_value(conf->enable, prev->enable, 0);
     ngx_conf_merge_msec_value(conf->timeout, prev->timeout, 100);
@@ -374,25 +399,9 @@ ngx_http_loyalty_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     }
 
     if (conf->order_id == NULL) {
-        conf->order_id = ngx_palloc(cf->pool,
-                                    sizeof(ngx_http_complex_value_t));
-        if (conf->order_id == NULL) {
-            return NGX_CONF_ERROR;
-        }
-
-        ngx_str_set(&name, "$request_id");
-
-        ngx_memzero(&ccv, sizeof(ngx_http_compile_complex_value_t));
-
-        ccv.cf = cf;
-        ccv.value = &name;
-        ccv.complex_value = conf->order_id;
-
-        if (ngx_http_compile_complex_value(&ccv) != NGX_OK) {
-            return NGX_CONF_ERROR;
-        }
-
-        prev->order_id = conf->order_id;
+        lmcf = ngx_http_conf_get_module_main_conf(cf,
+                                                  ngx_http_loyalty_module);
+        conf->order_id = &lmcf->request_id;
     }
 
     if (conf->customer == NULL) {

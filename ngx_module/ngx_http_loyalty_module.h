@@ -113,6 +113,7 @@ typedef struct {
     ngx_array_t                servers;   /* ngx_http_loyalty_server_t * */
     ngx_str_t                  script;
     u_char                     script_sha[NGX_HTTP_LOYALTY_SHA1_LEN];
+    ngx_http_complex_value_t   request_id;      /* the default order id */
 
     ngx_http_loyalty_credits_t *credits;        /* per worker */
     ngx_http_loyalty_shctx_t  *sh;
@@ -165,6 +166,7 @@ typedef struct {
 
     uint64_t                   sent;            /* microseconds */
 
+    unsigned                   started:1;
     unsigned                   waiting:1;
     unsigned                   done:1;
     unsigned                   content:1;       /* loyalty_balance */
@@ -227,6 +229,7 @@ extern ngx_module_t  ngx_http_loyalty_module;
 
 
 /* ngx_http_loyalty_handler.c */
+ngx_int_t ngx_http_loyalty_strip_handler(ngx_http_request_t *r);
 ngx_int_t ngx_http_loyalty_handler(ngx_http_request_t *r);
 ngx_int_t ngx_http_loyalty_lookup(ngx_http_request_t *r, ngx_uint_t content);
 uint64_t ngx_http_loyalty_usec(void);

@@ -236,7 +236,9 @@ ngx_http_loyalty_redis_send(ngx_http_loyalty_server_t *server,
 static ngx_int_t
 ngx_http_loyalty_redis_connect(ngx_http_loyalty_conn_t *conn)
 {
+    ngx_err_t                   err;
     ngx_int_t                   rc;
+    ngx_uint_t                  level;
     ngx_connection_t           *c;
     ngx_peer_connection_t      *pc;
     ngx_http_loyalty_server_t  *server;
@@ -251,7 +253,7 @@ ngx_http_loyalty_redis_connect(ngx_http_loyalty_conn_t *conn)
     pc->name = &server->addr.name;
     pc->get = ngx_event_get_peer;
     pc->log = &conn->log;
-    pc->log_error = conn->failed ? NGX_ERROR_INFO : NGX_ERROR_ERR;
+    pc->log_error = NGX_ERROR_INFO;
 
     conn->reply_pool = ngx_create_pool(4096, &conn->log);
     if (conn->reply_pool == NULL) {
@@ -266,12 +268,26 @@ ngx_http_loyalty_redis_connect(ngx_http_loyalty_conn_t *conn)
     conn->out->pos = conn->out->start;
     conn->out->last = conn->out->start;
 
+    /*
+     * A unix socket fails at once, and nginx logs that at "error" or
+     * "crit": silenced here, logged as a lost Redis is, below.
+     */
+
+    level = conn->log.log_level;
+    conn->log.log_level = NGX_LOG_ALERT;
+
     rc = ngx_event_connect_peer(pc);
+
+    err = ngx_socket_errno;
+    conn->log.log_level = level;
 
     ngx_log_debug1(NGX_LOG_DEBUG_HTTP, &conn->log, 0,
                    "loyalty redis connect: %i", rc);
 
     if (rc == NGX_ERROR || rc == NGX_BUSY || rc == NGX_DECLINED) {
+        level = conn->failed ? NGX_LOG_INFO : NGX_LOG_WARN;
+        ngx_log_error(level, &conn->log, err,
+                      "loyalty: connect() to redis failed");
         return NGX_ERROR;
     }
 
@@ -676,8 +692,10 @@ ngx_http_loyalty_redis_process(ngx_http_loyalty_conn_t *conn)
 static ngx_int_t
 ngx_http_loyalty_redis_test_connect(ngx_connection_t *c)
 {
-    int        err;
-    socklen_t  len;
+    int                       err;
+    socklen_t                 len;
+    ngx_uint_t                level;
+    ngx_http_loyalty_conn_t  *conn;
 
     err = 0;
     len = sizeof(int);
@@ -687,7 +705,11 @@ ngx_http_loyalty_redis_test_connect(ngx_connection_t *c)
     }
 
     if (err) {
-        (void) ngx_connection_error(c, err, "loyalty: redis connect() failed");
+        conn = c->data;
+        level = conn->failed ? NGX_LOG_INFO : NGX_LOG_WARN;
+
+        ngx_log_error(level, c->log, err,
+                      "loyalty: connect() to redis failed");
         return NGX_ERROR;
     }
 

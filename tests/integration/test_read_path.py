@@ -900,13 +900,13 @@ def test_read_once_across_redirects(redis, nginx, capture_backend, path,
         assert resp["X-Loyalty-Status"] == want["X-Loyalty-Status"]
         assert resp["X-Loyalty-Points"] == want["X-Loyalty-Points"]
         if path == "/ar":
-            # the auth subrequest (access phase) already carries the main
-            # request's headers: the handler ran before, in preaccess, and
-            # did nothing of its own in the subrequest
+            # the auth subrequest (access phase) sees no X-Loyalty-* at
+            # all: the client's were stripped in preaccess, and the read
+            # happens after access checks (precontent), so a request they
+            # refuse costs no Redis round trip
             got = capture_backend.loyalty_headers(0)
             assert capture_backend.requests[0]["path"] == "/authz"
-            assert sorted((k.lower(), v) for k, v in got) == sorted(
-                (k.lower(), v) for k, v in want.items()), got
+            assert got == [], got
 
 
 # --------------------------------------------------------------------------
@@ -1048,3 +1048,30 @@ def test_error_reply_does_not_desync(redis, nginx):
         else:
             k = int(cid[1:])
             assert r.loyalty == expected("ok", cid, k, k, 1), r.loyalty
+
+
+# --------------------------------------------------------------------------
+# the read comes after access checks and limits: a refused request costs
+# no Redis round trip, and its spoofed headers are gone all the same
+
+REFUSED = """
+    location /denied {
+        loyalty on; loyalty_customer $cookie_cid;
+        loyalty_redis 127.0.0.1:{redis_port};
+        deny all;
+        proxy_pass http://127.0.0.1:{capture_port};
+    }
+"""
+
+
+def test_refused_request_costs_no_read(redis, nginx, capture_backend):
+    n = nginx(checkout_conf(locations=REFUSED),
+              redis_port=redis.port, capture_port=capture_backend.port)
+    redis.seed("known", points=5, lifetime=1000, orders=2)
+    for _ in range(2):
+        before = redis.hmget_calls()
+        r = n.get("/denied", cookies={"cid": "known"},
+                  headers=[("X-Loyalty-Points", "999999")])
+        assert r.status == 403, r
+        assert redis.hmget_calls() - before == 0
+        assert capture_backend.requests == []
