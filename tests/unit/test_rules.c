@@ -5,8 +5,9 @@
 
 
 /*
- * Unit tests of the pure logic in ngx_http_loyalty_rules.c: customer ids,
- * numbers, tiers, offers and the loyalty_offer parameters.  Table-driven:
+ * Unit tests of the pure logic in ngx_http_loyalty_rules.c: customer ids
+ * and their signatures, numbers, points earned, tiers, offers and the
+ * loyalty_offer parameters.  Table-driven:
  * a failing row is printed with its input, and every row runs even when
  * an earlier one failed, so one run shows all the failures of a test.
  */
@@ -31,6 +32,29 @@
 
 #define t_nelts(a)  (sizeof(a) / sizeof(a[0]))
 
+/* HMAC-SHA256 in hex, computed with Python's hmac module */
+#define T_SIG_ALICE          /* "s3cret", "alice" */                        \
+    "765542af1f1d587bc60c218dca532a258f56b9c21a427cc819de2a1ff6d3e146"
+#define T_SIG_ALICE_UPPER                                                   \
+    "765542AF1F1D587BC60C218DCA532A258F56B9C21A427CC819DE2A1FF6D3E146"
+#define T_SIG_ALICE_FLIPPED                                                 \
+    "765542af1f1d587bc60c218dca532a258f56b9c21a427cc819de2a1ff6d3e147"
+#define T_SIG_ALICE_63                                                      \
+    "765542af1f1d587bc60c218dca532a258f56b9c21a427cc819de2a1ff6d3e14"
+#define T_OLD_ALICE          /* "old-secret", "alice" */                    \
+    "5cd71e4d1c738c13db1977164add8a6a37e23b771c5d2473fec57d349dae8277"
+#define T_SIG_ABC            /* "s3cret", "a.b.c" */                        \
+    "9104f2b6631a4a5f8245a3978ab728a64b133b8da226f21f4e7d0959679ff5e3"
+#define T_SIG_BOB            /* "s3cret", "bob" */                          \
+    "222da4508f426b355e5ae578455c357940ed063d77bb975142ddd0ef9eb2b645"
+#define T_SIG_EMPTY          /* "s3cret", "" */                             \
+    "91dfac70c5348b04e1babb8b421ac92cec08b565b49ca16130dccb72503647b7"
+
+#define T_KEYS_NONE  0
+#define T_KEYS_NEW   1      /* "s3cret" */
+#define T_KEYS_OLD   2      /* "old-secret" */
+#define T_KEYS_BOTH  3
+
 
 typedef struct {
     ngx_str_t                   in;
@@ -43,6 +67,23 @@ typedef struct {
     ngx_int_t                   rc;
     uint64_t                    value;
 } t_number_case_t;
+
+
+typedef struct {
+    char                       *amount;
+    char                       *rate;
+    char                       *multiplier;
+    ngx_int_t                   rc;
+    uint64_t                    earned;
+} t_earn_case_t;
+
+
+typedef struct {
+    ngx_str_t                   value;
+    ngx_uint_t                  keys;
+    ngx_int_t                   rc;
+    ngx_str_t                   id;
+} t_verify_case_t;
 
 
 typedef struct {
@@ -295,8 +336,8 @@ static t_number_case_t  t_fixed_cases[] = {
     { ngx_string("0.10"), NGX_OK, 1000 },
     { ngx_string("12.34"), NGX_OK, 123400 },
     { ngx_string("59.90"), NGX_OK, 599000 },
-    { ngx_string("123456789"), NGX_OK, 1234567890000ULL },
-    { ngx_string("999999999.9999"), NGX_OK, 9999999999999ULL },
+    { ngx_string("123456"), NGX_OK, 1234560000ULL },
+    { ngx_string("999999.9999"), NGX_OK, 9999999999ULL },
     { ngx_string(""), NGX_ERROR, 0 },
     { ngx_string("."), NGX_ERROR, 0 },
     { ngx_string("1."), NGX_ERROR, 0 },
@@ -314,8 +355,9 @@ static t_number_case_t  t_fixed_cases[] = {
     { ngx_string("1.2.3"), NGX_ERROR, 0 },
     { ngx_string("1.5x"), NGX_ERROR, 0 },
     { ngx_string("0x1"), NGX_ERROR, 0 },
+    { ngx_string("1234567"), NGX_ERROR, 0 },
+    { ngx_string("1234567.5"), NGX_ERROR, 0 },
     { ngx_string("1234567890"), NGX_ERROR, 0 },
-    { ngx_string("1234567890.5"), NGX_ERROR, 0 },
 };
 
 
@@ -327,6 +369,290 @@ test_parse_fixed(void **state)
                                    t_nelts(t_fixed_cases),
                                    ngx_http_loyalty_parse_fixed),
                      0);
+}
+
+
+/* ngx_http_loyalty_parse_amount(): ^[0-9]{1,12}(\.[0-9]{1,4})?$ */
+
+static t_number_case_t  t_amount_cases[] = {
+    { ngx_string("59.90"), NGX_OK, 599000 },
+    { ngx_string("19.99"), NGX_OK, 199900 },
+    { ngx_string("0"), NGX_OK, 0 },
+    { ngx_string("0.0001"), NGX_OK, 1 },
+    { ngx_string("1"), NGX_OK, 10000 },
+    { ngx_string("100"), NGX_OK, 1000000 },
+    { ngx_string("000000000001"), NGX_OK, 10000 },
+    { ngx_string("999999999999.9999"), NGX_OK, 9999999999999999ULL },
+    { ngx_string(""), NGX_ERROR, 0 },
+    { ngx_string("."), NGX_ERROR, 0 },
+    { ngx_string("1."), NGX_ERROR, 0 },
+    { ngx_string(".5"), NGX_ERROR, 0 },
+    { ngx_string("1.23456"), NGX_ERROR, 0 },
+    { ngx_string("-1"), NGX_ERROR, 0 },
+    { ngx_string("-0.5"), NGX_ERROR, 0 },
+    { ngx_string("+1"), NGX_ERROR, 0 },
+    { ngx_string("1e3"), NGX_ERROR, 0 },
+    { ngx_string(" 1"), NGX_ERROR, 0 },
+    { ngx_string("1 "), NGX_ERROR, 0 },
+    { ngx_string("1,5"), NGX_ERROR, 0 },
+    { ngx_string("59.90 EUR"), NGX_ERROR, 0 },
+    { ngx_string("0x10"), NGX_ERROR, 0 },
+    { ngx_string("NaN"), NGX_ERROR, 0 },
+    { ngx_string("inf"), NGX_ERROR, 0 },
+    { ngx_string("1234567890123"), NGX_ERROR, 0 },
+    { ngx_string("1234567890123.5"), NGX_ERROR, 0 },
+};
+
+
+static void
+test_parse_amount(void **state)
+{
+    assert_int_equal(t_run_numbers("parse_amount", t_amount_cases,
+                                   t_nelts(t_amount_cases),
+                                   ngx_http_loyalty_parse_amount),
+                     0);
+}
+
+
+/* ngx_http_loyalty_parse_redeem(): ^[0-9]{1,18}$ */
+
+static t_number_case_t  t_redeem_cases[] = {
+    { ngx_string("0"), NGX_OK, 0 },
+    { ngx_string("1"), NGX_OK, 1 },
+    { ngx_string("250"), NGX_OK, 250 },
+    { ngx_string("999999999999999999"), NGX_OK, 999999999999999999ULL },
+    { ngx_string("000000000000000001"), NGX_OK, 1 },
+    { ngx_string(""), NGX_ERROR, 0 },
+    { ngx_string("1000000000000000000"), NGX_ERROR, 0 },
+    { ngx_string("9223372036854775807"), NGX_ERROR, 0 },
+    { ngx_string("0000000000000000001"), NGX_ERROR, 0 },
+    { ngx_string("-5"), NGX_ERROR, 0 },
+    { ngx_string("+5"), NGX_ERROR, 0 },
+    { ngx_string("5.0"), NGX_ERROR, 0 },
+    { ngx_string(" 5"), NGX_ERROR, 0 },
+    { ngx_string("5 "), NGX_ERROR, 0 },
+    { ngx_string("1e3"), NGX_ERROR, 0 },
+};
+
+
+static void
+test_parse_redeem(void **state)
+{
+    assert_int_equal(t_run_numbers("parse_redeem", t_redeem_cases,
+                                   t_nelts(t_redeem_cases),
+                                   ngx_http_loyalty_parse_redeem),
+                     0);
+}
+
+
+/*
+ * ngx_http_loyalty_earned(): floor(amount * rate * multiplier), exactly;
+ * several rows are where binary floating point is off by one (0.57 * 100
+ * is 56.99999999999999 in a double)
+ */
+
+static t_earn_case_t  t_earn_cases[] = {
+    { "59.90", "0.1", "1", NGX_OK, 5 },
+    { "19.99", "1", "1", NGX_OK, 19 },
+    { "59.90", "1", "1", NGX_OK, 59 },
+    { "59.90", "1", "1.5", NGX_OK, 89 },
+    { "59.90", "1", "2", NGX_OK, 119 },
+    { "0", "1", "1", NGX_OK, 0 },
+    { "0.9999", "1", "1", NGX_OK, 0 },
+    { "1", "1", "1", NGX_OK, 1 },
+    { "0.57", "100", "1", NGX_OK, 57 },
+    { "4.35", "100", "1", NGX_OK, 435 },
+    { "0.29", "1", "100", NGX_OK, 29 },
+    { "1.1", "1", "3", NGX_OK, 3 },
+    { "33.33", "3", "1", NGX_OK, 99 },
+    { "10", "0", "1", NGX_OK, 0 },
+    { "10", "1", "0", NGX_OK, 0 },
+    { "0.0001", "0.0001", "0.0001", NGX_OK, 0 },
+    { "9999", "0.0001", "1", NGX_OK, 0 },
+    { "10000", "0.0001", "1", NGX_OK, 1 },
+    { "999999999999", "1", "1", NGX_OK, 999999999999ULL },
+    { "100000000000", "10000", "1", NGX_OK, 1000000000000000ULL },
+    { "100000000000", "10000", "1.0001", NGX_ERROR, 0 },
+    { "999999999999", "1001", "1", NGX_ERROR, 0 },
+    { "999999999999.9999", "999999.9999", "999999.9999", NGX_ERROR, 0 },
+};
+
+
+static void
+test_earned(void **state)
+{
+    uint64_t        amount, rate, multiplier, earned;
+    ngx_int_t       rc;
+    ngx_uint_t      i, failed;
+    t_earn_case_t  *t;
+
+    assert_true(NGX_HTTP_LOYALTY_EARN_MAX == 1000000000000000ULL);
+
+    failed = 0;
+
+    for (i = 0; i < t_nelts(t_earn_cases); i++) {
+        t = &t_earn_cases[i];
+
+        if (ngx_http_loyalty_parse_amount((u_char *) t->amount,
+                                          ngx_strlen(t->amount), &amount)
+            != NGX_OK
+            || ngx_http_loyalty_parse_fixed((u_char *) t->rate,
+                                            ngx_strlen(t->rate), &rate)
+               != NGX_OK
+            || ngx_http_loyalty_parse_fixed((u_char *) t->multiplier,
+                                            ngx_strlen(t->multiplier),
+                                            &multiplier)
+               != NGX_OK)
+        {
+            print_error("earned(%s, %s, %s): bad row\n", t->amount,
+                        t->rate, t->multiplier);
+            failed++;
+            continue;
+        }
+
+        earned = 0xdeadbeef;
+
+        rc = ngx_http_loyalty_earned(amount, rate, multiplier, &earned);
+
+        if (rc != t->rc || (rc == NGX_OK && earned != t->earned)) {
+            print_error("earned(%s, %s, %s) = %ld, %llu, expected %ld, "
+                        "%llu\n", t->amount, t->rate, t->multiplier,
+                        (long) rc, (unsigned long long) earned,
+                        (long) t->rc, (unsigned long long) t->earned);
+            failed++;
+        }
+    }
+
+    assert_int_equal(failed, 0);
+}
+
+
+/* ngx_http_loyalty_sign(): lowercase hex HMAC-SHA256 */
+
+static void
+test_sign(void **state)
+{
+    u_char     sig[NGX_HTTP_LOYALTY_SIG_LEN];
+    ngx_str_t  secret;
+
+    assert_int_equal(NGX_HTTP_LOYALTY_SIG_LEN, 64);
+
+    /* RFC 4231, test case 2 */
+
+    ngx_str_set(&secret, "Jefe");
+    ngx_http_loyalty_sign(&secret, (u_char *) "what do ya want for nothing?",
+                          sizeof("what do ya want for nothing?") - 1, sig);
+    assert_memory_equal(sig, "5bdcc146bf60754e6a042426089575c7"
+                             "5a003f089d2739839dec58b964ec3843", 64);
+
+    ngx_str_set(&secret, "s3cret");
+    ngx_http_loyalty_sign(&secret, (u_char *) "alice", 5, sig);
+    assert_memory_equal(sig, T_SIG_ALICE, 64);
+
+    ngx_str_set(&secret, "old-secret");
+    ngx_http_loyalty_sign(&secret, (u_char *) "alice", 5, sig);
+    assert_memory_equal(sig, T_OLD_ALICE, 64);
+}
+
+
+/* ngx_http_loyalty_verify(): "<id>.<sig>" under one of up to two keys */
+
+static t_verify_case_t  t_verify_cases[] = {
+    { ngx_string("alice." T_SIG_ALICE), T_KEYS_BOTH, NGX_OK,
+      ngx_string("alice") },
+    { ngx_string("alice." T_SIG_ALICE), T_KEYS_NEW, NGX_OK,
+      ngx_string("alice") },
+    { ngx_string("alice." T_OLD_ALICE), T_KEYS_BOTH, NGX_OK,
+      ngx_string("alice") },
+    { ngx_string("alice." T_OLD_ALICE), T_KEYS_OLD, NGX_OK,
+      ngx_string("alice") },
+    { ngx_string("a.b.c." T_SIG_ABC), T_KEYS_BOTH, NGX_OK,
+      ngx_string("a.b.c") },
+
+    /* another key, no key */
+    { ngx_string("alice." T_SIG_ALICE), T_KEYS_OLD, NGX_ERROR,
+      ngx_null_string },
+    { ngx_string("alice." T_OLD_ALICE), T_KEYS_NEW, NGX_ERROR,
+      ngx_null_string },
+    { ngx_string("alice." T_SIG_ALICE), T_KEYS_NONE, NGX_ERROR,
+      ngx_null_string },
+
+    /* another id's signature */
+    { ngx_string("bob." T_SIG_ALICE), T_KEYS_BOTH, NGX_ERROR,
+      ngx_null_string },
+    { ngx_string("alice." T_SIG_BOB), T_KEYS_BOTH, NGX_ERROR,
+      ngx_null_string },
+    { ngx_string("alice.." T_SIG_ALICE), T_KEYS_BOTH, NGX_ERROR,
+      ngx_null_string },
+    { ngx_string("a.b." T_SIG_ABC), T_KEYS_BOTH, NGX_ERROR,
+      ngx_null_string },
+
+    /* malformed */
+    { ngx_string("alice." T_SIG_ALICE_UPPER), T_KEYS_BOTH, NGX_ERROR,
+      ngx_null_string },
+    { ngx_string("alice." T_SIG_ALICE_FLIPPED), T_KEYS_BOTH, NGX_ERROR,
+      ngx_null_string },
+    { ngx_string("alice." T_SIG_ALICE_63), T_KEYS_BOTH, NGX_ERROR,
+      ngx_null_string },
+    { ngx_string("alice." T_SIG_ALICE "0"), T_KEYS_BOTH, NGX_ERROR,
+      ngx_null_string },
+    { ngx_string("alice." T_SIG_ALICE "."), T_KEYS_BOTH, NGX_ERROR,
+      ngx_null_string },
+    { ngx_string("alice" T_SIG_ALICE), T_KEYS_BOTH, NGX_ERROR,
+      ngx_null_string },
+    { ngx_string("alice:" T_SIG_ALICE), T_KEYS_BOTH, NGX_ERROR,
+      ngx_null_string },
+    { ngx_string("." T_SIG_EMPTY), T_KEYS_BOTH, NGX_ERROR,
+      ngx_null_string },
+    { ngx_string(T_SIG_ALICE), T_KEYS_BOTH, NGX_ERROR, ngx_null_string },
+    { ngx_string("alice"), T_KEYS_BOTH, NGX_ERROR, ngx_null_string },
+    { ngx_string("alice."), T_KEYS_BOTH, NGX_ERROR, ngx_null_string },
+    { ngx_string(""), T_KEYS_BOTH, NGX_ERROR, ngx_null_string },
+};
+
+
+static void
+test_verify(void **state)
+{
+    ngx_str_t         id, secrets[2];
+    ngx_int_t         rc;
+    ngx_uint_t        i, n, failed;
+    t_verify_case_t  *t;
+
+    failed = 0;
+
+    for (i = 0; i < t_nelts(t_verify_cases); i++) {
+        t = &t_verify_cases[i];
+
+        n = 0;
+
+        if (t->keys & T_KEYS_NEW) {
+            ngx_str_set(&secrets[n], "s3cret");
+            n++;
+        }
+
+        if (t->keys & T_KEYS_OLD) {
+            ngx_str_set(&secrets[n], "old-secret");
+            n++;
+        }
+
+        ngx_str_null(&id);
+
+        rc = ngx_http_loyalty_verify(&t->value, secrets, n, &id);
+
+        if (rc != t->rc
+            || (rc == NGX_OK
+                && (id.len != t->id.len
+                    || ngx_memcmp(id.data, t->id.data, id.len) != 0)))
+        {
+            print_error("verify(\"%s\", keys %lu) = %ld, expected %ld\n",
+                        t_escape(t->value.data, t->value.len),
+                        (unsigned long) t->keys, (long) rc, (long) t->rc);
+            failed++;
+        }
+    }
+
+    assert_int_equal(failed, 0);
 }
 
 
@@ -1137,6 +1463,11 @@ main(void)
         cmocka_unit_test(test_valid_id_bytes),
         cmocka_unit_test(test_parse_uint),
         cmocka_unit_test(test_parse_fixed),
+        cmocka_unit_test(test_parse_amount),
+        cmocka_unit_test(test_parse_redeem),
+        cmocka_unit_test(test_earned),
+        cmocka_unit_test(test_sign),
+        cmocka_unit_test(test_verify),
         cmocka_unit_test(test_select_tier),
         cmocka_unit_test(test_select_offer_conditions),
         cmocka_unit_test(test_select_offer_first),
