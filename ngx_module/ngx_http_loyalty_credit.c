@@ -22,6 +22,7 @@
 #define NGX_HTTP_LOYALTY_RETRY_MAX     8192
 #define NGX_HTTP_LOYALTY_ATTEMPTS_MAX  5
 #define NGX_HTTP_LOYALTY_RETRY_DELAY   1000
+#define NGX_HTTP_LOYALTY_RETRY_BATCH   10
 
 
 struct ngx_http_loyalty_credits_s {
@@ -46,6 +47,8 @@ static void ngx_http_loyalty_credit_timer(ngx_event_t *ev);
 static ngx_http_loyalty_credit_t *ngx_http_loyalty_credit_alloc(
     ngx_http_loyalty_credits_t *credits);
 static void ngx_http_loyalty_credit_free(ngx_http_loyalty_credit_t *cr);
+static uint64_t ngx_http_loyalty_credit_redeemed(
+    ngx_http_loyalty_reply_t *done);
 static ngx_int_t ngx_http_loyalty_valid_order(ngx_str_t *order);
 
 
@@ -271,6 +274,7 @@ static void
 ngx_http_loyalty_credit_handler(ngx_http_loyalty_cmd_t *cmd,
     ngx_http_loyalty_reply_t *reply)
 {
+    uint64_t                    redeemed;
     ngx_log_t                  *log;
     ngx_http_loyalty_shctx_t   *sh;
     ngx_http_loyalty_reply_t   *e;
@@ -356,16 +360,18 @@ ngx_http_loyalty_credit_handler(ngx_http_loyalty_cmd_t *cmd,
         e = (reply->nelts >= 4) ? reply->element[3] : NULL;
 
         if (e
-            && e->type == NGX_HTTP_LOYALTY_REPLY_STRING
-            && !(e->str.len == 1 && e->str.data[0] == '0'))
+            && e->type == NGX_HTTP_LOYALTY_REPLY_INTEGER
+            && e->integer == 1)
         {
             ngx_http_loyalty_count(sh, shortfall);
 
+            redeemed = ngx_http_loyalty_credit_redeemed(reply->element[1]);
+
             ngx_log_error(NGX_LOG_WARN, log, 0,
                           "loyalty: order \"%*s\" of customer \"%*s\" "
-                          "redeemed %uL points, %V more than the balance",
+                          "redeemed %uL points, %uL more than the balance",
                           cr->order_len, cr->order, cr->customer_len,
-                          cr->customer, cr->redeem, &e->str);
+                          cr->customer, cr->redeem, cr->redeem - redeemed);
         }
     }
 
@@ -411,7 +417,7 @@ ngx_http_loyalty_credit_retry(ngx_http_loyalty_credit_t *cr,
 static void
 ngx_http_loyalty_credit_timer(ngx_event_t *ev)
 {
-    ngx_uint_t                   n;
+    ngx_uint_t                   n, sent;
     ngx_queue_t                 *q, retry;
     ngx_http_loyalty_credit_t   *cr;
     ngx_http_loyalty_credits_t  *credits;
@@ -435,20 +441,36 @@ ngx_http_loyalty_credit_timer(ngx_event_t *ev)
     ngx_log_debug1(NGX_LOG_DEBUG_HTTP, credits->log, 0,
                    "loyalty retrying %ui credits", n);
 
+    sent = 0;
+
     while (!ngx_queue_empty(&retry)) {
         q = ngx_queue_head(&retry);
         ngx_queue_remove(q);
 
         cr = ngx_queue_data(q, ngx_http_loyalty_credit_t, queue);
 
-        if (ngx_http_loyalty_credit_send(cr, credits->log) != NGX_OK) {
-            ngx_queue_insert_tail(&credits->retry, &cr->queue);
+        if (ngx_http_loyalty_credit_send(cr, credits->log) == NGX_OK) {
+            sent++;
+            continue;
+        }
+
+        /* Redis is down, or its output buffer full: the rest waits */
+
+        ngx_queue_insert_tail(&credits->retry, &cr->queue);
+        credits->nretry++;
+
+        while (!ngx_queue_empty(&retry)) {
+            q = ngx_queue_head(&retry);
+            ngx_queue_remove(q);
+            ngx_queue_insert_tail(&credits->retry, q);
             credits->nretry++;
         }
     }
 
     if (!ngx_queue_empty(&credits->retry)) {
-        ngx_add_timer(ev, NGX_HTTP_LOYALTY_RETRY_DELAY);
+        /* a busy connection takes the next batch as soon as it has room */
+        ngx_add_timer(ev, sent ? NGX_HTTP_LOYALTY_RETRY_BATCH
+                               : NGX_HTTP_LOYALTY_RETRY_DELAY);
     }
 }
 
@@ -552,6 +574,32 @@ static void
 ngx_http_loyalty_credit_free(ngx_http_loyalty_credit_t *cr)
 {
     ngx_queue_insert_head(&cr->credits->free, &cr->queue);
+}
+
+
+/* "<earned>:<redeemed>", as the script marks an order */
+
+static uint64_t
+ngx_http_loyalty_credit_redeemed(ngx_http_loyalty_reply_t *done)
+{
+    u_char    *p, *last;
+    uint64_t   redeemed;
+
+    if (done->type != NGX_HTTP_LOYALTY_REPLY_STRING) {
+        return 0;
+    }
+
+    last = done->str.data + done->str.len;
+    p = ngx_strlchr(done->str.data, last, ':');
+
+    if (p == NULL
+        || ngx_http_loyalty_parse_uint(p + 1, last - p - 1, &redeemed)
+           != NGX_OK)
+    {
+        return 0;
+    }
+
+    return redeemed;
 }
 
 

@@ -12,7 +12,8 @@
 -- ARGV[6]  order       order id, for the ledger
 -- ARGV[7]  amount      order amount as sent by the shop, for the ledger
 --
--- Returns {1, "<earned>:<redeemed>", points, shortfall} when applied,
+-- Returns {1, "<earned>:<redeemed>", points, short} when applied, short
+-- being 1 when the order redeemed more than the balance,
 -- {0, "<earned>:<redeemed>"} when the order was credited before.
 -- Nothing is written before every check has passed.
 
@@ -50,10 +51,10 @@ if not uint(points) then
 end
 points = points:gsub('^0+(%d)', '%1')
 
-local redeemed, shortfall = redeem, '0'
+local redeemed, short = redeem, 0
 if less(points, redeem) then
     redeemed = points
-    shortfall = tostring(tonumber(redeem) - tonumber(points))
+    short = 1
 end
 
 if tonumber(points) + tonumber(earned) >= 2^53 then
@@ -93,4 +94,4 @@ if expire > 0 then
     end
 end
 
-return {1, earned .. ':' .. redeemed, after, shortfall}
+return {1, earned .. ':' .. redeemed, after, short}

@@ -58,6 +58,7 @@ struct ngx_http_loyalty_conn_s {
     ngx_log_t                   log;
 
     ngx_uint_t                  state;
+    time_t                      full_logged;
     unsigned                    failed:1;
 };
 
@@ -223,9 +224,17 @@ ngx_http_loyalty_redis_send(ngx_http_loyalty_server_t *server,
     cmd = ngx_http_loyalty_redis_queue(conn, argc, argv, timeout, handler,
                                        data);
     if (cmd == NULL) {
-        ngx_log_error(NGX_LOG_WARN, log, 0,
-                      "loyalty: too many commands queued for redis %V",
-                      &server->name);
+
+        /* an overload: one line a second */
+
+        if (conn->full_logged != ngx_time()) {
+            conn->full_logged = ngx_time();
+
+            ngx_log_error(NGX_LOG_WARN, log, 0,
+                          "loyalty: too many commands queued for redis %V",
+                          &server->name);
+        }
+
         return NULL;
     }
 

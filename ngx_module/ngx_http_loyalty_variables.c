@@ -447,8 +447,36 @@ ngx_http_loyalty_set_response_headers(ngx_http_request_t *r,
     ngx_http_loyalty_ctx_t *ctx)
 {
     ngx_str_t                   value;
+    ngx_uint_t                  i;
+    ngx_list_part_t            *part;
     ngx_table_elt_t            *h;
     ngx_http_loyalty_header_t  *hd;
+
+    /* the upstream's own X-Loyalty-* headers are not passed on */
+
+    part = &r->headers_out.headers.part;
+    h = part->elts;
+
+    for (i = 0; /* void */; i++) {
+
+        if (i >= part->nelts) {
+            if (part->next == NULL) {
+                break;
+            }
+
+            part = part->next;
+            h = part->elts;
+            i = 0;
+        }
+
+        if (h[i].key.len >= sizeof("X-Loyalty-") - 1
+            && ngx_strncasecmp(h[i].key.data, (u_char *) "X-Loyalty-",
+                               sizeof("X-Loyalty-") - 1)
+               == 0)
+        {
+            h[i].hash = 0;
+        }
+    }
 
     for (hd = ngx_http_loyalty_response_headers; hd->name.len; hd++) {
 

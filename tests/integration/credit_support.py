@@ -1,0 +1,268 @@
+"""Helpers for the credit (write) path tests, test_credit.py.
+
+A stand-in shop answers every order with the order total, the order id and
+the points redeemed in response headers, taken from the query string:
+
+    /buy?total=19.99&oid=o1&redeem=5  ->  200, X-Order-Total: 19.99,
+                                            X-Order-Id: o1,
+                                            X-Loyalty-Redeem: 5
+
+(an empty or missing argument gives no header), and /st<code>/ answers with
+that status and the same headers.  The edge in front of it credits with
+
+    loyalty_earn      $upstream_http_x_order_total;
+    loyalty_order_id  $upstream_http_x_order_id;
+    loyalty_redeem    $upstream_http_x_loyalty_redeem;
+"""
+
+import json
+import os
+import re
+import subprocess
+import time
+import urllib.parse
+
+from conftest import http_request, wait_until
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.abspath(os.path.join(HERE, "..", ".."))
+REPLAY = os.path.join(REPO, "tools", "loyalty-replay")
+PYTHON = "/usr/bin/python3"
+
+MARKER_TTL = 30 * 86400
+WEIRD_ORDER_ID = 'w"\\{1}:x/y?z=1&%'      # as the shop's /weird/ sends it
+
+
+SHOP = """
+server {
+    listen 127.0.0.1:{shop_port};
+    default_type text/plain;
+
+    location / {
+        add_header X-Order-Total $arg_total always;
+        add_header X-Order-Id $arg_oid always;
+        add_header X-Loyalty-Redeem $arg_redeem always;
+        return 200 "ordered\\n";
+    }
+    location /st201/ {
+        add_header X-Order-Total $arg_total always;
+        add_header X-Order-Id $arg_oid always;
+        add_header X-Loyalty-Redeem $arg_redeem always;
+        return 201 "created\\n";
+    }
+    location /st204/ {
+        add_header X-Order-Total $arg_total always;
+        add_header X-Order-Id $arg_oid always;
+        add_header X-Loyalty-Redeem $arg_redeem always;
+        return 204;
+    }
+    location /st302/ {
+        add_header X-Order-Total $arg_total always;
+        add_header X-Order-Id $arg_oid always;
+        add_header X-Loyalty-Redeem $arg_redeem always;
+        return 302 /elsewhere;
+    }
+    location /st404/ {
+        add_header X-Order-Total $arg_total always;
+        add_header X-Order-Id $arg_oid always;
+        add_header X-Loyalty-Redeem $arg_redeem always;
+        return 404;
+    }
+    location /st500/ {
+        add_header X-Order-Total $arg_total always;
+        add_header X-Order-Id $arg_oid always;
+        add_header X-Loyalty-Redeem $arg_redeem always;
+        return 500;
+    }
+    location /st503/ {
+        add_header X-Order-Total $arg_total always;
+        add_header X-Order-Id $arg_oid always;
+        add_header X-Loyalty-Redeem $arg_redeem always;
+        return 503;
+    }
+    # an order id with characters JSON and Redis keys must carry as is
+    location /weird/ {
+        add_header X-Order-Total $arg_total always;
+        add_header X-Order-Id 'w"\\\\{1}:x/y?z=1&%' always;
+        return 200 "ordered\n";
+    }
+    # an internal redirect decided by the shop: the order is confirmed by
+    # the location it redirects to
+    location /accel/ {
+        add_header X-Accel-Redirect /inner/buy?$args always;
+        return 200 "redirecting\\n";
+    }
+    # a page with an SSI include of an order location of the edge: the
+    # edge runs it as a subrequest
+    location /ssi/ {
+        default_type text/html;
+        add_header X-Order-Total $arg_total always;
+        add_header X-Order-Id $arg_oid always;
+        return 200 'page <!--# include virtual="/buy?total=7&oid=$arg_oid-sub" --> end';
+    }
+}
+"""
+
+EDGE = """
+@HTTP@
+server {
+    listen 127.0.0.1:{port};
+    location = /__harness_ready { return 204; }
+
+    loyalty_redis 127.0.0.1:{redis_port};
+    loyalty_redis_timeout 500ms;
+    loyalty_customer $http_x_customer;
+    loyalty_earn $upstream_http_x_order_total;
+    loyalty_order_id $upstream_http_x_order_id;
+    loyalty_redeem $upstream_http_x_loyalty_redeem;
+    loyalty_response_headers on;
+    @SERVER@
+
+    location / {
+        loyalty on;
+        @LOC@
+        proxy_pass http://127.0.0.1:{shop_port};
+    }
+    @LOCATIONS@
+}
+""" + SHOP
+
+
+TIERS = """
+    loyalty_tier silver 100;
+    loyalty_tier gold 1000 multiplier=1.5;
+    loyalty_tier platinum 10000 multiplier=2;
+"""
+
+
+def edge_conf(loc="", server="", http="", locations=""):
+    return (EDGE.replace("@HTTP@", http).replace("@SERVER@", server)
+            .replace("@LOC@", loc).replace("@LOCATIONS@", locations))
+
+
+def order_path(path="/buy", total=None, oid=None, redeem=None, **extra):
+    args = [(k, v) for k, v in (("total", total), ("oid", oid),
+                                ("redeem", redeem)) if v is not None]
+    args += list(extra.items())
+    return path + ("?" + urllib.parse.urlencode(args, safe=".-,")
+                   if args else "")
+
+
+def order(n, cid, total=None, oid=None, redeem=None, path="/buy",
+          timeout=5.0, **extra):
+    headers = {"X-Customer": cid} if cid is not None else {}
+    return http_request(n.port, order_path(path, total, oid, redeem, **extra),
+                        headers=headers, timeout=timeout)
+
+
+# --------------------------------------------------------------------------
+# Redis views
+
+
+def hkey(cid, prefix="loyalty:"):
+    return "%s{%s}" % (prefix, cid)
+
+
+def marker(cid, oid, prefix="loyalty:"):
+    return "%s:order:%s" % (hkey(cid, prefix), oid)
+
+
+def ledger(cid, prefix="loyalty:"):
+    return "%s:ledger" % hkey(cid, prefix)
+
+
+def record(client, cid, prefix="loyalty:"):
+    """The customer hash with int values ({} when absent)."""
+    return {k: int(v) for k, v in client.hgetall(hkey(cid, prefix)).items()}
+
+
+def wait_marker(client, cid, oid, prefix="loyalty:", timeout=10):
+    return wait_until(lambda: client.get(marker(cid, oid, prefix)), timeout,
+                      0.01, "the credit of order %s of %s" % (oid, cid))
+
+
+def ledger_entries(client, cid, prefix="loyalty:"):
+    return [fields for _, fields in client.xrange(ledger(cid, prefix))]
+
+
+# --------------------------------------------------------------------------
+# journal and replay
+
+
+def read_journal(path):
+    """[dict] of the JSON lines of a journal (the file may not exist)."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        return []
+    assert text == "" or text.endswith("\n"), "journal ends mid-line: %r" % (
+        text[-200:])
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+UNAPPLIED = re.compile(r"^\S+ \S+ \[error\] .*loyalty: unapplied credit: "
+                       r"(\{.*\})(, client: .*)?$")
+
+
+def error_log_credits(text):
+    """[dict] of the `loyalty: unapplied credit: {json}` error log lines."""
+    out = []
+    for line in text.splitlines():
+        if "unapplied credit" in line:
+            m = UNAPPLIED.match(line)
+            assert m, "unapplied credit line not at [error] or not JSON: %r" \
+                % line
+            out.append(json.loads(m.group(1)))
+    return out
+
+
+REPLAY_OUT = re.compile(r"^(\d+) applied, (\d+) already applied, "
+                        r"(\d+) failed$", re.M)
+
+
+def replay(*journals, redis_addr=None, extra=()):
+    """Run tools/loyalty-replay; (rc, applied, already, failed, output)."""
+    args = [PYTHON, REPLAY]
+    if redis_addr:
+        args += ["--redis", redis_addr]
+    args += list(extra) + list(journals)
+    p = subprocess.run(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, timeout=60)
+    out = p.stdout.decode() + p.stderr.decode()
+    m = REPLAY_OUT.search(p.stdout.decode())
+    assert m, "loyalty-replay printed no summary (rc %d):\n%s" % (
+        p.returncode, out)
+    return (p.returncode, int(m.group(1)), int(m.group(2)), int(m.group(3)),
+            out)
+
+
+def stop_redis_keeping_data(redis):
+    """Stop redis-server (SIGTERM) so that a restart on the same port finds
+    the data again: the harness runs it with `--save ""`, so a save point
+    is configured first and Redis writes its RDB file on shutdown."""
+    redis.client.config_set("save", "3600 1")
+    redis.stop()
+    assert os.path.exists(os.path.join(redis.dir, "dump.rdb")), \
+        "redis-server wrote no dump.rdb on shutdown"
+
+
+def settle(probe, quiet=3.0, timeout=40.0, interval=0.1):
+    """Poll probe() until its value has not changed for `quiet` seconds
+    (longer than the module's 1 s retry interval and its at most 2 s
+    reconnect back-off); bounded by timeout.  Returns the last value."""
+    deadline = time.monotonic() + timeout
+    last = probe()
+    since = time.monotonic()
+    while True:
+        time.sleep(interval)
+        now = time.monotonic()
+        cur = probe()
+        if cur != last:
+            last, since = cur, now
+        elif now - since >= quiet:
+            return cur
+        if now >= deadline:
+            raise AssertionError("still changing after %.0f s: %r"
+                                 % (timeout, cur))
