@@ -21,6 +21,9 @@
  */
 
 
+#define NGX_HTTP_LOYALTY_REPLY_ELTS_MAX  16
+
+
 static void *ngx_http_loyalty_reply_string(const redisReadTask *task,
     char *str, size_t len);
 static void *ngx_http_loyalty_reply_array(const redisReadTask *task,
@@ -287,6 +290,15 @@ static void *
 ngx_http_loyalty_reply_array(const redisReadTask *task, int elements)
 {
     ngx_http_loyalty_reply_t  *reply;
+
+    /*
+     * No reply of ours has more than a few elements: a larger count is
+     * refused before anything is allocated for it, and the reader fails.
+     */
+
+    if (elements > NGX_HTTP_LOYALTY_REPLY_ELTS_MAX) {
+        return NULL;
+    }
 
     reply = ngx_http_loyalty_reply_create(task, NGX_HTTP_LOYALTY_REPLY_ARRAY);
     if (reply == NULL) {
