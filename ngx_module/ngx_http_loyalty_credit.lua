@@ -15,18 +15,22 @@
 -- Returns {1, "<earned>:<redeemed>", points, short} when applied, short
 -- being 1 when the order redeemed more than the balance,
 -- {0, "<earned>:<redeemed>"} when the order was credited before.
--- Nothing is written before every check has passed.
+-- Nothing is written before every check has passed: one HGETALL, one SET NX,
+-- one HSET, one XADD (and EXPIREs) per order.
 
 local hash, marker, ledger = KEYS[1], KEYS[2], KEYS[3]
 local earned, redeem, ts = ARGV[1], ARGV[2], ARGV[3]
 local keep, expire = tonumber(ARGV[4]), tonumber(ARGV[5])
 
-local done = redis.call('GET', marker)
-if done then
-    return {0, done}
+local function uint(s)
+    return type(s) == 'string' and s:match('^%d+$') ~= nil
 end
 
--- decimal strings of any length compare exactly
+-- without leading zeros, so that decimal strings compare exactly
+local function canon(s)
+    return (s:gsub('^0+(%d)', '%1'))
+end
+
 local function less(a, b)
     if #a ~= #b then
         return #a < #b
@@ -34,57 +38,74 @@ local function less(a, b)
     return a < b
 end
 
-local function uint(s)
-    return type(s) == 'string' and s:match('^%d+$') ~= nil
+-- counts stay below 2^53, where Lua numbers are exact
+local function fmt(n)
+    return string.format('%.0f', n)
 end
 
 if not (uint(earned) and uint(redeem) and uint(ts)) then
     return redis.error_reply('LOYALTY bad arguments')
 end
 
-earned = earned:gsub('^0+(%d)', '%1')
-redeem = redeem:gsub('^0+(%d)', '%1')
+earned, redeem, ts = canon(earned), canon(redeem), canon(ts)
 
-local points = redis.call('HGET', hash, 'points') or '0'
-if not uint(points) then
-    return redis.error_reply('LOYALTY points of ' .. hash .. ' is not a count')
+local rec = {}
+local all = redis.call('HGETALL', hash)
+for i = 1, #all, 2 do
+    rec[all[i]] = all[i + 1]
 end
-points = points:gsub('^0+(%d)', '%1')
+
+local count = {}
+for i, field in ipairs({'points', 'lifetime', 'orders'}) do
+    local v = rec[field] or '0'
+    if not uint(v) then
+        return redis.error_reply('LOYALTY ' .. field .. ' of ' .. hash
+                                 .. ' is not a count')
+    end
+    count[i] = canon(v)
+end
+
+local points, lifetime, orders = count[1], count[2], count[3]
 
 local redeemed, short = redeem, 0
 if less(points, redeem) then
-    redeemed = points
-    short = 1
+    redeemed, short = points, 1
 end
 
-if tonumber(points) + tonumber(earned) >= 2^53 then
+local e = tonumber(earned)
+if tonumber(points) + e >= 2^53 or tonumber(lifetime) + e >= 2^53
+   or tonumber(orders) + 1 >= 2^53
+then
     return redis.error_reply('LOYALTY balance of ' .. hash .. ' would overflow')
 end
 
-redis.call('SET', marker, earned .. ':' .. redeemed, 'EX', 2592000)
+local mark = earned .. ':' .. redeemed
 
-if redeemed ~= '0' then
-    redis.call('HINCRBY', hash, 'points', '-' .. redeemed)
+if not redis.call('SET', marker, mark, 'NX', 'EX', 2592000) then
+    return {0, redis.call('GET', marker)}
 end
 
-local after = redis.call('HINCRBY', hash, 'points', earned)
-redis.call('HINCRBY', hash, 'lifetime', earned)
-redis.call('HINCRBY', hash, 'orders', 1)
+local after = tonumber(points) - tonumber(redeemed) + e
 
-local first = redis.call('HGET', hash, 'first_order')
-if not first or less(ts, first) then
-    redis.call('HSET', hash, 'first_order', ts)
+local set = {'points', fmt(after), 'lifetime', fmt(tonumber(lifetime) + e),
+             'orders', fmt(tonumber(orders) + 1)}
+
+if not uint(rec.first_order) or less(ts, canon(rec.first_order)) then
+    set[#set + 1] = 'first_order'
+    set[#set + 1] = ts
 end
 
-local last = redis.call('HGET', hash, 'last_order')
-if not last or less(last, ts) then
-    redis.call('HSET', hash, 'last_order', ts)
+if not uint(rec.last_order) or less(canon(rec.last_order), ts) then
+    set[#set + 1] = 'last_order'
+    set[#set + 1] = ts
 end
+
+redis.call('HSET', hash, unpack(set))
 
 if keep > 0 then
     redis.call('XADD', ledger, 'MAXLEN', '~', keep, '*',
                'order', ARGV[6], 'amount', ARGV[7], 'earned', earned,
-               'redeemed', redeemed, 'points', after, 'ts', ts)
+               'redeemed', redeemed, 'points', fmt(after), 'ts', ts)
 end
 
 if expire > 0 then
@@ -94,4 +115,4 @@ if expire > 0 then
     end
 end
 
-return {1, earned .. ':' .. redeemed, after, short}
+return {1, mark, after, short}
