@@ -162,7 +162,17 @@ ngx_http_loyalty_reader_idle(void *reader)
 
     rd = reader;
 
-    return rd->ridx == -1 ? NGX_OK : NGX_DECLINED;
+    /*
+     * redisReaderGetReply() leaves ridx at 0, with no type read yet, when
+     * it was called on a buffer consumed but not yet trimmed: nothing is
+     * half read then either
+     */
+
+    if (rd->ridx == -1 || (rd->ridx == 0 && rd->rstack[0].type == -1)) {
+        return NGX_OK;
+    }
+
+    return NGX_DECLINED;
 }
 
 

@@ -303,6 +303,12 @@ ngx_http_loyalty_redis_connect(ngx_http_loyalty_conn_t *conn)
     c = pc->connection;
     conn->connection = c;
 
+    /* pipelined commands go out at once, not after the last one's ACK */
+
+    if (pc->sockaddr->sa_family != AF_UNIX && ngx_tcp_nodelay(c) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
     c->data = conn;
     c->log = &conn->log;
     c->read->log = c->log;

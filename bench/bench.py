@@ -1,0 +1,1192 @@
+#!/usr/bin/python3
+"""Benchmark of ngx_http_loyalty_module (make bench, make bench-rss).
+
+    bench/bench.py bench       throughput and latency of baseline / module /
+                               lua, alternated; slow-Redis isolation case
+    bench/bench.py rss         worker RSS over BENCH_RSS_REQUESTS checkouts
+
+Everything runs on 127.0.0.1 under build/bench/: a private redis-server
+(no persistence), the shop backend (an nginx instance), one nginx instance
+per configuration (worker_processes 1), and for the slow-Redis case a
+delaying TCP proxy (bench/slowproxy.py).  Every process is started under
+timeout(1) and stopped by pid at the end.  See bench/README.md.
+"""
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import redis as redis_lib
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+OUT = os.path.join(REPO, "build", "bench")
+RESULTS = os.environ.get("BENCH_RESULTS", os.path.join(HERE, "results.md"))
+
+NGINX_BIN = os.environ.get("NGINX_BIN", "/usr/sbin/nginx")
+MODULE = os.path.abspath(os.environ.get(
+    "LOYALTY_MODULE", os.path.join(REPO, "build", "ngx_http_loyalty_module.so")))
+CREDIT_SCRIPT = os.path.join(REPO, "ngx_module", "ngx_http_loyalty_credit.lua")
+# another build of the module, benchmarked as configuration "module-b"
+MODULE_B = os.environ.get("BENCH_MODULE_B", "")
+
+
+def env_int(name, default):
+    v = os.environ.get(name, "")
+    return int(v) if v.strip() else default
+
+
+def env_float(name, default):
+    v = os.environ.get(name, "")
+    return float(v) if v.strip() else default
+
+
+SECONDS = env_int("BENCH_SECONDS", 10)
+ROUNDS = env_int("BENCH_ROUNDS", 2)
+CONNECTIONS = env_int("BENCH_CONNECTIONS", 50)
+WARMUP = env_int("BENCH_WARMUP", 3)
+CONFIGS = os.environ.get("BENCH_CONFIGS", "baseline module lua").split()
+SLOW = env_int("BENCH_SLOW", 1)
+SLOW_DELAY_MS = env_float("BENCH_SLOW_DELAY_MS", 20.0)
+PLAIN_CONNECTIONS = env_int("BENCH_PLAIN_CONNECTIONS", 10)
+CUSTOMERS = env_int("BENCH_CUSTOMERS", 100000)
+UNKNOWN = env_int("BENCH_UNKNOWN", CUSTOMERS // 20)
+ANON = env_int("BENCH_ANON", 10)
+RSS_REQUESTS = env_int("BENCH_RSS_REQUESTS", 1000000)
+RSS_WARMUP = env_int("BENCH_RSS_WARMUP", 50000)
+RSS_CONFIGS = os.environ.get("BENCH_RSS_CONFIGS", "module").split()
+SEED = env_int("BENCH_SEED", 42)
+PERF = os.environ.get("BENCH_PERF", "").split()   # configurations to profile
+
+DAY = 86400
+EARN_RATE4 = 10000                       # loyalty_earn_rate 1, scaled 10^4
+
+# the tiers and offers of bench/conf/module.conf and lua.conf
+TIERS = [("gold", 100000, 20000), ("silver", 10000, 15000),
+         ("bronze", 0, 10000)]           # name, min_lifetime, multiplier4
+OFFERS = [
+    dict(name="welcome", new=True),
+    dict(name="winback", inactive=90 * DAY),
+    dict(name="gold_perk", tier="gold"),
+    dict(name="vip", min_points=20000),
+    dict(name="loyal", min_orders=50, max_orders=200),
+]
+
+# configuration -> (template, what it is)
+KINDS = {
+    "baseline": ("baseline.conf", "the same proxy, no loyalty"),
+    "module": ("module.conf", "ngx_http_loyalty_module: read + credit"),
+    "lua": ("lua.conf", "OpenResty: lua-resty-redis read, batched "
+                        "EVALSHA credits from ngx.timer.at"),
+    "lua-timer": ("lua.conf", "OpenResty, one ngx.timer.at + EVALSHA per "
+                              "credit"),
+    "module-b": ("module.conf", "the module built as BENCH_MODULE_B"),
+}
+
+
+def log(*args):
+    print(*args, flush=True)
+
+
+# ----------------------------------------------------------------------
+# processes
+
+
+class Procs:
+    """Every process we start, under timeout(1); stopped by pid."""
+
+    def __init__(self, limit):
+        self.limit = int(limit)
+        self.procs = []             # (Popen, name)
+
+    def start(self, name, argv, **kw):
+        cmd = ["timeout", "-k", "10", str(self.limit)] + argv
+        p = subprocess.Popen(cmd, **kw)
+        self.procs.append((p, name))
+        return p
+
+    def stop(self, p, sig=signal.SIGTERM, wait=15):
+        if p.poll() is None:
+            try:
+                p.send_signal(sig)          # timeout(1) passes it on
+            except ProcessLookupError:
+                pass
+            try:
+                p.wait(wait)
+            except subprocess.TimeoutExpired:
+                # timeout(1) leads its own process group: ours only
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait(5)
+
+    def stop_all(self):
+        # nginx first (it may still send a credit), redis last
+        for p, name in reversed(self.procs):
+            self.stop(p)
+        self.procs = []
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def listening(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+def wait_for(pred, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise RuntimeError("timed out waiting for " + what)
+
+
+def children(pid):
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % d) as f:
+                st = f.read()
+        except OSError:
+            continue
+        rest = st[st.rindex(")") + 2:].split()
+        if int(rest[1]) == pid and rest[0] not in "ZX":
+            out.append(int(d))
+    return out
+
+
+def proc_status(pid, fields=("VmRSS", "VmHWM")):
+    res = {}
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            if k in fields:
+                res[k] = int(v.split()[0])          # kB
+    return res
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid):
+    """utime + stime of a process, in seconds (0 when it is gone)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            st = f.read()
+    except (OSError, TypeError):
+        return 0.0
+    rest = st[st.rindex(")") + 2:].split()
+    return (int(rest[11]) + int(rest[12])) / float(CLK_TCK)
+
+
+def mkdirs(path):
+    os.makedirs(path, exist_ok=True)
+    os.chmod(path, 0o755)
+
+
+def loadavg():
+    with open("/proc/loadavg") as f:
+        return f.read().split()[0]
+
+
+# ----------------------------------------------------------------------
+# servers
+
+
+class Redis:
+    def __init__(self, procs):
+        self.port = free_port()
+        d = os.path.join(OUT, "redis")
+        if os.path.isdir(d):
+            shutil.rmtree(d)
+        mkdirs(d)
+        self.proc = procs.start("redis", [
+            "redis-server", "--bind", "127.0.0.1", "--port", str(self.port),
+            "--protected-mode", "yes", "--save", "", "--appendonly", "no",
+            "--dir", d, "--logfile", os.path.join(d, "redis.log"),
+            "--daemonize", "no"])
+        self.r = redis_lib.Redis(host="127.0.0.1", port=self.port,
+                                 decode_responses=True)
+
+        def up():
+            if self.proc.poll() is not None:
+                raise RuntimeError("redis-server exited, see %s/redis.log" % d)
+            try:
+                return self.r.ping()
+            except redis_lib.RedisError:
+                return False
+
+        wait_for(up, 10, "redis-server")
+
+    def pid(self):
+        kids = children(self.proc.pid)
+        return kids[0] if kids else None
+
+
+class Nginx:
+    """One nginx instance, prefix build/bench/<name>/."""
+
+    def __init__(self, procs, name, template, subs, port=None):
+        self.name = name
+        self.port = port or free_port()
+        self.prefix = os.path.join(OUT, name)
+        if os.path.isdir(self.prefix):
+            shutil.rmtree(self.prefix)
+        mkdirs(self.prefix)
+        mkdirs(os.path.join(self.prefix, "logs"))
+        mkdirs(os.path.join(self.prefix, "temp"))
+
+        with open(os.path.join(HERE, "conf", template)) as f:
+            conf = f.read()
+        subs = dict(subs, PORT=str(self.port))
+        for k, v in subs.items():
+            conf = conf.replace("@%s@" % k, str(v))
+        left = re.findall(r"@[A-Z_]+@", conf)
+        if left:
+            raise RuntimeError("%s: unfilled %s" % (template, left))
+
+        self.conf = os.path.join(self.prefix, "nginx.conf")
+        with open(self.conf, "w") as f:
+            f.write(conf)
+
+        base = [NGINX_BIN, "-p", self.prefix + "/", "-c", self.conf]
+        t = subprocess.run(base + ["-t", "-q"], capture_output=True,
+                           text=True, timeout=60)
+        if t.returncode != 0:
+            raise RuntimeError("nginx -t %s:\n%s" % (self.conf, t.stderr))
+
+        self.proc = procs.start(name, base + ["-g", "daemon off;"])
+        pidfile = os.path.join(self.prefix, "logs", "nginx.pid")
+
+        def up():
+            if self.proc.poll() is not None:
+                raise RuntimeError("nginx %s exited, see %s/logs/error.log"
+                                   % (name, self.prefix))
+            return os.path.exists(pidfile) and listening(self.port)
+
+        wait_for(up, 20, "nginx " + name)
+
+        with open(pidfile) as f:
+            self.master = int(f.read())
+        wait_for(lambda: len(children(self.master)) >= 1, 10,
+                 "worker of nginx " + name)
+        self.worker = children(self.master)[0]
+
+    def memory(self):
+        return proc_status(self.worker)
+
+    def error_lines(self, pattern=r"\[(warn|error|crit|alert|emerg)\]"):
+        path = os.path.join(self.prefix, "logs", "error.log")
+        out = []
+        with open(path, errors="replace") as f:
+            for line in f:
+                if re.search(pattern, line):
+                    out.append(line.rstrip())
+        return out
+
+
+# ----------------------------------------------------------------------
+# customers
+
+
+def tier_of(lifetime):
+    for name, low, mult4 in TIERS:
+        if lifetime >= low:
+            return name, mult4
+    return None, 10000
+
+
+def offer_of(rec, tier, now):
+    points, orders, last = rec["points"], rec["orders"], rec["last_order"]
+    for o in OFFERS:
+        if o.get("new") and orders != 0:
+            continue
+        if "tier" in o and o["tier"] != tier:
+            continue
+        if "min_points" in o and points < o["min_points"]:
+            continue
+        if "max_points" in o and points > o["max_points"]:
+            continue
+        if "min_orders" in o and orders < o["min_orders"]:
+            continue
+        if "max_orders" in o and orders > o["max_orders"]:
+            continue
+        if "inactive" in o and (orders == 0 or now < last
+                                or now - last < o["inactive"]):
+            continue
+        return o["name"]
+    return None
+
+
+def make_customers(n, now):
+    """id -> record; lifetimes stay far from tier thresholds (a run cannot
+    move a customer to another tier), last orders far from the 90 days of
+    the winback offer."""
+    rnd = random.Random(SEED)
+    out = {}
+    for i in range(1, n + 1):
+        cid = "c%06d" % i
+        u = rnd.random()
+        if u < 0.08:
+            rec = dict(points=0, lifetime=0, orders=0, first_order=None,
+                       last_order=0)
+        else:
+            band = rnd.random()
+            if band < 0.60:
+                lifetime = rnd.randint(1, 3000)               # bronze
+            elif band < 0.90:
+                lifetime = rnd.randint(10000, 50000)          # silver
+            else:
+                lifetime = rnd.randint(100000, 500000)        # gold
+            points = rnd.randint(0, lifetime)
+            orders = max(1, lifetime // rnd.randint(40, 160))
+            first_age = rnd.randint(420, 1500)
+            if rnd.random() < 0.7:
+                last_age = rnd.randint(0, 80)                 # active
+            else:
+                last_age = rnd.randint(100, 400)              # lapsed
+            rec = dict(points=points, lifetime=lifetime, orders=orders,
+                       first_order=now - first_age * DAY - rnd.randint(0, DAY),
+                       last_order=now - last_age * DAY - rnd.randint(0, DAY))
+        out[cid] = rec
+    return out
+
+
+def seed(r, customers):
+    r.flushall()
+    pipe = r.pipeline(transaction=False)
+    n = 0
+    for cid, rec in customers.items():
+        m = {"points": rec["points"], "lifetime": rec["lifetime"],
+             "orders": rec["orders"]}
+        if rec["first_order"] is not None:
+            m["first_order"] = rec["first_order"]
+            m["last_order"] = rec["last_order"]
+        pipe.hset("loyalty:{%s}" % cid, mapping=m)
+        n += 1
+        if n % 5000 == 0:
+            pipe.execute()
+    pipe.execute()
+
+
+# ----------------------------------------------------------------------
+# wrk
+
+
+WRK_LUA = os.path.join(HERE, "wrk.lua")
+
+
+def wrk_start(procs, port, tag, seconds, connections, mode="checkout",
+              stop_after=0, path=None):
+    url = "http://127.0.0.1:%d%s" % (port, path or "/" + mode)
+    env = dict(os.environ, BENCH_MODE=mode, BENCH_RUN=tag,
+               BENCH_CUSTOMERS=str(CUSTOMERS), BENCH_UNKNOWN=str(UNKNOWN),
+               BENCH_ANON=str(ANON), BENCH_STOP_AFTER=str(stop_after),
+               BENCH_SEED=str(abs(hash(tag)) % 100000))
+    logdir = os.path.join(OUT, "wrk")
+    mkdirs(logdir)
+    out = open(os.path.join(logdir, tag + ".txt"), "w")
+    argv = ["timeout", "-k", "5", str(seconds + 120), "wrk", "-t1",
+            "-c%d" % connections, "-d%ds" % seconds, "--latency",
+            "-s", WRK_LUA, url]
+    p = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+    procs.procs.append((p, "wrk " + tag))
+    p.stop_after = stop_after
+    p.outpath = out.name
+    p.outfile = out
+    return p
+
+
+def wrk_stopped(p):
+    """With BENCH_STOP_AFTER: once wrk's thread has stopped, SIGINT ends
+    wrk's wait for the duration (it then reports as usual)."""
+    if p.poll() is None and not getattr(p, "interrupted", False):
+        with open(p.outpath) as f:
+            if "BENCH_STOPPED" in f.read():
+                p.send_signal(signal.SIGINT)        # timeout(1) passes it on
+                p.interrupted = True
+
+
+def wrk_wait(p):
+    while p.poll() is None:
+        if p.stop_after:
+            wrk_stopped(p)
+        time.sleep(0.2)
+    p.outfile.close()
+    with open(p.outpath) as f:
+        text = f.read()
+    m = re.search(r"^BENCH_RESULT (\{.*\})$", text, re.M)
+    if p.returncode != 0 or not m:
+        raise RuntimeError("wrk failed (%s), see %s:\n%s"
+                           % (p.returncode, p.outpath, text[-2000:]))
+    res = json.loads(m.group(1))
+    res["rps"] = res["requests"] / (res["duration_us"] / 1e6)
+    res["errors"] = (res["connect_errors"] + res["read_errors"]
+                     + res["write_errors"] + res["status_errors"]
+                     + res["timeouts"])
+    return res
+
+
+def perf_start(procs, server, tag, seconds):
+    """perf record -g of the worker for the run (BENCH_PERF)."""
+    d = os.path.join(OUT, "perf")
+    mkdirs(d)
+    data = os.path.join(d, tag + ".data")
+    p = procs.start("perf", ["perf", "record", "-q", "-g", "-F", "2000",
+                             "-p", str(server.worker), "-o", data, "--",
+                             "sleep", str(max(1, seconds - 1))],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p.data = data
+    return p
+
+
+def perf_report(p, result):
+    try:
+        p.wait(60)
+    except subprocess.TimeoutExpired:
+        return
+    txt = p.data[:-len(".data")] + ".txt"
+    with open(txt, "w") as f:
+        subprocess.run(["perf", "report", "-i", p.data, "--stdio",
+                        "--no-children", "--percent-limit", "0.7",
+                        "-g", "none", "--sort", "dso,symbol"],
+                       stdout=f, stderr=subprocess.DEVNULL, timeout=300)
+    result["perf"] = txt
+    log("profile of the worker: %s" % os.path.relpath(txt, REPO))
+
+
+# ----------------------------------------------------------------------
+# orders and balances
+
+
+class OrderLog:
+    def __init__(self, path):
+        self.path = path
+        self.offset = 0
+
+    def mark(self):
+        self.offset = os.path.getsize(self.path) \
+            if os.path.exists(self.path) else 0
+
+    def read(self, tag):
+        """Orders logged since mark() whose id starts with tag; waits for
+        the buffered log to be flushed."""
+        prev = -1
+        for _ in range(50):
+            size = os.path.getsize(self.path) \
+                if os.path.exists(self.path) else 0
+            if size == prev:
+                break
+            prev = size
+            time.sleep(0.4)
+        out = []
+        with open(self.path, errors="replace") as f:
+            f.seek(self.offset)
+            for line in f:
+                p = line.split()
+                if len(p) != 8 or not p[2].startswith(tag + "-"):
+                    continue
+                out.append(dict(cid=p[0], total=p[1], oid=p[2],
+                                status=int(p[3]), lstatus=p[4], ltier=p[5],
+                                loffer=p[6], lpoints=p[7]))
+        return out
+
+
+def earned_of(total, mult4):
+    i, _, f = total.partition(".")
+    a4 = int(i) * 10000 + int((f + "0000")[:4])
+    return a4 * EARN_RATE4 * mult4 // 10 ** 12
+
+
+def verify(r, customers, orders, kind, started, timeout=30):
+    """Checks the headers the shop received and, once the credits have
+    landed, every ordering customer's balance (plus a sample of the
+    others) against the seeded record + the orders the shop confirmed."""
+    credit = kind != "baseline"
+    res = dict(orders=len(orders), identified=0, anonymous=0,
+               header_mismatch=0, unavailable=0, examples=[])
+    expect = {}
+
+    def bad(what):
+        if len(res["examples"]) < 8:
+            res["examples"].append(what)
+
+    # the headers of a customer's first order in the run (lowest order
+    # number: wrk numbers requests as it sends them) reflect the seeded
+    # record exactly; later ones may see earlier credits of the run, so
+    # only their tier (constant: no run crosses a threshold) is checked
+    first = {}
+    for o in orders:
+        if o["cid"] != "-":
+            n = int(o["oid"].rsplit("-", 1)[1])
+            if n < first.get(o["cid"], (1 << 62)):
+                first[o["cid"]] = n
+
+    for o in orders:
+        if o["cid"] == "-":
+            res["anonymous"] += 1
+            if o["lstatus"] != ("anonymous" if credit else "-"):
+                res["header_mismatch"] += 1
+                bad("anonymous order %s: X-Loyalty-Status %s"
+                    % (o["oid"], o["lstatus"]))
+            continue
+
+        cid = o["cid"].split("=")[-1]
+        res["identified"] += 1
+        rec = customers.get(cid)
+        known = rec is not None
+        if rec is None:
+            rec = dict(points=0, lifetime=0, orders=0, last_order=0)
+        tier, mult4 = tier_of(rec["lifetime"])
+
+        if credit:
+            if o["lstatus"] == "unavailable":
+                res["unavailable"] += 1
+                mult4 = 10000
+            else:
+                if first[o["cid"]] == int(o["oid"].rsplit("-", 1)[1]):
+                    offer = offer_of(rec, tier, int(time.time()))
+                    got = (o["lstatus"], o["ltier"], o["loffer"],
+                           o["lpoints"])
+                    want = ("ok" if known else "new", tier or "-",
+                            offer or "-", str(rec["points"]))
+                else:
+                    got = (o["lstatus"] in ("ok", "new"), o["ltier"])
+                    want = (True, tier or "-")
+                if got != want:
+                    res["header_mismatch"] += 1
+                    bad("order %s customer %s: headers %s, expected %s"
+                        % (o["oid"], cid, got, want))
+        elif o["lstatus"] != "-":
+            res["header_mismatch"] += 1
+            bad("baseline order %s has X-Loyalty-Status" % o["oid"])
+
+        if not 200 <= o["status"] < 300:
+            continue
+        e = expect.setdefault(cid, [rec["points"], rec["lifetime"],
+                                    rec["orders"]])
+        if credit:
+            earned = earned_of(o["total"], mult4)
+            e[0] += earned
+            e[1] += earned
+            e[2] += 1
+
+    # untouched customers must stay as seeded
+    rnd = random.Random(started)
+    ids = list(customers)
+    for cid in rnd.sample(ids, min(2000, len(ids))):
+        if cid not in expect:
+            rec = customers[cid]
+            expect[cid] = [rec["points"], rec["lifetime"], rec["orders"]]
+
+    keys = sorted(expect)
+    deadline = time.monotonic() + timeout
+    while True:
+        wrong = []
+        pipe = r.pipeline(transaction=False)
+        for i in range(0, len(keys), 5000):
+            for cid in keys[i:i + 5000]:
+                pipe.hmget("loyalty:{%s}" % cid, "points", "lifetime",
+                           "orders")
+            for cid, got in zip(keys[i:i + 5000], pipe.execute()):
+                got = [int(x) if x is not None else 0 for x in got]
+                if got != expect[cid]:
+                    wrong.append((cid, got, expect[cid]))
+        if not wrong or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+
+    res["customers_checked"] = len(keys)
+    res["balance_mismatch"] = len(wrong)
+    for cid, got, want in wrong[:5]:
+        bad("customer %s: points/lifetime/orders %s, expected %s"
+            % (cid, got, want))
+    res["ok"] = (not wrong and res["header_mismatch"] == 0
+                 and res["identified"] > 0)
+    return res
+
+
+def vsummary(v):
+    s = ("%d orders (%d identified, %d anonymous), %d customers checked: "
+         % (v["orders"], v["identified"], v["anonymous"],
+            v["customers_checked"]))
+    if v["ok"]:
+        s += "balances exact"
+    else:
+        s += "%d balance and %d header mismatches" % (
+            v["balance_mismatch"], v["header_mismatch"])
+    if v["unavailable"]:
+        s += ", %d reads unavailable (credited at multiplier 1)" % (
+            v["unavailable"])
+    return s
+
+
+# ----------------------------------------------------------------------
+# the run
+
+
+class Bench:
+    def __init__(self, limit):
+        self.procs = Procs(limit)
+        self.servers = {}
+        self.now = int(time.time())
+
+    def start_common(self):
+        if not os.path.exists(MODULE):
+            raise RuntimeError("no %s: make build" % MODULE)
+        mkdirs(os.path.join(REPO, "build"))
+        mkdirs(OUT)
+        self.luadir = os.path.join(OUT, "lua-src")
+        mkdirs(self.luadir)
+        for src in (os.path.join(HERE, "lua", "loyalty_bench.lua"),
+                    CREDIT_SCRIPT):
+            dst = os.path.join(self.luadir, os.path.basename(src))
+            shutil.copyfile(src, dst)
+            os.chmod(dst, 0o644)
+
+        self.redis = Redis(self.procs)
+        log("redis-server on 127.0.0.1:%d" % self.redis.port)
+        self.customers = make_customers(CUSTOMERS, self.now)
+        t = time.monotonic()
+        seed(self.redis.r, self.customers)
+        log("seeded %d customers in %.1f s" % (CUSTOMERS,
+                                                time.monotonic() - t))
+        port = free_port()
+        self.shop = Nginx(self.procs, "shop", "shop.conf",
+                          {"SHOP_PORT": port}, port=port)
+        self.orders = OrderLog(os.path.join(self.shop.prefix, "logs",
+                                            "orders.log"))
+
+    def edge(self, name, kind, redis_port=None, timeout="100ms"):
+        template = KINDS[kind][0]
+        subs = {
+            "SHOP_PORT": self.shop.port,
+            "MODULE": os.path.abspath(MODULE_B) if kind == "module-b"
+                      else MODULE,
+            "REDIS": "127.0.0.1:%d" % (redis_port or self.redis.port),
+            "REDIS_PORT": redis_port or self.redis.port,
+            "REDIS_TIMEOUT": timeout,
+            "REDIS_TIMEOUT_MS": int(timeout.replace("ms", ""))
+            if timeout.endswith("ms") else int(timeout.rstrip("s")) * 1000,
+            "LUA_DIR": self.luadir,
+            "LUA_BATCH": "false" if kind == "lua-timer" else "true",
+        }
+        n = Nginx(self.procs, name, template, subs)
+        self.servers[name] = n
+        log("nginx %-12s on 127.0.0.1:%d (worker %d)"
+            % (name, n.port, n.worker))
+        return n
+
+    def checkout_run(self, server, kind, tag, seconds, plain=None,
+                     profile=False):
+        """Reseed, run wrk on /checkout (and /plain at the same time when
+        plain is a server), verify.  Returns (checkout, plain, verify)."""
+        seed(self.redis.r, self.customers)
+        self.orders.mark()
+        started = time.time()
+        la = loadavg()
+        pids = dict(worker=server.worker, shop=self.shop.worker,
+                    redis=self.redis.pid())
+        cpu0 = {k: cpu_seconds(v) for k, v in pids.items()}
+        t0 = time.monotonic()
+        pc = wrk_start(self.procs, server.port, tag, seconds, CONNECTIONS)
+        pp = None
+        if plain is not None:
+            pp = wrk_start(self.procs, plain.port, tag + "-plain", seconds,
+                           PLAIN_CONNECTIONS, mode="plain")
+        perf = None
+        if profile:
+            perf = perf_start(self.procs, server, tag, seconds)
+        c = wrk_wait(pc)
+        p = wrk_wait(pp) if pp else None
+        wall = time.monotonic() - t0
+        c["cpu"] = {k: (cpu_seconds(v) - cpu0[k]) / wall
+                    for k, v in pids.items()}
+        time.sleep(0.5)                 # credits still on their way
+        if perf:
+            perf_report(perf, c)
+        served = c["requests"] + (p["requests"] if p else 0)
+        c["worker_us"] = (cpu_seconds(server.worker) - cpu0["worker"]) \
+            * 1e6 / max(1, served)
+        c["loadavg"] = la
+        c["rss_kb"] = server.memory()["VmRSS"]
+        v = verify(self.redis.r, self.customers, self.orders.read(tag), kind,
+                   started)
+        return c, p, v
+
+    def stop(self):
+        self.procs.stop_all()
+
+
+def ms(us):
+    return "%.2f" % (us / 1000.0)
+
+
+def med(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def rotate(xs, k):
+    k %= len(xs)
+    return xs[k:] + xs[:k]
+
+
+def bench_main():
+    est = (len(CONFIGS) * (ROUNDS + 1) * (SECONDS + 40)
+           + (4 * ROUNDS * (SECONDS + 40) if SLOW else 0) + 600)
+    signal.alarm(est * 2)
+    b = Bench(est * 2 + 60)
+    runs = {c: [] for c in CONFIGS}
+    slow_modes = ["fast", "slow"]
+    if "module-b" in CONFIGS:
+        slow_modes += ["fast-b", "slow-b"]
+    slow_runs = {m: [] for m in slow_modes}
+    failures = []
+    try:
+        b.start_common()
+        for c in CONFIGS:
+            if c not in KINDS:
+                raise RuntimeError("unknown configuration %s" % c)
+            if c == "module-b" and not os.path.exists(MODULE_B):
+                raise RuntimeError("module-b: set BENCH_MODULE_B to a .so")
+            b.edge(c, c)
+
+        if SLOW:
+            proxy_port = free_port()
+            proxy = b.procs.start("slowproxy", [
+                sys.executable, os.path.join(HERE, "slowproxy.py"),
+                str(proxy_port), str(b.redis.port),
+                "--delay-ms", str(SLOW_DELAY_MS),
+                "--max-seconds", str(b.procs.limit)],
+                stdout=subprocess.PIPE, text=True)
+            if proxy.stdout.readline().strip() != "ready":
+                raise RuntimeError("slowproxy did not start")
+            log("slowproxy on 127.0.0.1:%d (+%g ms per read each way)"
+                % (proxy_port, SLOW_DELAY_MS))
+            if "module" not in b.servers:
+                b.edge("module", "module")
+            b.edge("module-slow", "module", redis_port=proxy_port,
+                   timeout="1s")
+            if "module-b" in CONFIGS:
+                b.edge("module-b-slow", "module-b", redis_port=proxy_port,
+                       timeout="1s")
+
+        # warm-up: pools, JIT, page cache
+        for c in CONFIGS:
+            if WARMUP > 0:
+                s = b.servers[c]
+                seed(b.redis.r, b.customers)
+                wrk_wait(wrk_start(b.procs, s.port, "warm-" + c, WARMUP,
+                                   CONNECTIONS))
+        log("warm-up done (%d s each)" % WARMUP)
+
+        stamp = time.strftime("%H%M%S")
+        for rnd in range(ROUNDS):
+            for c in rotate(CONFIGS, rnd):
+                tag = "%s-r%d-%s" % (stamp, rnd + 1, c)
+                res, _, v = b.checkout_run(b.servers[c], c, tag, SECONDS,
+                                           profile=(rnd == 0 and c in PERF))
+                res["verify"] = v
+                runs[c].append(res)
+                if not v["ok"]:
+                    failures.append((tag, v))
+                log("round %d %-10s %8.0f req/s  p50 %s  p99 %s  p99.9 %s ms"
+                    "  errors %d  load %s | %s"
+                    % (rnd + 1, c, res["rps"], ms(res["p50"]),
+                       ms(res["p99"]), ms(res["p999"]), res["errors"],
+                       res["loadavg"], vsummary(v)))
+
+        if SLOW:
+            for rnd in range(ROUNDS):
+                for mode in rotate(slow_modes, rnd):
+                    s = b.servers[{"fast": "module", "slow": "module-slow",
+                                   "fast-b": "module-b",
+                                   "slow-b": "module-b-slow"}[mode]]
+                    tag = "%s-s%d-%s" % (stamp, rnd + 1, mode)
+                    c, p, v = b.checkout_run(s, "module", tag, SECONDS,
+                                             plain=s)
+                    slow_runs[mode].append(dict(checkout=c, plain=p,
+                                                verify=v))
+                    if not v["ok"]:
+                        failures.append((tag, v))
+                    log("slow-redis round %d %-6s plain %8.0f req/s p99 %s "
+                        "ms | checkout %6.0f req/s p99 %s ms | %s"
+                        % (rnd + 1, mode, p["rps"], ms(p["p99"]), c["rps"],
+                           ms(c["p99"]), vsummary(v)))
+
+        memory = {name: s.memory() for name, s in b.servers.items()}
+        errors = {name: s.error_lines() for name, s in b.servers.items()}
+        redis_pid = b.redis.pid()
+    finally:
+        b.stop()
+        signal.alarm(0)
+
+    report = bench_report(runs, slow_runs, memory, errors, failures)
+    print()
+    print(report)
+    save_section("bench", report)
+    log("saved to %s" % os.path.relpath(RESULTS, REPO))
+    return 1 if failures else 0
+
+
+def ratio_median(runs, a, b, key):
+    n = min(len(runs[a]), len(runs[b]))
+    return med([runs[a][i][key] / runs[b][i][key] for i in range(n)])
+
+
+def target(ok):
+    return "**met**" if ok else "**NOT met**"
+
+
+def environment():
+    try:
+        head = subprocess.run(["git", "-C", REPO, "rev-parse", "--short",
+                               "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain",
+                                "--untracked-files=no"],
+                               capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+    except Exception:
+        head, dirty = "?", ""
+    nginx = subprocess.run([NGINX_BIN, "-v"], capture_output=True,
+                           text=True).stderr.strip().split("/")[-1]
+    return ("%s, commit %s%s, nginx %s, %d CPUs, load %s"
+            % (time.strftime("%Y-%m-%d %H:%M %Z"), head,
+               " (+ local changes)" if dirty else "", nginx,
+               os.cpu_count(), loadavg()))
+
+
+def bench_report(runs, slow_runs, memory, errors, failures):
+    L = []
+    L.append("## make bench\n")
+    L.append("%s.  wrk: 1 thread, %d connections, %d s per run, %d rounds "
+             "(configurations alternated), %d customers seeded + %d new, "
+             "%d%% anonymous; medians of the runs.\n"
+             % (environment(), CONNECTIONS, SECONDS, ROUNDS, CUSTOMERS,
+                UNKNOWN, ANON))
+    L.append("| configuration | requests/s | p50 ms | p99 ms | p99.9 ms "
+             "| errors | worker peak RSS (VmHWM) | worker CPU µs/request "
+             "| CPU % worker / shop / redis | balances |")
+    L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for c, rs in runs.items():
+        if not rs:
+            continue
+        mem = memory.get(c, {})
+        vok = all(r["verify"]["ok"] for r in rs)
+        L.append("| %s | %.0f | %s | %s | %s | %d | %.1f MiB | %.1f "
+                 "| %.0f / %.0f / %.0f | %s |" % (
+            c, med([r["rps"] for r in rs]), ms(med([r["p50"] for r in rs])),
+            ms(med([r["p99"] for r in rs])), ms(med([r["p999"] for r in rs])),
+            sum(r["errors"] for r in rs), mem.get("VmHWM", 0) / 1024.0,
+            med([r["worker_us"] for r in rs]),
+            100 * med([r["cpu"]["worker"] for r in rs]),
+            100 * med([r["cpu"]["shop"] for r in rs]),
+            100 * med([r["cpu"]["redis"] for r in rs]),
+            ("exact" if c != "baseline" else "unchanged") if vok
+            else "**MISMATCH**"))
+    L.append("")
+
+    have = lambda *cs: all(runs.get(c) for c in cs)
+    if have("module", "baseline"):
+        thr = ratio_median(runs, "module", "baseline", "rps")
+        p99 = ratio_median(runs, "module", "baseline", "p99")
+        L.append("- module / baseline throughput: **%.2f** (target >= 0.75:"
+                 " %s)" % (thr, target(thr >= 0.75)))
+        L.append("- module / baseline p99: **%.2f** (target <= 1.5: %s)"
+                 % (p99, target(p99 <= 1.5)))
+        L.append("- worker CPU per request, module / baseline: %.2f "
+                 "(the throughput ratio if the worker had a CPU of its "
+                 "own: %.2f)" % (
+                     ratio_median(runs, "module", "baseline", "worker_us"),
+                     1 / ratio_median(runs, "module", "baseline",
+                                      "worker_us")))
+    if have("module", "lua"):
+        thr = ratio_median(runs, "module", "lua", "rps")
+        p99 = ratio_median(runs, "module", "lua", "p99")
+        L.append("- module / lua throughput: **%.2f** (target >= 2.5: %s);"
+                 " module / lua p99: %.2f" % (thr, target(thr >= 2.5), p99))
+        L.append("- worker CPU per request, lua / module: %.2f" % (
+            ratio_median(runs, "lua", "module", "worker_us")))
+    if have("module", "lua-timer"):
+        L.append("- module / lua-timer throughput: %.2f" % ratio_median(
+            runs, "module", "lua-timer", "rps"))
+    if have("module-b", "module"):
+        L.append("- module-b (%s) / module: throughput %.2f, p99 %.2f, "
+                 "worker CPU per request %.2f" % (
+                     MODULE_B, ratio_median(runs, "module-b", "module", "rps"),
+                     ratio_median(runs, "module-b", "module", "p99"),
+                     ratio_median(runs, "module-b", "module", "worker_us")))
+    if have("lua", "baseline"):
+        L.append("- lua / baseline throughput: %.2f, p99: %.2f" % (
+            ratio_median(runs, "lua", "baseline", "rps"),
+            ratio_median(runs, "lua", "baseline", "p99")))
+    L.append("")
+
+    if slow_runs["fast"] and slow_runs["slow"]:
+        L.append("### Slow Redis (+%g ms per read each way), /plain on the "
+                 "same worker while checkouts wait\n" % SLOW_DELAY_MS)
+        L.append("Two wrk at once on the module's worker: /checkout (%d "
+                 "connections) and /plain (`return 200`, %d connections)."
+                 "\n" % (CONNECTIONS, PLAIN_CONNECTIONS))
+        L.append("| Redis | /plain req/s | /plain p50 ms | /plain p99 ms | "
+                 "/plain p99.9 ms | /checkout req/s | /checkout p99 ms "
+                 "| balances |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|---|")
+        for mode in slow_runs:
+            rs = slow_runs[mode]
+            L.append("| %s | %.0f | %s | %s | %s | %.0f | %s | %s |" % (
+                mode, med([r["plain"]["rps"] for r in rs]),
+                ms(med([r["plain"]["p50"] for r in rs])),
+                ms(med([r["plain"]["p99"] for r in rs])),
+                ms(med([r["plain"]["p999"] for r in rs])),
+                med([r["checkout"]["rps"] for r in rs]),
+                ms(med([r["checkout"]["p99"] for r in rs])),
+                "exact" if all(r["verify"]["ok"] for r in rs)
+                else "**MISMATCH**"))
+        n = min(len(slow_runs["fast"]), len(slow_runs["slow"]))
+        delta = med([slow_runs["slow"][i]["plain"]["p99"]
+                     - slow_runs["fast"][i]["plain"]["p99"]
+                     for i in range(n)]) / 1000.0
+        L.append("")
+        L.append("- /plain p99 with slow Redis minus with fast Redis: "
+                 "**%+.2f ms** (target <= 2 ms: %s)"
+                 % (delta, target(delta <= 2.0)))
+        if slow_runs.get("slow-b"):
+            n = min(len(slow_runs["fast-b"]), len(slow_runs["slow-b"]))
+            L.append("- module-b: /plain p99 slow minus fast: %+.2f ms" % (
+                med([slow_runs["slow-b"][i]["plain"]["p99"]
+                     - slow_runs["fast-b"][i]["plain"]["p99"]
+                     for i in range(n)]) / 1000.0))
+        L.append("")
+
+    L.append("### Runs\n")
+    L.append("| run | requests/s | p50 | p75 | p90 | p99 | p99.9 ms | "
+             "errors | worker CPU µs/req | CPU % worker / shop / redis "
+             "| load before | worker RSS after | check |")
+    L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:"
+             "|---|")
+
+    def row(name, x, v):
+        cpu = x.get("cpu")
+        return ("| %s | %.0f | %s | %s | %s | %s | %s | %d | %s | %s | %s "
+                "| %s | %s |" % (
+                    name, x["rps"], ms(x["p50"]), ms(x["p75"]), ms(x["p90"]),
+                    ms(x["p99"]), ms(x["p999"]), x["errors"],
+                    "%.1f" % x["worker_us"] if "worker_us" in x else "",
+                    "%.0f / %.0f / %.0f" % (100 * cpu["worker"],
+                                            100 * cpu["shop"],
+                                            100 * cpu["redis"])
+                    if cpu else "",
+                    x.get("loadavg", ""),
+                    "%.1f MiB" % (x["rss_kb"] / 1024.0)
+                    if "rss_kb" in x else "",
+                    vsummary(v) if v else ""))
+
+    for c, rs in runs.items():
+        for i, r in enumerate(rs):
+            L.append(row("%s #%d" % (c, i + 1), r, r["verify"]))
+    for mode in slow_runs:
+        for i, r in enumerate(slow_runs[mode]):
+            L.append(row("%s-redis #%d /checkout" % (mode, i + 1),
+                         r["checkout"], r["verify"]))
+            L.append(row("%s-redis #%d /plain" % (mode, i + 1),
+                         r["plain"], None))
+    L.append("")
+
+    for tag, v in failures:
+        L.append("**Check failed** in run %s: %s" % (tag, vsummary(v)))
+        for e in v["examples"]:
+            L.append("    " + e)
+        L.append("")
+
+    noisy = {k: v for k, v in errors.items() if v}
+    if noisy:
+        L.append("### Warnings in the error logs\n")
+        for name, lines in noisy.items():
+            L.append("- %s: %d lines, e.g. `%s`"
+                     % (name, len(lines), lines[0][:300]))
+        L.append("")
+    return "\n".join(L)
+
+
+# ----------------------------------------------------------------------
+# rss
+
+
+def rss_main():
+    per = RSS_REQUESTS / 300.0 + RSS_WARMUP / 300.0 + 120
+    est = int(600 + len(RSS_CONFIGS) * per)
+    signal.alarm(est * 2)
+    b = Bench(est * 2 + 60)
+    rows = []
+    failures = []
+    try:
+        b.start_common()
+        for c in RSS_CONFIGS:
+            s = b.edge("rss-" + c, c)
+            seed(b.redis.r, b.customers)
+            wrk_wait(wrk_start(b.procs, s.port, "rss-warm-" + c, 600,
+                               CONNECTIONS, stop_after=RSS_WARMUP))
+            time.sleep(2)
+            seed(b.redis.r, b.customers)        # the warm-up's credits out
+            before = s.memory()
+            log("%s: after %d warm-up checkouts worker VmRSS %d kB"
+                % (c, RSS_WARMUP, before["VmRSS"]))
+
+            b.orders.mark()
+            tag = "rss-%s-%s" % (c, time.strftime("%H%M%S"))
+            samples = []
+            started = time.time()
+            p = wrk_start(b.procs, s.port, tag, int(per) + 60, CONNECTIONS,
+                          stop_after=RSS_REQUESTS)
+            last = 0
+            t0 = time.monotonic()
+            nerr = len(s.error_lines())
+            while p.poll() is None:
+                wrk_stopped(p)
+                time.sleep(0.2)
+                if time.monotonic() - last >= 2:
+                    samples.append((time.monotonic() - t0,
+                                    s.memory()["VmRSS"]))
+                    last = time.monotonic()
+            res = wrk_wait(p)
+            time.sleep(2)
+            after = s.memory()
+            v = verify(b.redis.r, b.customers, b.orders.read(tag), c,
+                       started, timeout=60)
+            if not v["ok"]:
+                failures.append((tag, v))
+            rows.append(dict(config=c, requests=res["requests"],
+                             rps=res["rps"], before=before, after=after,
+                             peak=max([m for _, m in samples]
+                                      + [after["VmRSS"]]),
+                             samples=samples, errors=res["errors"],
+                             verify=v, warnings=s.error_lines()[nerr:]))
+            log("%s: %d checkouts at %.0f req/s, worker VmRSS %d -> %d kB "
+                "(%+d kB), VmHWM %d kB | %s"
+                % (c, res["requests"], res["rps"], before["VmRSS"],
+                   after["VmRSS"], after["VmRSS"] - before["VmRSS"],
+                   after["VmHWM"], vsummary(v)))
+    finally:
+        b.stop()
+        signal.alarm(0)
+
+    L = ["## make bench-rss\n"]
+    L.append("%s.  Worker VmRSS after %d warm-up checkouts (before) and "
+             "after BENCH_RSS_REQUESTS=%d more (wrk: 1 thread, %d "
+             "connections).\n" % (environment(), RSS_WARMUP, RSS_REQUESTS,
+                                 CONNECTIONS))
+    L.append("| configuration | checkouts | requests/s | VmRSS before | "
+             "VmRSS after | growth | highest VmRSS sampled | VmHWM | "
+             "balances | target < 1 MiB |")
+    L.append("|---|---:|---:|---:|---:|---:|---:|---:|---|---|")
+    for r in rows:
+        growth = r["after"]["VmRSS"] - r["before"]["VmRSS"]
+        L.append("| %s | %d | %.0f | %d kB | %d kB | %+d kB | %d kB | %d kB "
+                 "| %s | %s |" % (
+                     r["config"], r["requests"], r["rps"],
+                     r["before"]["VmRSS"], r["after"]["VmRSS"], growth,
+                     r["peak"], r["after"]["VmHWM"],
+                     "exact" if r["verify"]["ok"] else "**MISMATCH**",
+                     target(growth < 1024)))
+    L.append("")
+    for r in rows:
+        L.append("- %s: %s" % (r["config"], vsummary(r["verify"])))
+        step = max(1, len(r["samples"]) // 12)
+        L.append("- %s: worker VmRSS during the run (s: kB): %s" % (
+            r["config"], ", ".join("%.0f: %d" % (t, m)
+                                   for t, m in r["samples"][::step])))
+        if r["warnings"]:
+            L.append("- %s: %d warnings in the error log during the run, "
+                     "e.g.:" % (r["config"], len(r["warnings"])))
+            for w in r["warnings"][:4]:
+                L.append("    " + w[:300])
+    for tag, v in failures:
+        L.append("")
+        L.append("**Check failed** in run %s:" % tag)
+        for e in v["examples"]:
+            L.append("    " + e)
+    L.append("")
+    report = "\n".join(L)
+    print()
+    print(report)
+    save_section("bench-rss", report)
+    log("saved to %s" % os.path.relpath(RESULTS, REPO))
+    return 1 if failures else 0
+
+
+# ----------------------------------------------------------------------
+# results.md: one section per target, the other kept
+
+
+HEADER = """# Benchmark results
+
+The last results of `make bench` and `make bench-rss` (bench/README.md
+explains the configurations and how to read the tables).  Each target
+rewrites its own section.  Numbers come from a shared, noisy 2-CPU machine:
+compare the ratios measured within one run, not absolute numbers across
+runs.
+"""
+
+
+def save_section(name, text):
+    begin, end = "<!-- BEGIN %s -->" % name, "<!-- END %s -->" % name
+    old = ""
+    if os.path.exists(RESULTS):
+        with open(RESULTS) as f:
+            old = f.read()
+    block = "%s\n%s\n%s" % (begin, text.rstrip() + "\n", end)
+    if begin in old and end in old:
+        new = (old[:old.index(begin)] + block
+               + old[old.index(end) + len(end):])
+    else:
+        if not old:
+            old = HEADER
+        new = old.rstrip() + "\n\n" + block + "\n"
+    with open(RESULTS, "w") as f:
+        f.write(new)
+
+
+def main():
+    what = sys.argv[1] if len(sys.argv) > 1 else "bench"
+
+    def on_signal(signum, frame):
+        raise KeyboardInterrupt("signal %d" % signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGALRM, on_signal)
+
+    if what == "bench":
+        return bench_main()
+    if what == "rss":
+        return rss_main()
+    print(__doc__, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
