@@ -5,12 +5,15 @@
 # BENCH_SECONDS=10 BENCH_ROUNDS=2 BENCH_CONNECTIONS=50 and the other BENCH_*
 # variables of bench/README.md are read from the environment.
 
-.PHONY: bench bench-rss
+.PHONY: bench bench-rss deps-bench
 
-bench: $(MODULE)
+deps-bench:
+	tools/install-deps bench
+
+bench: deps-bench $(MODULE)
 	NGINX_BIN=$(NGINX_BIN) LOYALTY_MODULE=$(CURDIR)/$(MODULE) \
 	    $(PYTHON) bench/bench.py bench
 
-bench-rss: $(MODULE)
+bench-rss: deps-bench $(MODULE)
 	NGINX_BIN=$(NGINX_BIN) LOYALTY_MODULE=$(CURDIR)/$(MODULE) \
 	    $(PYTHON) bench/bench.py rss
