@@ -42,6 +42,7 @@ test: deps-test
 	$(MAKE) build
 	$(MAKE) unit
 	$(MAKE) integration
+	$(MAKE) fuzz-regress
 	$(MAKE) build-static
 
 build/unit/test_rules: tests/unit/test_rules.c ngx_module/ngx_http_loyalty_rules.c \

@@ -595,13 +595,13 @@ ngx_http_loyalty_add_server(ngx_conf_t *cf, ngx_str_t *name, ngx_uint_t db,
     ngx_http_loyalty_server_t     *server, **s;
     ngx_http_loyalty_main_conf_t  *lmcf;
 
-    ngx_str_null(&none);
+    ngx_str_set(&none, "");
 
-    if (user == NULL) {
+    if (user == NULL || user->len == 0) {
         user = &none;
     }
 
-    if (password == NULL) {
+    if (password == NULL || password->len == 0) {
         password = &none;
     }
 

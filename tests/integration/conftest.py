@@ -34,8 +34,16 @@ NGINX_BIN = os.environ.get("NGINX_BIN", "/usr/sbin/nginx")
 LOYALTY_MODULE = os.environ.get("LOYALTY_MODULE", "")
 REDIS_BIN = os.environ.get("REDIS_BIN", "/usr/bin/redis-server")
 
-TEST_TIMEOUT = 120          # seconds, per test including its teardown
-NGINX_QUIT_TIMEOUT = 10     # graceful shutdown bound before SIGTERM/SIGKILL
+# LOYALTY_VALGRIND=1 (make test-valgrind: NGINX_BIN runs nginx under
+# valgrind): the harness' own time bounds are scaled by SLOW, Redis gets a
+# generous loyalty_redis_timeout where a test sets none, and tests marked
+# "timing" (they assert latencies) are skipped, each with a reason
+VALGRIND = bool(os.environ.get("LOYALTY_VALGRIND"))
+SLOW = 10 if VALGRIND else 1
+
+TEST_TIMEOUT = 120 * SLOW   # seconds, per test including its teardown
+NGINX_QUIT_TIMEOUT = 10 * SLOW  # graceful shutdown bound before SIGTERM/SIGKILL
+NGINX_START_TIMEOUT = 10 * SLOW
 
 DAY = 86400
 
@@ -195,11 +203,13 @@ def _title(name):
     return "-".join(p.capitalize() for p in name.split("-"))
 
 
-def http_request(port, path, headers=None, cookies=None, timeout=5.0,
+def http_request(port, path, headers=None, cookies=None, timeout=None,
                  method=None, body=None):
     """headers: dict or [(name, value)] sent exactly as given (any case,
     repeats allowed); cookies: dict or a raw Cookie header string; a body
     makes it a POST unless method says otherwise."""
+    if timeout is None:
+        timeout = 5.0 * SLOW
     t0 = time.monotonic()
     method = method or ("POST" if body is not None else "GET")
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
@@ -726,9 +736,11 @@ class Nginx:
             stdin=subprocess.DEVNULL, stdout=self.stdout,
             stderr=subprocess.STDOUT)
         track(self.proc.pid, "nginx master %s" % self.prefix)
-        wait_until(self._ready, 10, 0.02, "nginx to answer on port %d"
+        wait_until(self._ready, NGINX_START_TIMEOUT, 0.02,
+                   "nginx to answer on port %d"
                    % self.port)
-        wait_until(lambda: len(self.workers()) == self.workers_n, 10, 0.02,
+        wait_until(lambda: len(self.workers()) == self.workers_n,
+                   NGINX_START_TIMEOUT, 0.02,
                    "%d nginx workers" % self.workers_n)
         return self
 
@@ -768,8 +780,9 @@ class Nginx:
         def done():
             now = set(self.workers())
             return (len(now) == self.workers_n and not (now & old))
-        wait_until(done, 10, 0.02, "nginx reload (old workers %r)" % old)
-        wait_until(self._ready, 10, 0.02, "nginx after reload")
+        wait_until(done, NGINX_START_TIMEOUT, 0.02,
+                   "nginx reload (old workers %r)" % old)
+        wait_until(self._ready, NGINX_START_TIMEOUT, 0.02, "nginx after reload")
 
     def stop(self):
         """SIGQUIT, then SIGTERM/SIGKILL after a bound; returns a problem
@@ -822,11 +835,11 @@ class Nginx:
 
     # -- requests
 
-    def get(self, path, headers=None, cookies=None, timeout=5.0, port=None):
+    def get(self, path, headers=None, cookies=None, timeout=None, port=None):
         return http_request(port or self.port, path, headers=headers,
                             cookies=cookies, timeout=timeout)
 
-    def post(self, path, body, headers=None, cookies=None, timeout=5.0,
+    def post(self, path, body, headers=None, cookies=None, timeout=None,
              port=None):
         return http_request(port or self.port, path, headers=headers,
                             cookies=cookies, timeout=timeout, body=body)
@@ -882,13 +895,15 @@ class NginxFactory:
         left = re.findall(r"\{\w*port\w*\}", text)
         assert not left, "unsubstituted placeholders %r" % left
         lm = ('load_module %s;\n' % _module_path()) if load_module else ""
+        if VALGRIND and load_module and "loyalty_redis_timeout" not in text:
+            text = "loyalty_redis_timeout %ds;\n" % SLOW + text
         return CONF_TEMPLATE.format(load_module=lm, workers=workers,
                                     prefix=prefix, main=main, snippet=text)
 
     def run_t(self, prefix, conf):
         p = subprocess.run([NGINX_BIN, "-t", "-p", prefix, "-c", conf],
                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, timeout=30)
+                           stderr=subprocess.STDOUT, timeout=30 * SLOW)
         return p.returncode, p.stdout.decode("utf-8", "replace")
 
     def __call__(self, snippet, workers=1, load_module=True, main="",
@@ -1009,3 +1024,32 @@ SPOOF = [("x-loyalty-points", "999999"), ("X-LOYALTY-TIER", "gold"),
          ("x-loyalty-points", "888888"), ("X-Loyalty-", "bare-prefix")]
 KEEP = [("X-Loyalty", "kept"), ("X-Loyaltyish", "kept-too"),
         ("X-Other", "kept-3")]
+
+
+# --------------------------------------------------------------------------
+# valgrind mode: tests marked "timing" are skipped, loudly
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "timing: asserts latencies or deadlines; skipped under "
+        "valgrind (LOYALTY_VALGRIND=1)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not VALGRIND:
+        return
+    skip = pytest.mark.skip(reason="timing-sensitive, skipped under valgrind "
+                                   "(LOYALTY_VALGRIND=1)")
+    for item in items:
+        if "timing" in item.keywords:
+            item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if VALGRIND:
+        n = len([r for r in terminalreporter.stats.get("skipped", [])
+                 if "valgrind" in str(r.longrepr)])
+        terminalreporter.write_line(
+            "LOYALTY_VALGRIND: %d timing-sensitive tests skipped, harness "
+            "time bounds x%d" % (n, SLOW), yellow=True, bold=True)
