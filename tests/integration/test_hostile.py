@@ -1365,6 +1365,9 @@ def vm_hwm(pid):
                    .group(1)) * 1024
 
 
+@pytest.mark.skipif(os.environ.get("LOYALTY_SANITIZER") == "asan",
+                    reason="an RLIMIT_AS cap leaves AddressSanitizer no "
+                           "room for its shadow memory (make test-asan)")
 @pytest.mark.parametrize("count", [2 ** 31 - 1, 50000000])
 def test_fake_redis_announced_array_size(fake_redis, nginx, count):
     """A reply that announces a huge array and never sends it: the worker
