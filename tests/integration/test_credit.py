@@ -913,6 +913,7 @@ def test_redis_killed_mid_stream(redis, nginx, when):
     assert not n.bad_log_lines()
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("redis_state", ["redis-up", "redis-down-at-reload"])
 def test_reload_during_stream(redis, nginx, redis_state):
     n = nginx(edge_conf(http=JOURNAL), redis_port=redis.port, workers=2)

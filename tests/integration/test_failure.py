@@ -145,6 +145,7 @@ def test_redis_started_after_nginx(redis_factory, nginx):
                "status ok once Redis is up")
 
 
+@pytest.mark.timing
 def test_silent_redis_times_out(silent_redis, nginx):
     n = nginx(checkout_conf("loyalty_redis_timeout 200ms;"),
               redis_port=silent_redis.port)
