@@ -5,7 +5,7 @@
 # BENCH_SECONDS=10 BENCH_ROUNDS=2 BENCH_CONNECTIONS=50 and the other BENCH_*
 # variables of bench/README.md are read from the environment.
 
-.PHONY: bench bench-rss deps-bench
+.PHONY: bench bench-rss bench-counters deps-bench
 
 deps-bench:
 	tools/install-deps bench
@@ -17,3 +17,17 @@ bench: deps-bench $(MODULE)
 bench-rss: deps-bench $(MODULE)
 	NGINX_BIN=$(NGINX_BIN) LOYALTY_MODULE=$(CURDIR)/$(MODULE) \
 	    $(PYTHON) bench/bench.py rss
+
+# make bench-counters   the module against the same module built with the
+#                       counter updates compiled out (module-b), alternated
+COUNTERS_OFF = build/bench/ngx_http_loyalty_module-nocounters.so
+
+$(COUNTERS_OFF): $(SOURCES)
+	LOYALTY_CFLAGS=-DNGX_HTTP_LOYALTY_NO_COUNTERS=1 \
+	    LOYALTY_OUT=$(CURDIR)/$@ NGINX_SRC=$(NGINX_SRC) tools/build-module
+
+bench-counters: deps-bench $(MODULE) $(COUNTERS_OFF)
+	NGINX_BIN=$(NGINX_BIN) LOYALTY_MODULE=$(CURDIR)/$(MODULE) \
+	    BENCH_MODULE_B=$(CURDIR)/$(COUNTERS_OFF) \
+	    BENCH_CONFIGS="$${BENCH_CONFIGS:-module module-b}" \
+	    BENCH_SLOW=$${BENCH_SLOW:-0} $(PYTHON) bench/bench.py bench

@@ -18,10 +18,15 @@
  */
 
 
-#define NGX_HTTP_LOYALTY_JOURNAL_LINE  2048
+/*
+ * Room for the customer, order, amount and prefix even when every byte of
+ * them is escaped; only a Redis name of more than about 300 bytes could be
+ * cut short.
+ */
+#define NGX_HTTP_LOYALTY_JOURNAL_LINE  4096
 
 
-static u_char *ngx_http_loyalty_json_string(u_char *p, u_char *last,
+static u_char *ngx_http_loyalty_journal_string(u_char *p, u_char *last,
     u_char *s, size_t len);
 
 
@@ -75,18 +80,20 @@ ngx_http_loyalty_journal(ngx_http_loyalty_credit_t *cr, const char *reason,
     last = line + sizeof(line) - 1;
 
     p = ngx_slprintf(p, last, "{\"ts\":%T,\"redis\":", cr->ts);
-    p = ngx_http_loyalty_json_string(p, last, server->name.data,
-                                     server->name.len);
+    p = ngx_http_loyalty_journal_string(p, last, server->name.data,
+                                        server->name.len);
     p = ngx_slprintf(p, last, ",\"db\":%ui,\"prefix\":", server->db);
-    p = ngx_http_loyalty_json_string(p, last, llcf->prefix.data,
-                                     llcf->prefix.len);
+    p = ngx_http_loyalty_journal_string(p, last, llcf->prefix.data,
+                                        llcf->prefix.len);
     p = ngx_slprintf(p, last, ",\"customer\":");
-    p = ngx_http_loyalty_json_string(p, last, cr->customer,
-                                     cr->customer_len);
+    p = ngx_http_loyalty_journal_string(p, last, cr->customer,
+                                        cr->customer_len);
     p = ngx_slprintf(p, last, ",\"order\":");
-    p = ngx_http_loyalty_json_string(p, last, cr->order, cr->order_len);
+    p = ngx_http_loyalty_journal_string(p, last, cr->order,
+                                        cr->order_len);
     p = ngx_slprintf(p, last, ",\"amount\":");
-    p = ngx_http_loyalty_json_string(p, last, cr->amount, cr->amount_len);
+    p = ngx_http_loyalty_journal_string(p, last, cr->amount,
+                                        cr->amount_len);
     p = ngx_slprintf(p, last,
                      ",\"earned\":%uL,\"redeem\":%uL,\"ledger\":%i,"
                      "\"expire\":%T,\"reason\":\"%s\"}",
@@ -121,20 +128,19 @@ ngx_http_loyalty_journal(ngx_http_loyalty_credit_t *cr, const char *reason,
 }
 
 
+/* a JSON string, cut short rather than overflow the line */
+
 static u_char *
-ngx_http_loyalty_json_string(u_char *p, u_char *last, u_char *s, size_t len)
+ngx_http_loyalty_journal_string(u_char *p, u_char *last, u_char *s,
+    size_t len)
 {
-    size_t  n;
+    size_t  room;
 
-    n = len + ngx_escape_json(NULL, s, len);
-
-    if ((size_t) (last - p) < n + 2) {
+    if (last - p < 2) {
         return p;
     }
 
-    *p++ = '"';
-    p = (u_char *) ngx_escape_json(p, s, len);
-    *p++ = '"';
+    room = (last - p - 2) / NGX_HTTP_LOYALTY_JSON_ESCAPE;
 
-    return p;
+    return ngx_http_loyalty_json_string(p, s, ngx_min(len, room));
 }

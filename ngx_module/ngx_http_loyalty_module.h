@@ -56,7 +56,7 @@ typedef struct ngx_http_loyalty_credits_s ngx_http_loyalty_credits_t;
 #define NGX_HTTP_LOYALTY_VAR_BALANCE     9     /* points after the order */
 
 /* shared counters */
-#define NGX_HTTP_LOYALTY_BUCKETS         12
+#define NGX_HTTP_LOYALTY_BUCKETS         13
 #define NGX_HTTP_LOYALTY_OFFERS_MAX      64
 #define NGX_HTTP_LOYALTY_NAME_MAX        64
 
@@ -88,10 +88,24 @@ typedef struct {
 } ngx_http_loyalty_shctx_t;
 
 
+/*
+ * Lock-free updates of the shared counters.  NGX_HTTP_LOYALTY_NO_COUNTERS
+ * compiles them out: the benchmark measures what they cost.
+ */
+
+#if (NGX_HTTP_LOYALTY_NO_COUNTERS)
+
+#define ngx_http_loyalty_count(sh, counter)  (void) (sh)
+#define ngx_http_loyalty_count_latency(lmcf, usec)  (void) (lmcf)
+
+#else
+
 #define ngx_http_loyalty_count(sh, counter)                                  \
     if (sh) {                                                                \
         (void) ngx_atomic_fetch_add(&(sh)->counter, 1);                      \
     }
+
+#endif
 
 
 /* a Redis server as configured: one connection per worker */
@@ -295,8 +309,10 @@ ngx_int_t ngx_http_loyalty_value(ngx_http_request_t *r,
 /* ngx_http_loyalty_status.c */
 ngx_int_t ngx_http_loyalty_status_zone(ngx_conf_t *cf,
     ngx_http_loyalty_main_conf_t *lmcf);
+#if !(NGX_HTTP_LOYALTY_NO_COUNTERS)
 void ngx_http_loyalty_count_latency(ngx_http_loyalty_main_conf_t *lmcf,
     ngx_uint_t usec);
+#endif
 char *ngx_http_loyalty_status(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 char *ngx_http_loyalty_balance(ngx_conf_t *cf, ngx_command_t *cmd,

@@ -508,10 +508,11 @@ ngx_http_loyalty_redis_queue(ngx_http_loyalty_conn_t *conn, ngx_uint_t argc,
 static void
 ngx_http_loyalty_redis_write_handler(ngx_event_t *wev)
 {
-    ssize_t                   n;
-    ngx_buf_t                *b;
-    ngx_connection_t         *c;
-    ngx_http_loyalty_conn_t  *conn;
+    ssize_t                    n;
+    ngx_buf_t                 *b;
+    ngx_connection_t          *c;
+    ngx_http_loyalty_conn_t   *conn;
+    ngx_http_loyalty_shctx_t  *sh;
 
     c = wev->data;
     conn = c->data;
@@ -543,7 +544,11 @@ ngx_http_loyalty_redis_write_handler(ngx_event_t *wev)
         conn->failed = 0;
         conn->delay = 0;
 
-        ngx_http_loyalty_count(*conn->server->sh, connections);
+        sh = *conn->server->sh;
+
+        if (sh) {
+            (void) ngx_atomic_fetch_add(&sh->connections, 1);
+        }
     }
 
     b = conn->out;
@@ -577,7 +582,7 @@ ngx_http_loyalty_redis_write_handler(ngx_event_t *wev)
 static void
 ngx_http_loyalty_redis_read_handler(ngx_event_t *rev)
 {
-    ssize_t                   n;
+    ssize_t                    n;
     ngx_connection_t         *c;
     ngx_http_loyalty_conn_t  *conn;
 

@@ -285,6 +285,121 @@ ngx_http_loyalty_parse_decimal(u_char *p, size_t len, ngx_uint_t digits,
 }
 
 
+/*
+ * A JSON string, quoted: '"', '\\' and the control characters are escaped
+ * (RFC 8259), everything else is copied.  The caller reserves
+ * 2 + len * NGX_HTTP_LOYALTY_JSON_ESCAPE bytes.
+ */
+
+u_char *
+ngx_http_loyalty_json_string(u_char *p, u_char *src, size_t len)
+{
+    u_char  ch;
+
+    static u_char  hex[] = "0123456789abcdef";
+
+    *p++ = '"';
+
+    while (len--) {
+        ch = *src++;
+
+        if (ch > 0x1f && ch != '"' && ch != '\\') {
+            *p++ = ch;
+            continue;
+        }
+
+        *p++ = '\\';
+
+        switch (ch) {
+        case '"':
+        case '\\':
+            *p++ = ch;
+            break;
+        case '\b':
+            *p++ = 'b';
+            break;
+        case '\f':
+            *p++ = 'f';
+            break;
+        case '\n':
+            *p++ = 'n';
+            break;
+        case '\r':
+            *p++ = 'r';
+            break;
+        case '\t':
+            *p++ = 't';
+            break;
+        default:
+            *p++ = 'u';
+            *p++ = '0';
+            *p++ = '0';
+            *p++ = hex[ch >> 4];
+            *p++ = hex[ch & 0xf];
+        }
+    }
+
+    *p++ = '"';
+
+    return p;
+}
+
+
+/*
+ * "name":value, the value as a JSON string when quote is set, as is
+ * (a number) otherwise.  The name is the caller's own and is not escaped.
+ */
+
+u_char *
+ngx_http_loyalty_json_field(u_char *p, ngx_str_t *name, ngx_str_t *value,
+    ngx_uint_t quote)
+{
+    *p++ = '"';
+    p = ngx_cpymem(p, name->data, name->len);
+    *p++ = '"';
+    *p++ = ':';
+
+    if (quote) {
+        return ngx_http_loyalty_json_string(p, value->data, value->len);
+    }
+
+    return ngx_cpymem(p, value->data, value->len);
+}
+
+
+/*
+ * A label value of the Prometheus text format, without its quotes:
+ * '\\', '"' and a line feed are escaped.  The caller reserves
+ * len * NGX_HTTP_LOYALTY_LABEL_ESCAPE bytes.
+ */
+
+u_char *
+ngx_http_loyalty_label_value(u_char *p, u_char *src, size_t len)
+{
+    u_char  ch;
+
+    while (len--) {
+        ch = *src++;
+
+        switch (ch) {
+        case '\\':
+        case '"':
+            *p++ = '\\';
+            *p++ = ch;
+            break;
+        case '\n':
+            *p++ = '\\';
+            *p++ = 'n';
+            break;
+        default:
+            *p++ = ch;
+        }
+    }
+
+    return p;
+}
+
+
 /* the tier with the highest threshold not above the lifetime points */
 
 ngx_http_loyalty_tier_t *

@@ -13,9 +13,10 @@
 
 
 /*
- * Pure logic: customer ids, tiers, offers, numbers.  Nothing here takes a
- * request, a connection or a pool, and nothing calls into nginx, so the
- * unit tests link this file alone.
+ * Pure logic: customer ids, tiers, offers, numbers, and the escaping of
+ * JSON strings and Prometheus labels.  Nothing here takes a request, a
+ * connection or a pool, and nothing calls into nginx, so the unit tests
+ * link this file alone.
  */
 
 
@@ -41,6 +42,10 @@
  * the Lua numbers of the credit script are still exact.
  */
 #define NGX_HTTP_LOYALTY_EARN_MAX      1000000000000000ULL
+
+/* the most bytes one byte of a string becomes when escaped */
+#define NGX_HTTP_LOYALTY_JSON_ESCAPE   6        /* \u001f */
+#define NGX_HTTP_LOYALTY_LABEL_ESCAPE  2        /* \" */
 
 
 typedef struct {
@@ -108,6 +113,11 @@ ngx_http_loyalty_offer_t *ngx_http_loyalty_select_offer(
     ngx_http_loyalty_offer_t *offers, ngx_uint_t n,
     ngx_http_loyalty_record_t *rec, ngx_http_loyalty_tier_t *tier,
     time_t now, ngx_http_loyalty_cond_pt cond, void *data);
+
+u_char *ngx_http_loyalty_json_string(u_char *p, u_char *src, size_t len);
+u_char *ngx_http_loyalty_json_field(u_char *p, ngx_str_t *name,
+    ngx_str_t *value, ngx_uint_t quote);
+u_char *ngx_http_loyalty_label_value(u_char *p, u_char *src, size_t len);
 
 char *ngx_http_loyalty_offer_param(ngx_http_loyalty_offer_t *offer,
     ngx_str_t *param);

@@ -23,14 +23,23 @@ static ngx_int_t ngx_http_loyalty_init_zone(ngx_shm_zone_t *shm_zone,
     void *data);
 static ngx_int_t ngx_http_loyalty_status_handler(ngx_http_request_t *r);
 static ngx_int_t ngx_http_loyalty_balance_handler(ngx_http_request_t *r);
-static u_char *ngx_http_loyalty_json(u_char *p, ngx_str_t *name,
-    ngx_str_t *value, ngx_uint_t quote);
 
 
-/* upper bounds of the latency buckets, in microseconds */
-static ngx_uint_t  ngx_http_loyalty_buckets[NGX_HTTP_LOYALTY_BUCKETS] = {
-    250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000, 250000,
-    500000, 1000000
+/* the latency buckets of ngx_http_loyalty_count_latency(), by name */
+static ngx_str_t  ngx_http_loyalty_bucket_names[NGX_HTTP_LOYALTY_BUCKETS] = {
+    ngx_string("0.0001"),
+    ngx_string("0.00025"),
+    ngx_string("0.0005"),
+    ngx_string("0.001"),
+    ngx_string("0.0025"),
+    ngx_string("0.005"),
+    ngx_string("0.01"),
+    ngx_string("0.025"),
+    ngx_string("0.05"),
+    ngx_string("0.1"),
+    ngx_string("0.25"),
+    ngx_string("0.5"),
+    ngx_string("1")
 };
 
 
@@ -138,12 +147,20 @@ ngx_http_loyalty_init_zone(ngx_shm_zone_t *shm_zone, void *data)
 }
 
 
+#if !(NGX_HTTP_LOYALTY_NO_COUNTERS)
+
 void
 ngx_http_loyalty_count_latency(ngx_http_loyalty_main_conf_t *lmcf,
     ngx_uint_t usec)
 {
     ngx_uint_t                 i;
     ngx_http_loyalty_shctx_t  *sh;
+
+    /* upper bounds, in microseconds */
+    static ngx_uint_t  buckets[NGX_HTTP_LOYALTY_BUCKETS] = {
+        100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000,
+        250000, 500000, 1000000
+    };
 
     sh = lmcf->sh;
 
@@ -152,7 +169,7 @@ ngx_http_loyalty_count_latency(ngx_http_loyalty_main_conf_t *lmcf,
     }
 
     for (i = 0; i < NGX_HTTP_LOYALTY_BUCKETS; i++) {
-        if (usec <= ngx_http_loyalty_buckets[i]) {
+        if (usec <= buckets[i]) {
             break;
         }
     }
@@ -160,6 +177,8 @@ ngx_http_loyalty_count_latency(ngx_http_loyalty_main_conf_t *lmcf,
     (void) ngx_atomic_fetch_add(&sh->latency[i], 1);
     (void) ngx_atomic_fetch_add(&sh->latency_sum, usec);
 }
+
+#endif
 
 
 char *
@@ -228,7 +247,8 @@ ngx_http_loyalty_status_handler(ngx_http_request_t *r)
     n = sh->noffers;
 
     size = 4096 + (NGX_HTTP_LOYALTY_BUCKETS + 1) * 80
-           + n * 2 * (NGX_HTTP_LOYALTY_NAME_MAX + 80);
+           + n * 2 * (NGX_HTTP_LOYALTY_NAME_MAX * NGX_HTTP_LOYALTY_LABEL_ESCAPE
+                      + 80);
 
     b = ngx_create_temp_buf(r->pool, size);
     if (b == NULL) {
@@ -270,10 +290,8 @@ ngx_http_loyalty_status_handler(ngx_http_request_t *r)
     for (i = 0; i < NGX_HTTP_LOYALTY_BUCKETS; i++) {
         cumulative += sh->latency[i];
         p = ngx_sprintf(p,
-                        "loyalty_redis_latency_seconds_bucket{le=\"%ui.%06ui\"}"
-                        " %ui\n",
-                        ngx_http_loyalty_buckets[i] / 1000000,
-                        ngx_http_loyalty_buckets[i] % 1000000, cumulative);
+                        "loyalty_redis_latency_seconds_bucket{le=\"%V\"} %ui\n",
+                        &ngx_http_loyalty_bucket_names[i], cumulative);
     }
 
     cumulative += sh->latency[NGX_HTTP_LOYALTY_BUCKETS];
@@ -307,9 +325,11 @@ ngx_http_loyalty_status_handler(ngx_http_request_t *r)
             "# TYPE loyalty_offers_shown_total counter\n");
 
     for (i = 0; i < n; i++) {
-        p = ngx_sprintf(p, "loyalty_offers_shown_total{offer=\"%*s\"} %uA\n",
-                        sh->offers[i].len, sh->offers[i].name,
-                        sh->offers[i].shown);
+        p = ngx_cpymem(p, "loyalty_offers_shown_total{offer=\"",
+                       sizeof("loyalty_offers_shown_total{offer=\"") - 1);
+        p = ngx_http_loyalty_label_value(p, sh->offers[i].name,
+                                         sh->offers[i].len);
+        p = ngx_sprintf(p, "\"} %uA\n", sh->offers[i].shown);
     }
 
     p = ngx_sprintf(p,
@@ -318,10 +338,11 @@ ngx_http_loyalty_status_handler(ngx_http_request_t *r)
             "# TYPE loyalty_offers_converted_total counter\n");
 
     for (i = 0; i < n; i++) {
-        p = ngx_sprintf(p,
-                        "loyalty_offers_converted_total{offer=\"%*s\"} %uA\n",
-                        sh->offers[i].len, sh->offers[i].name,
-                        sh->offers[i].converted);
+        p = ngx_cpymem(p, "loyalty_offers_converted_total{offer=\"",
+                       sizeof("loyalty_offers_converted_total{offer=\"") - 1);
+        p = ngx_http_loyalty_label_value(p, sh->offers[i].name,
+                                         sh->offers[i].len);
+        p = ngx_sprintf(p, "\"} %uA\n", sh->offers[i].converted);
     }
 
     b->last = p;
@@ -382,13 +403,14 @@ ngx_int_t
 ngx_http_loyalty_balance_send(ngx_http_request_t *r,
     ngx_http_loyalty_ctx_t *ctx)
 {
-    size_t        size;
-    u_char       *p;
-    ngx_int_t     rc;
-    ngx_buf_t    *b;
-    ngx_str_t     value, name;
-    ngx_uint_t    i, known;
-    ngx_chain_t   out;
+    size_t            size;
+    u_char           *p;
+    ngx_int_t         rc;
+    ngx_buf_t        *b;
+    ngx_str_t         value, name;
+    ngx_uint_t        i, known;
+    ngx_chain_t       out;
+    ngx_table_elt_t  *h;
 
     static ngx_uint_t  vars[] = {
         NGX_HTTP_LOYALTY_VAR_POINTS,
@@ -411,21 +433,23 @@ ngx_http_loyalty_balance_send(ngx_http_request_t *r,
     known = (ctx->status == NGX_HTTP_LOYALTY_OK
              || ctx->status == NGX_HTTP_LOYALTY_NEW);
 
-    /* field names and numbers, then strings escaped at most 6 times over */
+    /* the strings, escaped, then field names and numbers */
 
-    size = 512 + 3 * NGX_INT64_LEN;
+    size = 0;
 
     if (known) {
-        size += ctx->customer.len * 6;
+        size = ctx->customer.len;
 
         if (ctx->tier) {
-            size += ctx->tier->name.len * 6;
+            size += ctx->tier->name.len;
         }
 
         if (ctx->offer) {
-            size += (ctx->offer->name.len + ctx->offer->code.len) * 6;
+            size += ctx->offer->name.len + ctx->offer->code.len;
         }
     }
+
+    size = size * NGX_HTTP_LOYALTY_JSON_ESCAPE + 256 + 3 * NGX_INT64_LEN;
 
     b = ngx_create_temp_buf(r->pool, size);
     if (b == NULL) {
@@ -436,13 +460,14 @@ ngx_http_loyalty_balance_send(ngx_http_request_t *r,
     *p++ = '{';
 
     ngx_str_set(&name, "status");
-    p = ngx_http_loyalty_json(p, &name,
-                              ngx_http_loyalty_status_name(ctx->status), 1);
+    p = ngx_http_loyalty_json_field(p, &name,
+                                    ngx_http_loyalty_status_name(ctx->status),
+                                    1);
 
     if (known) {
         ngx_str_set(&name, "customer");
         *p++ = ',';
-        p = ngx_http_loyalty_json(p, &name, &ctx->customer, 1);
+        p = ngx_http_loyalty_json_field(p, &name, &ctx->customer, 1);
 
         for (i = 0; i < sizeof(vars) / sizeof(vars[0]); i++) {
             if (ngx_http_loyalty_value(r, ctx, vars[i], &value) != NGX_OK) {
@@ -456,8 +481,8 @@ ngx_http_loyalty_balance_send(ngx_http_request_t *r,
                 continue;
             }
 
-            p = ngx_http_loyalty_json(p, &names[i], &value,
-                                      i >= 3 ? 1 : 0);
+            p = ngx_http_loyalty_json_field(p, &names[i], &value,
+                                            i >= 3 ? 1 : 0);
         }
     }
 
@@ -478,6 +503,20 @@ ngx_http_loyalty_balance_send(ngx_http_request_t *r,
         r->headers_out.status = NGX_HTTP_UNAUTHORIZED;
     }
 
+    /* a customer's own data: no cache, shared or private, keeps it */
+
+    h = ngx_list_push(&r->headers_out.headers);
+    if (h == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    h->hash = 1;
+#if (nginx_version >= 1023000)
+    h->next = NULL;
+#endif
+    ngx_str_set(&h->key, "Cache-Control");
+    ngx_str_set(&h->value, "no-store");
+
     r->headers_out.content_length_n = b->last - b->pos;
     ngx_str_set(&r->headers_out.content_type, "application/json");
     r->headers_out.content_type_len = r->headers_out.content_type.len;
@@ -494,20 +533,3 @@ ngx_http_loyalty_balance_send(ngx_http_request_t *r,
     return ngx_http_output_filter(r, &out);
 }
 
-
-static u_char *
-ngx_http_loyalty_json(u_char *p, ngx_str_t *name, ngx_str_t *value,
-    ngx_uint_t quote)
-{
-    p = ngx_sprintf(p, "\"%V\":", name);
-
-    if (!quote) {
-        return ngx_cpymem(p, value->data, value->len);
-    }
-
-    *p++ = '"';
-    p = (u_char *) ngx_escape_json(p, value->data, value->len);
-    *p++ = '"';
-
-    return p;
-}

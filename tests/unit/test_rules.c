@@ -6,10 +6,11 @@
 
 /*
  * Unit tests of the pure logic in ngx_http_loyalty_rules.c: customer ids
- * and their signatures, numbers, points earned, tiers, offers and the
- * loyalty_offer parameters.  Table-driven:
- * a failing row is printed with its input, and every row runs even when
- * an earlier one failed, so one run shows all the failures of a test.
+ * and their signatures, numbers, points earned, tiers, offers, the
+ * loyalty_offer parameters, and the escaping of JSON strings and
+ * Prometheus labels.  Table-driven: a failing row is printed with its
+ * input, and every row runs even when an earlier one failed, so one run
+ * shows all the failures of a test.
  */
 
 
@@ -60,6 +61,12 @@ typedef struct {
     ngx_str_t                   in;
     ngx_int_t                   rc;
 } t_id_case_t;
+
+
+typedef struct {
+    ngx_str_t                   in;
+    char                       *out;
+} t_escape_case_t;
 
 
 typedef struct {
@@ -1378,6 +1385,145 @@ t_tier(ngx_http_loyalty_tier_t *tier, char *name)
     return tier;
 }
 
+/* ngx_http_loyalty_json_string(): RFC 8259 strings, within the bound */
+
+static t_escape_case_t  t_json_cases[] = {
+    { ngx_string(""), "\"\"" },
+    { ngx_string("alice"), "\"alice\"" },
+    { ngx_string("a\"b"), "\"a\\\"b\"" },
+    { ngx_string("a\\b"), "\"a\\\\b\"" },
+    { ngx_string("\"\\\""), "\"\\\"\\\\\\\"\"" },
+    { ngx_string("\b\f\n\r\t"), "\"\\b\\f\\n\\r\\t\"" },
+    { ngx_string("\x01\x1f"), "\"\\u0001\\u001f\"" },
+    { { 3, (u_char *) "a\0b" }, "\"a\\u0000b\"" },
+    { ngx_string("</script>"), "\"</script>\"" },
+    { ngx_string("\x7f \xc3\xa9"), "\"\x7f \xc3\xa9\"" },
+    { ngx_string("\",\"points\":1e9,\"x\":\""),
+      "\"\\\",\\\"points\\\":1e9,\\\"x\\\":\\\"\"" }
+};
+
+
+static void
+test_json_string(void **state)
+{
+    u_char           *p;
+    size_t            i, len;
+    ngx_uint_t        failed;
+    t_escape_case_t  *t;
+    u_char            in[64];
+    u_char            buf[2 + 64 * NGX_HTTP_LOYALTY_JSON_ESCAPE + 1];
+
+    failed = 0;
+
+    for (i = 0; i < t_nelts(t_json_cases); i++) {
+        t = &t_json_cases[i];
+
+        ngx_memset(buf, 0xa5, sizeof(buf));
+
+        p = ngx_http_loyalty_json_string(buf, t->in.data, t->in.len);
+        len = p - buf;
+
+        if (len != ngx_strlen(t->out)
+            || ngx_memcmp(buf, t->out, len) != 0
+            || len > 2 + t->in.len * NGX_HTTP_LOYALTY_JSON_ESCAPE
+            || buf[len] != 0xa5)
+        {
+            print_error("json_string(row %zu) = [%.*s], expected [%s]\n",
+                        i, (int) len, buf, t->out);
+            failed++;
+        }
+    }
+
+    assert_int_equal(failed, 0);
+
+    /* the worst case, every byte a control character, fills the bound */
+
+    for (i = 0; i < sizeof(in); i++) {
+        in[i] = (u_char) (i % 0x20);
+    }
+
+    ngx_memset(buf, 0xa5, sizeof(buf));
+
+    p = ngx_http_loyalty_json_string(buf, in, sizeof(in));
+
+    assert_true(p <= buf + 2 + sizeof(in) * NGX_HTTP_LOYALTY_JSON_ESCAPE);
+    assert_int_equal(buf[sizeof(buf) - 1], 0xa5);
+    assert_memory_equal(buf, "\"\\u0000\\u0001", 13);
+}
+
+
+/* ngx_http_loyalty_json_field(): "name":"value" or "name":number */
+
+static void
+test_json_field(void **state)
+{
+    u_char     *p;
+    ngx_str_t   name, value;
+    u_char      buf[128];
+
+    ngx_str_set(&name, "offer_code");
+    ngx_str_set(&value, "SAVE\"10\\");
+
+    p = ngx_http_loyalty_json_field(buf, &name, &value, 1);
+    *p = '\0';
+    assert_string_equal(buf, "\"offer_code\":\"SAVE\\\"10\\\\\"");
+
+    ngx_str_set(&name, "points");
+    ngx_str_set(&value, "139");
+
+    p = ngx_http_loyalty_json_field(buf, &name, &value, 0);
+    *p = '\0';
+    assert_string_equal(buf, "\"points\":139");
+}
+
+
+/* ngx_http_loyalty_label_value(): the Prometheus text format's escapes */
+
+static t_escape_case_t  t_label_cases[] = {
+    { ngx_string(""), "" },
+    { ngx_string("gold_perk"), "gold_perk" },
+    { ngx_string("we\"l\\come"), "we\\\"l\\\\come" },
+    { ngx_string("a\nb"), "a\\nb" },
+    { ngx_string("tab\there\r"), "tab\there\r" },
+    { ngx_string("\"} 1\nevil_total 9"), "\\\"} 1\\nevil_total 9" },
+    { ngx_string("caf\xc3\xa9"), "caf\xc3\xa9" }
+};
+
+
+static void
+test_label_value(void **state)
+{
+    u_char           *p;
+    size_t            i, len;
+    ngx_uint_t        failed;
+    t_escape_case_t  *t;
+    u_char            buf[64 * NGX_HTTP_LOYALTY_LABEL_ESCAPE + 1];
+
+    failed = 0;
+
+    for (i = 0; i < t_nelts(t_label_cases); i++) {
+        t = &t_label_cases[i];
+
+        ngx_memset(buf, 0xa5, sizeof(buf));
+
+        p = ngx_http_loyalty_label_value(buf, t->in.data, t->in.len);
+        len = p - buf;
+
+        if (len != ngx_strlen(t->out)
+            || ngx_memcmp(buf, t->out, len) != 0
+            || len > t->in.len * NGX_HTTP_LOYALTY_LABEL_ESCAPE
+            || buf[len] != 0xa5)
+        {
+            print_error("label_value(row %zu) = [%.*s], expected [%s]\n",
+                        i, (int) len, buf, t->out);
+            failed++;
+        }
+    }
+
+    assert_int_equal(failed, 0);
+}
+
+
 
 static char *
 t_offer_name(ngx_http_loyalty_offer_t *offer)
@@ -1474,6 +1620,9 @@ main(void)
         cmocka_unit_test(test_select_offer_callback),
         cmocka_unit_test(test_offer_param),
         cmocka_unit_test(test_offer_param_values),
+        cmocka_unit_test(test_json_string),
+        cmocka_unit_test(test_json_field),
+        cmocka_unit_test(test_label_value),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);
