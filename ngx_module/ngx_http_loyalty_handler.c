@@ -490,7 +490,12 @@ ngx_http_loyalty_finish(ngx_http_request_t *r, ngx_http_loyalty_ctx_t *ctx)
                                                        r);
         }
 
-        if (ctx->offer && ctx->offer->slot) {
+        /*
+         * a balance lookup only reports the offer: the request that
+         * carries it to the shop is the one that may convert
+         */
+
+        if (ctx->offer && ctx->offer->slot && !ctx->content) {
             ngx_http_loyalty_count(sh, offers[ctx->offer->slot - 1].shown);
         }
     }

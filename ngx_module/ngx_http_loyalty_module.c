@@ -28,6 +28,8 @@ static char *ngx_http_loyalty_tier(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_http_loyalty_offer(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+static ngx_int_t ngx_http_loyalty_count_offers(ngx_conf_t *cf,
+    ngx_array_t *offers);
 static char *ngx_http_loyalty_fail(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_http_loyalty_secret(ngx_conf_t *cf, ngx_command_t *cmd,
@@ -443,6 +445,10 @@ ngx_http_loyalty_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
         return NGX_CONF_OK;
     }
 
+    if (ngx_http_loyalty_count_offers(cf, conf->offers) != NGX_OK) {
+        return NGX_CONF_ERROR;
+    }
+
     offer = conf->offers->elts;
 
     for (i = 0; i < conf->offers->nelts; i++) {
@@ -683,6 +689,13 @@ ngx_http_loyalty_tier(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     value = cf->args->elts;
 
+    if (ngx_http_loyalty_valid_text(value[1].data, value[1].len) != NGX_OK) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid tier name in \"loyalty_tier\": "
+                           "empty or with a control character");
+        return NGX_CONF_ERROR;
+    }
+
     if (llcf->tiers == NULL) {
         llcf->tiers = ngx_array_create(cf->pool, 4,
                                        sizeof(ngx_http_loyalty_tier_t));
@@ -762,11 +775,17 @@ ngx_http_loyalty_offer(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     ngx_str_t                         *value, v;
     ngx_uint_t                         i;
     ngx_http_complex_value_t          *cv;
-    ngx_http_loyalty_offer_t          *offer, **o;
-    ngx_http_loyalty_main_conf_t      *lmcf;
+    ngx_http_loyalty_offer_t          *offer;
     ngx_http_compile_complex_value_t   ccv;
 
     value = cf->args->elts;
+
+    if (ngx_http_loyalty_valid_text(value[1].data, value[1].len) != NGX_OK) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid offer name in \"loyalty_offer\": "
+                           "empty or with a control character");
+        return NGX_CONF_ERROR;
+    }
 
     if (llcf->offers == NULL) {
         llcf->offers = ngx_array_create(cf->pool, 4,
@@ -856,24 +875,64 @@ ngx_http_loyalty_offer(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         return NGX_CONF_ERROR;
     }
 
-    lmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_loyalty_module);
-
-    o = ngx_array_push(&lmcf->offers);
-    if (o == NULL) {
-        return NGX_CONF_ERROR;
-    }
-
-    *o = offer;
-
     return NGX_CONF_OK;
 
 invalid:
 
+    /* up to a control character, which must not reach the log as is */
+
+    for (v = value[i]; v.len; v.len--) {
+        if (ngx_http_loyalty_valid_text(v.data, v.len) == NGX_OK) {
+            break;
+        }
+    }
+
     ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                       "invalid parameter \"%V\" in \"loyalty_offer\": %s",
-                       &value[i], err);
+                       "invalid parameter \"%V%s\" in \"loyalty_offer\": %s",
+                       &v, v.len < value[i].len ? "..." : "", err);
 
     return NGX_CONF_ERROR;
+}
+
+
+/*
+ * The offers of a location, once its block is parsed and their array no
+ * longer moves, get their counters in the shared zone: a location's
+ * offers are all counted or, when inherited, all counted already.
+ */
+
+static ngx_int_t
+ngx_http_loyalty_count_offers(ngx_conf_t *cf, ngx_array_t *offers)
+{
+    ngx_uint_t                     i;
+    ngx_http_loyalty_offer_t      *offer, **o;
+    ngx_http_loyalty_main_conf_t  *lmcf;
+
+    if (offers->nelts == 0) {
+        return NGX_OK;
+    }
+
+    lmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_loyalty_module);
+
+    offer = offers->elts;
+    o = lmcf->offers.elts;
+
+    for (i = 0; i < lmcf->offers.nelts; i++) {
+        if (o[i] == &offer[0]) {
+            return NGX_OK;
+        }
+    }
+
+    for (i = 0; i < offers->nelts; i++) {
+        o = ngx_array_push(&lmcf->offers);
+        if (o == NULL) {
+            return NGX_ERROR;
+        }
+
+        *o = &offer[i];
+    }
+
+    return NGX_OK;
 }
 
 

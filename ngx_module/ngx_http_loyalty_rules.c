@@ -286,6 +286,30 @@ ngx_http_loyalty_parse_decimal(u_char *p, size_t len, ngx_uint_t digits,
 
 
 /*
+ * A name or code from the configuration, sent in request and response
+ * headers: not empty, no control characters.
+ */
+
+ngx_int_t
+ngx_http_loyalty_valid_text(u_char *p, size_t len)
+{
+    if (len == 0) {
+        return NGX_DECLINED;
+    }
+
+    while (len--) {
+        if (*p < 0x20 || *p == 0x7f) {
+            return NGX_DECLINED;
+        }
+
+        p++;
+    }
+
+    return NGX_OK;
+}
+
+
+/*
  * A JSON string, quoted: '"', '\\' and the control characters are escaped
  * (RFC 8259), everything else is copied.  The caller reserves
  * 2 + len * NGX_HTTP_LOYALTY_JSON_ESCAPE bytes.
@@ -513,6 +537,10 @@ ngx_http_loyalty_offer_param(ngx_http_loyalty_offer_t *offer,
 
         if (value.len == 0) {
             return "has an empty value";
+        }
+
+        if (ngx_http_loyalty_valid_text(value.data, value.len) != NGX_OK) {
+            return "contains a control character";
         }
 
         offer->code = value;

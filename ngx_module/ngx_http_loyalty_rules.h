@@ -93,6 +93,7 @@ typedef ngx_int_t (*ngx_http_loyalty_cond_pt)(void *data, void *cond);
 
 
 ngx_int_t ngx_http_loyalty_valid_id(u_char *p, size_t len);
+ngx_int_t ngx_http_loyalty_valid_text(u_char *p, size_t len);
 ngx_int_t ngx_http_loyalty_verify(ngx_str_t *value, ngx_str_t *secrets,
     ngx_uint_t nsecrets, ngx_str_t *id);
 void ngx_http_loyalty_sign(ngx_str_t *secret, u_char *id, size_t len,

@@ -74,6 +74,13 @@ BAD = [
     ("offer-if-without-dollar", "loyalty_offer x if=holdout;",
      "loyalty_offer", None),
     ("offer-if-empty", "loyalty_offer x if=;", "loyalty_offer", None),
+    # names and codes go into headers: no control characters
+    ("offer-name-newline", "loyalty_offer 'two\\nlines';", "loyalty_offer",
+     None),
+    ("offer-name-empty", "loyalty_offer '';", "loyalty_offer", None),
+    ("offer-code-crlf", "loyalty_offer x 'code=A\\r\\nX-Evil: 1';",
+     "loyalty_offer", None),
+    ("tier-name-tab", "loyalty_tier 'gold\\t' 100;", "loyalty_tier", None),
 
     ("redis-port-abc", "loyalty_redis 127.0.0.1:abc;", "loyalty_redis", None),
     ("redis-port-range", "loyalty_redis 127.0.0.1:99999;", "loyalty_redis",

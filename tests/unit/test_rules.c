@@ -1135,6 +1135,10 @@ static t_param_case_t  t_param_cases[] = {
 
     /* empty values */
     { { "code=" }, 0, "has an empty value", 0, NULL },
+    { { "code=A\r\nX-Evil: 1" }, 0, "contains a control character", 0,
+      NULL },
+    { { "new", "code=TAB\t" }, 1, "contains a control character", 0, NULL },
+    { { "code=DEL\x7f" }, 0, "contains a control character", 0, NULL },
     { { "tier=" }, 0, "has an empty value", 0, NULL },
 
     /* bounds that are not non-negative integers */
@@ -1385,6 +1389,48 @@ t_tier(ngx_http_loyalty_tier_t *tier, char *name)
     return tier;
 }
 
+/* ngx_http_loyalty_valid_text(): names and codes that go into headers */
+
+static t_id_case_t  t_text_cases[] = {
+    { ngx_string("gold"), NGX_OK },
+    { ngx_string("we\"l\\come"), NGX_OK },
+    { ngx_string("caf\xc3\xa9 10%"), NGX_OK },
+    { ngx_string(" "), NGX_OK },
+    { ngx_string(""), NGX_DECLINED },
+    { ngx_string("two\nlines"), NGX_DECLINED },
+    { ngx_string("cr\r"), NGX_DECLINED },
+    { ngx_string("\ttab"), NGX_DECLINED },
+    { ngx_string("del\x7f"), NGX_DECLINED },
+    { { 3, (u_char *) "a\0b" }, NGX_DECLINED }
+};
+
+
+static void
+test_valid_text(void **state)
+{
+    size_t        i;
+    ngx_int_t     rc;
+    ngx_uint_t    failed;
+    t_id_case_t  *t;
+
+    failed = 0;
+
+    for (i = 0; i < t_nelts(t_text_cases); i++) {
+        t = &t_text_cases[i];
+
+        rc = ngx_http_loyalty_valid_text(t->in.data, t->in.len);
+
+        if (rc != t->rc) {
+            print_error("valid_text(row %zu) = %ld, expected %ld\n",
+                        i, (long) rc, (long) t->rc);
+            failed++;
+        }
+    }
+
+    assert_int_equal(failed, 0);
+}
+
+
 /* ngx_http_loyalty_json_string(): RFC 8259 strings, within the bound */
 
 static t_escape_case_t  t_json_cases[] = {
@@ -1620,6 +1666,7 @@ main(void)
         cmocka_unit_test(test_select_offer_callback),
         cmocka_unit_test(test_offer_param),
         cmocka_unit_test(test_offer_param_values),
+        cmocka_unit_test(test_valid_text),
         cmocka_unit_test(test_json_string),
         cmocka_unit_test(test_json_field),
         cmocka_unit_test(test_label_value),
