@@ -5,7 +5,7 @@
 # BENCH_SECONDS=10 BENCH_ROUNDS=2 BENCH_CONNECTIONS=50 and the other BENCH_*
 # variables of bench/README.md are read from the environment.
 
-.PHONY: bench bench-rss bench-counters deps-bench
+.PHONY: bench bench-rss bench-counters bench-insns deps-bench
 
 deps-bench:
 	tools/install-deps bench
@@ -31,3 +31,10 @@ bench-counters: deps-bench $(MODULE) $(COUNTERS_OFF)
 	    BENCH_MODULE_B=$(CURDIR)/$(COUNTERS_OFF) \
 	    BENCH_CONFIGS="$${BENCH_CONFIGS:-module module-b}" \
 	    BENCH_SLOW=$${BENCH_SLOW:-0} $(PYTHON) bench/bench.py bench
+
+# make bench-insns   instructions per checkout under callgrind: baseline,
+#                    module and module-b (the module without counters)
+bench-insns: deps-bench $(MODULE) $(COUNTERS_OFF)
+	NGINX_BIN=$(NGINX_BIN) LOYALTY_MODULE=$(CURDIR)/$(MODULE) \
+	    BENCH_MODULE_B=$(CURDIR)/$(COUNTERS_OFF) \
+	    $(PYTHON) bench/bench.py insns

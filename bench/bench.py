@@ -12,6 +12,7 @@ delaying TCP proxy (bench/slowproxy.py).  Every process is started under
 timeout(1) and stopped by pid at the end.  See bench/README.md.
 """
 
+import glob
 import json
 import os
 import random
@@ -207,6 +208,31 @@ def mkdirs(path):
     os.chmod(path, 0o755)
 
 
+def machine_idle():
+    """Idle seconds of all CPUs together, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    return (int(fields[4]) + int(fields[5])) / os.sysconf("SC_CLK_TCK")
+
+
+def redis_calls(r):
+    """Calls and microseconds per call of each command since the last
+    CONFIG RESETSTAT."""
+    out = {}
+    for name, st in r.info("commandstats").items():
+        out[name.replace("cmdstat_", "")] = (st["calls"], st["usec_per_call"])
+    return out
+
+
+def redis_summary(res):
+    """Redis CPU per checkout and the costliest commands."""
+    calls = sorted(res["redis_calls"].items(),
+                   key=lambda kv: -kv[1][0] * kv[1][1])[:3]
+    return "%.1f us CPU/request: %s" % (
+        res["cpu"]["redis"] * 1e6 / max(1, res["rps"]),
+        ", ".join("%s %d x %.1f us" % (n, c, u) for n, (c, u) in calls))
+
+
 def loadavg():
     with open("/proc/loadavg") as f:
         return f.read().split()[0]
@@ -249,7 +275,9 @@ class Redis:
 class Nginx:
     """One nginx instance, prefix build/bench/<name>/."""
 
-    def __init__(self, procs, name, template, subs, port=None):
+    def __init__(self, procs, name, template, subs, port=None, under=None):
+        """under: a command (valgrind) to run nginx under, as one process
+        (master_process off) that is its own worker."""
         self.name = name
         self.port = port or free_port()
         self.prefix = os.path.join(OUT, name)
@@ -278,7 +306,11 @@ class Nginx:
         if t.returncode != 0:
             raise RuntimeError("nginx -t %s:\n%s" % (self.conf, t.stderr))
 
-        self.proc = procs.start(name, base + ["-g", "daemon off;"])
+        if under:
+            self.proc = procs.start(name, under + base + [
+                "-g", "daemon off; master_process off;"])
+        else:
+            self.proc = procs.start(name, base + ["-g", "daemon off;"])
         pidfile = os.path.join(self.prefix, "logs", "nginx.pid")
 
         def up():
@@ -287,10 +319,13 @@ class Nginx:
                                    % (name, self.prefix))
             return os.path.exists(pidfile) and listening(self.port)
 
-        wait_for(up, 20, "nginx " + name)
+        wait_for(up, 120 if under else 20, "nginx " + name)
 
         with open(pidfile) as f:
             self.master = int(f.read())
+        if under:
+            self.worker = self.master
+            return
         wait_for(lambda: len(children(self.master)) >= 1, 10,
                  "worker of nginx " + name)
         self.worker = children(self.master)[0]
@@ -680,7 +715,7 @@ class Bench:
         self.orders = OrderLog(os.path.join(self.shop.prefix, "logs",
                                             "orders.log"))
 
-    def edge(self, name, kind, redis_port=None, timeout="100ms"):
+    def edge(self, name, kind, redis_port=None, timeout="100ms", under=None):
         template = KINDS[kind][0]
         subs = {
             "SHOP_PORT": self.shop.port,
@@ -694,7 +729,7 @@ class Bench:
             "LUA_DIR": self.luadir,
             "LUA_BATCH": "false" if kind == "lua-timer" else "true",
         }
-        n = Nginx(self.procs, name, template, subs)
+        n = Nginx(self.procs, name, template, subs, under=under)
         self.servers[name] = n
         log("nginx %-12s on 127.0.0.1:%d (worker %d)"
             % (name, n.port, n.worker))
@@ -711,6 +746,8 @@ class Bench:
         pids = dict(worker=server.worker, shop=self.shop.worker,
                     redis=self.redis.pid())
         cpu0 = {k: cpu_seconds(v) for k, v in pids.items()}
+        self.redis.r.config_resetstat()
+        idle0 = machine_idle()
         t0 = time.monotonic()
         pc = wrk_start(self.procs, server.port, tag, seconds, CONNECTIONS)
         pp = None
@@ -725,6 +762,8 @@ class Bench:
         wall = time.monotonic() - t0
         c["cpu"] = {k: (cpu_seconds(v) - cpu0[k]) / wall
                     for k, v in pids.items()}
+        c["idle"] = (machine_idle() - idle0) / wall
+        c["redis_calls"] = redis_calls(self.redis.r)
         time.sleep(0.5)                 # credits still on their way
         if perf:
             perf_report(perf, c)
@@ -818,6 +857,9 @@ def bench_main():
                     % (rnd + 1, c, res["rps"], ms(res["p50"]),
                        ms(res["p99"]), ms(res["p999"]), res["errors"],
                        res["loadavg"], vsummary(v)))
+                log("        idle %.0f%% of %d CPUs; redis %s"
+                    % (100 * res["idle"] / os.cpu_count(), os.cpu_count(),
+                       redis_summary(res)))
 
         if SLOW:
             for rnd in range(ROUNDS):
@@ -1171,6 +1213,88 @@ def save_section(name, text):
         f.write(new)
 
 
+# ----------------------------------------------------------------------
+# make bench-insns
+
+
+INSNS_REQUESTS = env_int("BENCH_INSNS_REQUESTS", 2000)
+
+
+def insns_main():
+    """Instructions per checkout, counted by callgrind in a single nginx
+    process, one configuration after the other: deterministic where the
+    timings of make bench are noisy (user-space instructions only: the
+    kernel's work for the sockets is not counted)."""
+    configs = os.environ.get(
+        "BENCH_INSNS_CONFIGS",
+        "baseline module" + (" module-b" if MODULE_B else "")).split()
+    out = os.path.join(OUT, "callgrind")
+    if os.path.isdir(out):
+        shutil.rmtree(out)
+    mkdirs(out)
+    b = Bench(1800)
+    rows = {}
+    try:
+        b.start_common()
+        for c in configs:
+            prefix = os.path.join(out, c)
+            s = b.edge(c, c, timeout="2s", under=[
+                "valgrind", "--tool=callgrind", "--instr-atstart=no",
+                "--callgrind-out-file=%s.%%p" % prefix])
+            # warm up uninstrumented: connections, script, pools
+            wrk_wait(wrk_start(b.procs, s.port, c + "-warm", 600, 1,
+                               stop_after=200))
+            subprocess.run(["callgrind_control", "-i", "on", str(s.worker)],
+                           check=True, capture_output=True, timeout=60)
+            seed(b.redis.r, b.customers)
+            res = wrk_wait(wrk_start(b.procs, s.port, c + "-count", 600, 1,
+                                     stop_after=INSNS_REQUESTS))
+            time.sleep(1)               # the last credit
+            subprocess.run(["callgrind_control", "-d", str(s.worker)],
+                           check=True, capture_output=True, timeout=60)
+            total = 0
+            for path in glob.glob(prefix + ".*"):
+                with open(path) as f:
+                    m = re.search(r"^(?:summary|totals): (\d+)", f.read(),
+                                  re.M)
+                if m:
+                    total = max(total, int(m.group(1)))
+            rows[c] = (res["requests"], total)
+            log("%-10s %d checkouts, %d instructions, %.0f per checkout"
+                % (c, res["requests"], total, total / res["requests"]))
+            b.procs.stop(s.proc)
+    finally:
+        b.stop()
+
+    per = {c: t / n for c, (n, t) in rows.items()}
+    L = ["## make bench-insns", "",
+         "%s, user-space instructions per checkout of the single nginx "
+         "process under callgrind, %d checkouts each (wrk, 1 connection, "
+         "the workload of make bench), after 200 uninstrumented."
+         % (environment(), INSNS_REQUESTS), "",
+         "| configuration | checkouts | instructions | per checkout |",
+         "|---|---:|---:|---:|"]
+    for c, (n, t) in rows.items():
+        L.append("| %s | %d | %d | %.0f |" % (c, n, t, per[c]))
+    L.append("")
+    if "baseline" in per and "module" in per:
+        L.append("- module - baseline: %+.0f instructions per checkout "
+                 "(module / baseline %.2f)"
+                 % (per["module"] - per["baseline"],
+                    per["module"] / per["baseline"]))
+    if "module-b" in per and "module" in per:
+        L.append("- module - module-b (%s): %+.0f instructions per checkout, "
+                 "%.2f%% of the module's"
+                 % (os.path.basename(MODULE_B),
+                    per["module"] - per["module-b"],
+                    100 * (per["module"] - per["module-b"]) / per["module"]))
+    text = "\n".join(L) + "\n"
+    print()
+    print(text)
+    save_section("make bench-insns", text)
+    return 0
+
+
 def main():
     what = sys.argv[1] if len(sys.argv) > 1 else "bench"
 
@@ -1184,6 +1308,8 @@ def main():
         return bench_main()
     if what == "rss":
         return rss_main()
+    if what == "insns":
+        return insns_main()
     print(__doc__, file=sys.stderr)
     return 2
 

@@ -188,7 +188,7 @@ ngx_http_loyalty_credit(ngx_http_request_t *r, ngx_http_loyalty_ctx_t *ctx,
 static ngx_int_t
 ngx_http_loyalty_credit_send(ngx_http_loyalty_credit_t *cr, ngx_log_t *log)
 {
-    u_char                        *p, *last;
+    u_char                        *p;
     ngx_str_t                      argv[13];
     ngx_http_loyalty_cmd_t        *cmd;
     ngx_http_loyalty_loc_conf_t   *llcf;
@@ -214,43 +214,48 @@ ngx_http_loyalty_credit_send(ngx_http_loyalty_credit_t *cr, ngx_log_t *log)
 
     ngx_str_set(&argv[2], "3");
 
+    /* the lengths are bounded by the id, order and prefix checks */
+
     p = keys;
-    last = keys + sizeof(keys);
 
     argv[3].data = p;
-    p = ngx_slprintf(p, last, "%V{%*s}", &llcf->prefix,
-                     cr->customer_len, cr->customer);
+    p = ngx_cpymem(p, llcf->prefix.data, llcf->prefix.len);
+    *p++ = '{';
+    p = ngx_cpymem(p, cr->customer, cr->customer_len);
+    *p++ = '}';
     argv[3].len = p - argv[3].data;
 
     argv[4].data = p;
-    p = ngx_slprintf(p, last, "%V:order:%*s", &argv[3],
-                     cr->order_len, cr->order);
+    p = ngx_cpymem(p, argv[3].data, argv[3].len);
+    p = ngx_cpymem(p, ":order:", sizeof(":order:") - 1);
+    p = ngx_cpymem(p, cr->order, cr->order_len);
     argv[4].len = p - argv[4].data;
 
     argv[5].data = p;
-    p = ngx_slprintf(p, last, "%V:ledger", &argv[3]);
+    p = ngx_cpymem(p, argv[3].data, argv[3].len);
+    p = ngx_cpymem(p, ":ledger", sizeof(":ledger") - 1);
     argv[5].len = p - argv[5].data;
 
     p = nums;
 
     argv[6].data = p;
-    p = ngx_sprintf(p, "%uL", cr->earned);
+    p = ngx_http_loyalty_write_uint(p, cr->earned);
     argv[6].len = p - argv[6].data;
 
     argv[7].data = p;
-    p = ngx_sprintf(p, "%uL", cr->redeem);
+    p = ngx_http_loyalty_write_uint(p, cr->redeem);
     argv[7].len = p - argv[7].data;
 
     argv[8].data = p;
-    p = ngx_sprintf(p, "%T", cr->ts);
+    p = ngx_http_loyalty_write_uint(p, (uint64_t) cr->ts);
     argv[8].len = p - argv[8].data;
 
     argv[9].data = p;
-    p = ngx_sprintf(p, "%i", llcf->ledger);
+    p = ngx_http_loyalty_write_uint(p, (uint64_t) llcf->ledger);
     argv[9].len = p - argv[9].data;
 
     argv[10].data = p;
-    p = ngx_sprintf(p, "%T", llcf->expire);
+    p = ngx_http_loyalty_write_uint(p, (uint64_t) llcf->expire);
     argv[10].len = p - argv[10].data;
 
     argv[11].data = cr->order;

@@ -77,10 +77,14 @@ ngx_http_loyalty_command_write(u_char *p, ngx_uint_t argc, ngx_str_t *argv)
 {
     ngx_uint_t  i;
 
-    p = ngx_sprintf(p, "*%ui\r\n", argc);
+    *p++ = '*';
+    p = ngx_http_loyalty_write_uint(p, argc);
+    *p++ = CR; *p++ = LF;
 
     for (i = 0; i < argc; i++) {
-        p = ngx_sprintf(p, "$%uz\r\n", argv[i].len);
+        *p++ = '$';
+        p = ngx_http_loyalty_write_uint(p, argv[i].len);
+        *p++ = CR; *p++ = LF;
         p = ngx_cpymem(p, argv[i].data, argv[i].len);
         *p++ = CR; *p++ = LF;
     }

@@ -286,6 +286,29 @@ ngx_http_loyalty_parse_decimal(u_char *p, size_t len, ngx_uint_t digits,
 
 
 /*
+ * The decimal digits of n, as ngx_sprintf(p, "%uL", n) writes them but
+ * without parsing a format: the request path writes several numbers per
+ * request.  The caller reserves NGX_INT64_LEN bytes.
+ */
+
+u_char *
+ngx_http_loyalty_write_uint(u_char *p, uint64_t n)
+{
+    u_char  *s;
+    u_char   digits[NGX_INT64_LEN];
+
+    s = digits + NGX_INT64_LEN;
+
+    do {
+        *--s = (u_char) (n % 10 + '0');
+        n /= 10;
+    } while (n);
+
+    return ngx_cpymem(p, s, digits + NGX_INT64_LEN - s);
+}
+
+
+/*
  * A name or code from the configuration, sent in request and response
  * headers: not empty, no control characters.
  */

@@ -115,6 +115,7 @@ ngx_http_loyalty_offer_t *ngx_http_loyalty_select_offer(
     ngx_http_loyalty_record_t *rec, ngx_http_loyalty_tier_t *tier,
     time_t now, ngx_http_loyalty_cond_pt cond, void *data);
 
+u_char *ngx_http_loyalty_write_uint(u_char *p, uint64_t n);
 u_char *ngx_http_loyalty_json_string(u_char *p, u_char *src, size_t len);
 u_char *ngx_http_loyalty_json_field(u_char *p, ngx_str_t *name,
     ngx_str_t *value, ngx_uint_t quote);

@@ -14,6 +14,7 @@ typedef struct {
     ngx_str_t                  name;
     ngx_str_t                  lowcase;
     ngx_uint_t                 var;
+    ngx_uint_t                 hash;            /* of lowcase, at startup */
 } ngx_http_loyalty_header_t;
 
 
@@ -60,39 +61,39 @@ static ngx_http_variable_t  ngx_http_loyalty_vars[] = {
 
 static ngx_http_loyalty_header_t  ngx_http_loyalty_request_headers[] = {
     { ngx_string("X-Loyalty-Status"), ngx_string("x-loyalty-status"),
-      NGX_HTTP_LOYALTY_VAR_STATUS },
+      NGX_HTTP_LOYALTY_VAR_STATUS, 0 },
     { ngx_string("X-Loyalty-Customer"), ngx_string("x-loyalty-customer"),
-      NGX_HTTP_LOYALTY_VAR_CUSTOMER },
+      NGX_HTTP_LOYALTY_VAR_CUSTOMER, 0 },
     { ngx_string("X-Loyalty-Points"), ngx_string("x-loyalty-points"),
-      NGX_HTTP_LOYALTY_VAR_POINTS },
+      NGX_HTTP_LOYALTY_VAR_POINTS, 0 },
     { ngx_string("X-Loyalty-Lifetime"), ngx_string("x-loyalty-lifetime"),
-      NGX_HTTP_LOYALTY_VAR_LIFETIME },
+      NGX_HTTP_LOYALTY_VAR_LIFETIME, 0 },
     { ngx_string("X-Loyalty-Tier"), ngx_string("x-loyalty-tier"),
-      NGX_HTTP_LOYALTY_VAR_TIER },
+      NGX_HTTP_LOYALTY_VAR_TIER, 0 },
     { ngx_string("X-Loyalty-Orders"), ngx_string("x-loyalty-orders"),
-      NGX_HTTP_LOYALTY_VAR_ORDERS },
+      NGX_HTTP_LOYALTY_VAR_ORDERS, 0 },
     { ngx_string("X-Loyalty-Offer"), ngx_string("x-loyalty-offer"),
-      NGX_HTTP_LOYALTY_VAR_OFFER },
+      NGX_HTTP_LOYALTY_VAR_OFFER, 0 },
     { ngx_string("X-Loyalty-Offer-Code"), ngx_string("x-loyalty-offer-code"),
-      NGX_HTTP_LOYALTY_VAR_OFFER_CODE },
-    { ngx_null_string, ngx_null_string, 0 }
+      NGX_HTTP_LOYALTY_VAR_OFFER_CODE, 0 },
+    { ngx_null_string, ngx_null_string, 0, 0 }
 };
 
 
 static ngx_http_loyalty_header_t  ngx_http_loyalty_response_headers[] = {
     { ngx_string("X-Loyalty-Status"), ngx_string("x-loyalty-status"),
-      NGX_HTTP_LOYALTY_VAR_STATUS },
+      NGX_HTTP_LOYALTY_VAR_STATUS, 0 },
     { ngx_string("X-Loyalty-Points"), ngx_string("x-loyalty-points"),
-      NGX_HTTP_LOYALTY_VAR_BALANCE },
+      NGX_HTTP_LOYALTY_VAR_BALANCE, 0 },
     { ngx_string("X-Loyalty-Tier"), ngx_string("x-loyalty-tier"),
-      NGX_HTTP_LOYALTY_VAR_TIER },
+      NGX_HTTP_LOYALTY_VAR_TIER, 0 },
     { ngx_string("X-Loyalty-Offer"), ngx_string("x-loyalty-offer"),
-      NGX_HTTP_LOYALTY_VAR_OFFER },
+      NGX_HTTP_LOYALTY_VAR_OFFER, 0 },
     { ngx_string("X-Loyalty-Offer-Code"), ngx_string("x-loyalty-offer-code"),
-      NGX_HTTP_LOYALTY_VAR_OFFER_CODE },
+      NGX_HTTP_LOYALTY_VAR_OFFER_CODE, 0 },
     { ngx_string("X-Loyalty-Earned"), ngx_string("x-loyalty-earned"),
-      NGX_HTTP_LOYALTY_VAR_EARNED },
-    { ngx_null_string, ngx_null_string, 0 }
+      NGX_HTTP_LOYALTY_VAR_EARNED, 0 },
+    { ngx_null_string, ngx_null_string, 0, 0 }
 };
 
 
@@ -109,7 +110,12 @@ static ngx_str_t  ngx_http_loyalty_status_names[] = {
 ngx_int_t
 ngx_http_loyalty_add_variables(ngx_conf_t *cf)
 {
-    ngx_http_variable_t  *var, *v;
+    ngx_http_variable_t        *var, *v;
+    ngx_http_loyalty_header_t  *hd;
+
+    for (hd = ngx_http_loyalty_request_headers; hd->name.len; hd++) {
+        hd->hash = ngx_hash_key(hd->lowcase.data, hd->lowcase.len);
+    }
 
     for (v = ngx_http_loyalty_vars; v->name.len; v++) {
         var = ngx_http_add_variable(cf, &v->name, v->flags);
@@ -252,7 +258,7 @@ ngx_http_loyalty_uint_value(ngx_http_request_t *r, uint64_t n,
         return NGX_ERROR;
     }
 
-    value->len = ngx_sprintf(value->data, "%uL", n) - value->data;
+    value->len = ngx_http_loyalty_write_uint(value->data, n) - value->data;
 
     return NGX_OK;
 }
@@ -431,7 +437,7 @@ ngx_http_loyalty_set_request_headers(ngx_http_request_t *r,
 
         h->key = hd->name;
         h->lowcase_key = hd->lowcase.data;
-        h->hash = ngx_hash_key(hd->lowcase.data, hd->lowcase.len);
+        h->hash = hd->hash;
         h->value = value;
 #if (nginx_version >= 1023000)
         h->next = NULL;

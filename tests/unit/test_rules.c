@@ -1389,6 +1389,48 @@ t_tier(ngx_http_loyalty_tier_t *tier, char *name)
     return tier;
 }
 
+/* ngx_http_loyalty_write_uint(): as "%uL", at the edges of each width */
+
+static void
+test_write_uint(void **state)
+{
+    u_char      *p;
+    uint64_t     n;
+    ngx_uint_t   i, failed;
+    char         want[NGX_INT64_LEN + 1];
+    u_char       buf[NGX_INT64_LEN + 1];
+
+    static uint64_t  values[] = {
+        0, 1, 9, 10, 99, 100, 12345, 4294967295ULL, 4294967296ULL,
+        999999999999999999ULL, 1000000000000000000ULL,
+        9007199254740992ULL, 18446744073709551615ULL
+    };
+
+    failed = 0;
+
+    for (i = 0; i < t_nelts(values) + 64; i++) {
+        n = (i < t_nelts(values)) ? values[i]
+                                  : (1ULL << (i - t_nelts(values))) - 1;
+
+        ngx_memset(buf, 0xa5, sizeof(buf));
+        snprintf(want, sizeof(want), "%llu", (unsigned long long) n);
+
+        p = ngx_http_loyalty_write_uint(buf, n);
+
+        if ((size_t) (p - buf) != ngx_strlen(want)
+            || ngx_memcmp(buf, want, p - buf) != 0
+            || *p != 0xa5)
+        {
+            print_error("write_uint(%s) = [%.*s]\n", want,
+                        (int) (p - buf), buf);
+            failed++;
+        }
+    }
+
+    assert_int_equal(failed, 0);
+}
+
+
 /* ngx_http_loyalty_valid_text(): names and codes that go into headers */
 
 static t_id_case_t  t_text_cases[] = {
@@ -1666,6 +1708,7 @@ main(void)
         cmocka_unit_test(test_select_offer_callback),
         cmocka_unit_test(test_offer_param),
         cmocka_unit_test(test_offer_param_values),
+        cmocka_unit_test(test_write_uint),
         cmocka_unit_test(test_valid_text),
         cmocka_unit_test(test_json_string),
         cmocka_unit_test(test_json_field),
