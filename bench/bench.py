@@ -317,7 +317,8 @@ class Nginx:
             if self.proc.poll() is not None:
                 raise RuntimeError("nginx %s exited, see %s/logs/error.log"
                                    % (name, self.prefix))
-            return os.path.exists(pidfile) and listening(self.port)
+            return (os.path.exists(pidfile) and os.path.getsize(pidfile) > 0
+                    and listening(self.port))
 
         wait_for(up, 120 if under else 20, "nginx " + name)
 
@@ -435,12 +436,13 @@ WRK_LUA = os.path.join(HERE, "wrk.lua")
 
 
 def wrk_start(procs, port, tag, seconds, connections, mode="checkout",
-              stop_after=0, path=None):
+              stop_after=0, path=None, seed=None):
     url = "http://127.0.0.1:%d%s" % (port, path or "/" + mode)
     env = dict(os.environ, BENCH_MODE=mode, BENCH_RUN=tag,
                BENCH_CUSTOMERS=str(CUSTOMERS), BENCH_UNKNOWN=str(UNKNOWN),
                BENCH_ANON=str(ANON), BENCH_STOP_AFTER=str(stop_after),
-               BENCH_SEED=str(abs(hash(tag)) % 100000))
+               BENCH_SEED=str(seed if seed is not None
+                              else abs(hash(tag)) % 100000))
     logdir = os.path.join(OUT, "wrk")
     mkdirs(logdir)
     out = open(os.path.join(logdir, tag + ".txt"), "w")
@@ -1247,8 +1249,9 @@ def insns_main():
             subprocess.run(["callgrind_control", "-i", "on", str(s.worker)],
                            check=True, capture_output=True, timeout=60)
             seed(b.redis.r, b.customers)
+            # the same customers and orders for every configuration
             res = wrk_wait(wrk_start(b.procs, s.port, c + "-count", 600, 1,
-                                     stop_after=INSNS_REQUESTS))
+                                     stop_after=INSNS_REQUESTS, seed=1))
             time.sleep(1)               # the last credit
             subprocess.run(["callgrind_control", "-d", str(s.worker)],
                            check=True, capture_output=True, timeout=60)

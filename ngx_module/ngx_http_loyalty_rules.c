@@ -294,17 +294,23 @@ ngx_http_loyalty_parse_decimal(u_char *p, size_t len, ngx_uint_t digits,
 u_char *
 ngx_http_loyalty_write_uint(u_char *p, uint64_t n)
 {
-    u_char  *s;
-    u_char   digits[NGX_INT64_LEN];
+    u_char    *q;
+    uint64_t   m;
 
-    s = digits + NGX_INT64_LEN;
+    /* most numbers here are lengths of one or two digits */
+
+    for (m = n; m >= 10; m /= 10) {
+        p++;
+    }
+
+    q = ++p;
 
     do {
-        *--s = (u_char) (n % 10 + '0');
+        *--q = (u_char) (n % 10 + '0');
         n /= 10;
     } while (n);
 
-    return ngx_cpymem(p, s, digits + NGX_INT64_LEN - s);
+    return p;
 }
 
 
