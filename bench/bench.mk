@@ -1,6 +1,7 @@
 # make bench       baseline / module / lua throughput and latency, alternated,
 #                  plus the slow-Redis case; results in bench/results.md
 # make bench-rss   worker RSS over BENCH_RSS_REQUESTS (1,000,000) checkouts
+# make bench-counters, make bench-insns: what the counters cost, below
 #
 # BENCH_SECONDS=10 BENCH_ROUNDS=2 BENCH_CONNECTIONS=50 and the other BENCH_*
 # variables of bench/README.md are read from the environment.
@@ -30,7 +31,8 @@ bench-counters: deps-bench $(MODULE) $(COUNTERS_OFF)
 	NGINX_BIN=$(NGINX_BIN) LOYALTY_MODULE=$(CURDIR)/$(MODULE) \
 	    BENCH_MODULE_B=$(CURDIR)/$(COUNTERS_OFF) \
 	    BENCH_CONFIGS="$${BENCH_CONFIGS:-module module-b}" \
-	    BENCH_SLOW=$${BENCH_SLOW:-0} $(PYTHON) bench/bench.py bench
+	    BENCH_SLOW=$${BENCH_SLOW:-0} BENCH_SECTION=bench-counters \
+	    $(PYTHON) bench/bench.py bench
 
 # make bench-insns   instructions per checkout under callgrind: baseline,
 #                    module and module-b (the module without counters)

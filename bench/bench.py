@@ -891,7 +891,7 @@ def bench_main():
     report = bench_report(runs, slow_runs, memory, errors, failures)
     print()
     print(report)
-    save_section("bench", report)
+    save_section(os.environ.get("BENCH_SECTION", "bench"), report)
     log("saved to %s" % os.path.relpath(RESULTS, REPO))
     return 1 if failures else 0
 
@@ -1189,9 +1189,9 @@ def rss_main():
 
 HEADER = """# Benchmark results
 
-The last results of `make bench` and `make bench-rss` (bench/README.md
-explains the configurations and how to read the tables).  Each target
-rewrites its own section.  Numbers come from a shared, noisy 2-CPU machine:
+The last results of `make bench`, `make bench-rss`, `make bench-counters`
+and `make bench-insns` (bench/README.md explains the configurations and how
+to read the tables).  Each target rewrites its own section.  Numbers come from a shared, noisy 2-CPU machine:
 compare the ratios measured within one run, not absolute numbers across
 runs.
 """
@@ -1294,7 +1294,7 @@ def insns_main():
     text = "\n".join(L) + "\n"
     print()
     print(text)
-    save_section("make bench-insns", text)
+    save_section("bench-insns", text)
     return 0
 
 
