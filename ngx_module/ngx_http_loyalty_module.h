@@ -56,7 +56,7 @@ typedef struct ngx_http_loyalty_credits_s ngx_http_loyalty_credits_t;
 #define NGX_HTTP_LOYALTY_VAR_BALANCE     9     /* points after the order */
 
 /* shared counters */
-#define NGX_HTTP_LOYALTY_BUCKETS         13
+#define NGX_HTTP_LOYALTY_BUCKETS         13    /* ngx_http_loyalty_buckets[] */
 #define NGX_HTTP_LOYALTY_OFFERS_MAX      64
 #define NGX_HTTP_LOYALTY_NAME_MAX        64
 

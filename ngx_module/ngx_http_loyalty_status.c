@@ -19,27 +19,33 @@
 #define NGX_HTTP_LOYALTY_ZONE_SIZE     (64 * 1024)
 
 
+typedef struct {
+    ngx_uint_t                 usec;            /* upper bound */
+    ngx_str_t                  le;              /* the same, in seconds */
+} ngx_http_loyalty_bucket_t;
+
+
 static ngx_int_t ngx_http_loyalty_init_zone(ngx_shm_zone_t *shm_zone,
     void *data);
 static ngx_int_t ngx_http_loyalty_status_handler(ngx_http_request_t *r);
 static ngx_int_t ngx_http_loyalty_balance_handler(ngx_http_request_t *r);
 
 
-/* the latency buckets of ngx_http_loyalty_count_latency(), by name */
-static ngx_str_t  ngx_http_loyalty_bucket_names[NGX_HTTP_LOYALTY_BUCKETS] = {
-    ngx_string("0.0001"),
-    ngx_string("0.00025"),
-    ngx_string("0.0005"),
-    ngx_string("0.001"),
-    ngx_string("0.0025"),
-    ngx_string("0.005"),
-    ngx_string("0.01"),
-    ngx_string("0.025"),
-    ngx_string("0.05"),
-    ngx_string("0.1"),
-    ngx_string("0.25"),
-    ngx_string("0.5"),
-    ngx_string("1")
+/* the latency buckets: loopback to LAN, up to 1 s */
+static ngx_http_loyalty_bucket_t  ngx_http_loyalty_buckets[] = {
+    { 100, ngx_string("0.0001") },
+    { 250, ngx_string("0.00025") },
+    { 500, ngx_string("0.0005") },
+    { 1000, ngx_string("0.001") },
+    { 2500, ngx_string("0.0025") },
+    { 5000, ngx_string("0.005") },
+    { 10000, ngx_string("0.01") },
+    { 25000, ngx_string("0.025") },
+    { 50000, ngx_string("0.05") },
+    { 100000, ngx_string("0.1") },
+    { 250000, ngx_string("0.25") },
+    { 500000, ngx_string("0.5") },
+    { 1000000, ngx_string("1") }
 };
 
 
@@ -156,12 +162,6 @@ ngx_http_loyalty_count_latency(ngx_http_loyalty_main_conf_t *lmcf,
     ngx_uint_t                 i;
     ngx_http_loyalty_shctx_t  *sh;
 
-    /* upper bounds, in microseconds */
-    static ngx_uint_t  buckets[NGX_HTTP_LOYALTY_BUCKETS] = {
-        100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000,
-        250000, 500000, 1000000
-    };
-
     sh = lmcf->sh;
 
     if (sh == NULL) {
@@ -169,7 +169,7 @@ ngx_http_loyalty_count_latency(ngx_http_loyalty_main_conf_t *lmcf,
     }
 
     for (i = 0; i < NGX_HTTP_LOYALTY_BUCKETS; i++) {
-        if (usec <= buckets[i]) {
+        if (usec <= ngx_http_loyalty_buckets[i].usec) {
             break;
         }
     }
@@ -289,9 +289,8 @@ ngx_http_loyalty_status_handler(ngx_http_request_t *r)
 
     for (i = 0; i < NGX_HTTP_LOYALTY_BUCKETS; i++) {
         cumulative += sh->latency[i];
-        p = ngx_sprintf(p,
-                        "loyalty_redis_latency_seconds_bucket{le=\"%V\"} %ui\n",
-                        &ngx_http_loyalty_bucket_names[i], cumulative);
+        p = ngx_sprintf(p, "loyalty_redis_latency_seconds_bucket{le=\"%V\"}"
+                        " %ui\n", &ngx_http_loyalty_buckets[i].le, cumulative);
     }
 
     cumulative += sh->latency[NGX_HTTP_LOYALTY_BUCKETS];
