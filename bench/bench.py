@@ -926,7 +926,7 @@ def environment():
 
 def bench_report(runs, slow_runs, memory, errors, failures):
     L = []
-    L.append("## make bench\n")
+    L.append("## make %s\n" % os.environ.get("BENCH_SECTION", "bench"))
     L.append("%s.  wrk: 1 thread, %d connections, %d s per run, %d rounds "
              "(configurations alternated), %d customers seeded + %d new, "
              "%d%% anonymous; medians of the runs.\n"
