@@ -19,9 +19,9 @@
 
 
 /*
- * Room for the customer, order, amount and prefix even when every byte of
- * them is escaped; only a Redis name of more than about 300 bytes could be
- * cut short.
+ * Room for every field even when each byte of each string is escaped:
+ * 6 * (address 260 + prefix 64 + customer 128 + order 128 + amount 17)
+ * and about 300 bytes of names and numbers.
  */
 #define NGX_HTTP_LOYALTY_JOURNAL_LINE  4096
 
@@ -128,7 +128,7 @@ ngx_http_loyalty_journal(ngx_http_loyalty_credit_t *cr, const char *reason,
 }
 
 
-/* a JSON string, cut short rather than overflow the line */
+/* a JSON string; the line is sized so that it is never cut short */
 
 static u_char *
 ngx_http_loyalty_journal_string(u_char *p, u_char *last, u_char *s,

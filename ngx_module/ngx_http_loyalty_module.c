@@ -561,6 +561,13 @@ ngx_http_loyalty_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         return NGX_CONF_ERROR;
     }
 
+    if (name->len > NGX_HTTP_LOYALTY_ADDRESS_MAX) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "address in \"loyalty_redis\" is longer than "
+                           "%d bytes", NGX_HTTP_LOYALTY_ADDRESS_MAX);
+        return NGX_CONF_ERROR;
+    }
+
     if (user.len && password.len == 0) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                            "\"user=\" in \"loyalty_redis\" requires "

@@ -40,6 +40,7 @@ typedef struct ngx_http_loyalty_credits_s ngx_http_loyalty_credits_t;
 
 
 #define NGX_HTTP_LOYALTY_PREFIX_MAX    64
+#define NGX_HTTP_LOYALTY_ADDRESS_MAX   260      /* a host name and a port */
 #define NGX_HTTP_LOYALTY_ORDER_MAX     128
 #define NGX_HTTP_LOYALTY_SHA1_LEN      40
 
@@ -56,7 +57,7 @@ typedef struct ngx_http_loyalty_credits_s ngx_http_loyalty_credits_t;
 #define NGX_HTTP_LOYALTY_VAR_BALANCE     9     /* points after the order */
 
 /* shared counters */
-#define NGX_HTTP_LOYALTY_BUCKETS         13    /* ngx_http_loyalty_buckets[] */
+#define NGX_HTTP_LOYALTY_BUCKETS         13
 #define NGX_HTTP_LOYALTY_OFFERS_MAX      64
 #define NGX_HTTP_LOYALTY_NAME_MAX        64
 
@@ -101,9 +102,13 @@ typedef struct {
 #else
 
 #define ngx_http_loyalty_count(sh, counter)                                  \
-    if (sh) {                                                                \
-        (void) ngx_atomic_fetch_add(&(sh)->counter, 1);                      \
-    }
+    do {                                                                     \
+        ngx_http_loyalty_shctx_t  *sh_ = (sh);                               \
+                                                                             \
+        if (sh_) {                                                           \
+            (void) ngx_atomic_fetch_add(&sh_->counter, 1);                   \
+        }                                                                    \
+    } while (0)
 
 #endif
 

@@ -544,6 +544,8 @@ ngx_http_loyalty_redis_write_handler(ngx_event_t *wev)
         conn->failed = 0;
         conn->delay = 0;
 
+        /* not ngx_http_loyalty_count(): paired with the decrement on close */
+
         sh = *conn->server->sh;
 
         if (sh) {
@@ -582,7 +584,7 @@ ngx_http_loyalty_redis_write_handler(ngx_event_t *wev)
 static void
 ngx_http_loyalty_redis_read_handler(ngx_event_t *rev)
 {
-    ssize_t                    n;
+    ssize_t                   n;
     ngx_connection_t         *c;
     ngx_http_loyalty_conn_t  *conn;
 

@@ -32,7 +32,9 @@ static ngx_int_t ngx_http_loyalty_balance_handler(ngx_http_request_t *r);
 
 
 /* the latency buckets: loopback to LAN, up to 1 s */
-static ngx_http_loyalty_bucket_t  ngx_http_loyalty_buckets[] = {
+static ngx_http_loyalty_bucket_t
+    ngx_http_loyalty_buckets[NGX_HTTP_LOYALTY_BUCKETS] =
+{
     { 100, ngx_string("0.0001") },
     { 250, ngx_string("0.00025") },
     { 500, ngx_string("0.0005") },
@@ -410,6 +412,9 @@ ngx_http_loyalty_balance_send(ngx_http_request_t *r,
     ngx_uint_t        i, known;
     ngx_chain_t       out;
     ngx_table_elt_t  *h;
+#if (nginx_version < 1023000)
+    ngx_table_elt_t **cc;
+#endif
 
     static ngx_uint_t  vars[] = {
         NGX_HTTP_LOYALTY_VAR_POINTS,
@@ -502,7 +507,10 @@ ngx_http_loyalty_balance_send(ngx_http_request_t *r,
         r->headers_out.status = NGX_HTTP_UNAUTHORIZED;
     }
 
-    /* a customer's own data: no cache, shared or private, keeps it */
+    /*
+     * a customer's own data: no cache, shared or private, keeps it, unless
+     * "expires" in the location says otherwise (it replaces this header)
+     */
 
     h = ngx_list_push(&r->headers_out.headers);
     if (h == NULL) {
@@ -510,11 +518,28 @@ ngx_http_loyalty_balance_send(ngx_http_request_t *r,
     }
 
     h->hash = 1;
-#if (nginx_version >= 1023000)
-    h->next = NULL;
-#endif
     ngx_str_set(&h->key, "Cache-Control");
     ngx_str_set(&h->value, "no-store");
+
+#if (nginx_version >= 1023000)
+    h->next = NULL;
+    r->headers_out.cache_control = h;
+#else
+    if (r->headers_out.cache_control.elts == NULL
+        && ngx_array_init(&r->headers_out.cache_control, r->pool, 1,
+                          sizeof(ngx_table_elt_t *))
+           != NGX_OK)
+    {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    cc = ngx_array_push(&r->headers_out.cache_control);
+    if (cc == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    *cc = h;
+#endif
 
     r->headers_out.content_length_n = b->last - b->pos;
     ngx_str_set(&r->headers_out.content_type, "application/json");
@@ -531,4 +556,3 @@ ngx_http_loyalty_balance_send(ngx_http_request_t *r,
 
     return ngx_http_output_filter(r, &out);
 }
-

@@ -14,7 +14,7 @@ typedef struct {
     ngx_str_t                  name;
     ngx_str_t                  lowcase;
     ngx_uint_t                 var;
-    ngx_uint_t                 hash;            /* of lowcase, at startup */
+    ngx_uint_t                 hash;            /* request headers only */
 } ngx_http_loyalty_header_t;
 
 

@@ -92,6 +92,8 @@ BAD = [
     ("redis-unknown-param", "loyalty_redis 127.0.0.1:6379 foo=bar;",
      "loyalty_redis", None),
     ("redis-no-args", "loyalty_redis;", "loyalty_redis", None),
+    ("redis-address-too-long", "loyalty_redis unix:/%s.sock;" % ("d" * 260),
+     "loyalty_redis", None),
 
     ("fail-maybe", "loyalty_fail maybe;", "loyalty_fail", None),
     ("timeout-abc", "loyalty_redis_timeout abc;", "loyalty_redis_timeout",

@@ -697,6 +697,26 @@ def test_balance_endpoint(redis, nginx):
         "status": "unavailable"}
 
 
+def test_balance_expires_replaces_no_store(redis, nginx):
+    """"expires" in the location is the way to let a balance be cached:
+    it replaces the module's Cache-Control instead of adding a second (on
+    the statuses "expires" applies to: not the 401 of an anonymous
+    lookup)."""
+    n = start(nginx, redis, ops_conf(locations="""
+    location = /cached { loyalty_balance; expires 1m; }
+"""))
+    redis.seed("alice", points=139, lifetime=6139, orders=8)
+    r = http_request(n.port, "/cached", headers={"X-Customer": "alice"})
+    assert r.status == 200, r
+    assert r.header_all("Cache-Control") == ["max-age=60"], r.headers
+    assert r.header("Expires"), r.headers
+    r = http_request(n.port, "/cached")
+    assert r.status == 401, r
+    assert r.header_all("Cache-Control") == ["no-store"], r.headers
+    r = balance(n, "alice")
+    assert r.header_all("Cache-Control") == ["no-store"], r.headers
+
+
 def test_balance_lookups_are_counted(redis, nginx):
     n = start(nginx, redis, ops_conf(server=BALANCE_RULES))
     redis.seed("alice", points=139, lifetime=6139, orders=8)
