@@ -62,25 +62,25 @@ ngx_http_loyalty_credit(ngx_http_request_t *r, ngx_http_loyalty_ctx_t *ctx,
     ngx_http_loyalty_loc_conf_t *llcf)
 {
     uint64_t                       amount, redeem, multiplier, earned;
-    ngx_str_t                      value, order;
+    ngx_str_t                      total, value, order;
     ngx_http_loyalty_credit_t     *cr, local;
     ngx_http_loyalty_main_conf_t  *lmcf;
 
-    if (ngx_http_complex_value(r, llcf->earn, &value) != NGX_OK) {
+    if (ngx_http_complex_value(r, llcf->earn, &total) != NGX_OK) {
         return NGX_ERROR;
     }
 
-    if (value.len == 0) {
+    if (total.len == 0) {
         /* no order */
         return NGX_OK;
     }
 
-    if (ngx_http_loyalty_parse_amount(value.data, value.len, &amount)
+    if (ngx_http_loyalty_parse_amount(total.data, total.len, &amount)
         != NGX_OK)
     {
         ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
                       "loyalty: customer \"%V\": invalid amount \"%V\", "
-                      "nothing credited", &ctx->customer, &value);
+                      "nothing credited", &ctx->customer, &total);
         return NGX_OK;
     }
 
@@ -93,16 +93,10 @@ ngx_http_loyalty_credit(ngx_http_request_t *r, ngx_http_loyalty_ctx_t *ctx,
         ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
                       "loyalty: customer \"%V\": amount \"%V\" earns more "
                       "than %uL points, nothing credited",
-                      &ctx->customer, &value,
+                      &ctx->customer, &total,
                       (uint64_t) NGX_HTTP_LOYALTY_EARN_MAX);
         return NGX_OK;
     }
-
-    cr = &local;
-    ngx_memzero(cr, sizeof(ngx_http_loyalty_credit_t));
-
-    cr->amount_len = value.len;
-    ngx_memcpy(cr->amount, value.data, value.len);
 
     redeem = 0;
 
@@ -145,32 +139,36 @@ ngx_http_loyalty_credit(ngx_http_request_t *r, ngx_http_loyalty_ctx_t *ctx,
     ctx->earned = earned;
     ctx->redeemed = ngx_min(redeem, ctx->record.points);
 
+    /* on the stack only when it goes straight to the journal */
+
+    cr = lmcf->credits ? ngx_http_loyalty_credit_alloc(lmcf->credits) : NULL;
+
+    if (cr == NULL) {
+        cr = &local;
+    }
+
+    cr->credits = lmcf->credits;
     cr->lmcf = lmcf;
     cr->conf = llcf;
     cr->offer = ctx->offer ? ctx->offer->slot : 0;
     cr->ts = ngx_time();
     cr->earned = earned;
     cr->redeem = redeem;
+    cr->attempts = 0;
+    cr->eval = 0;
     cr->customer_len = ctx->customer.len;
     ngx_memcpy(cr->customer, ctx->customer.data, ctx->customer.len);
     cr->order_len = order.len;
     ngx_memcpy(cr->order, order.data, order.len);
+    cr->amount_len = total.len;
+    ngx_memcpy(cr->amount, total.data, total.len);
 
-    if (lmcf->credits == NULL) {
-        ngx_http_loyalty_journal(cr, "no worker state", r->connection->log);
-        return NGX_OK;
-    }
-
-    cr = ngx_http_loyalty_credit_alloc(lmcf->credits);
-
-    if (cr == NULL) {
-        ngx_http_loyalty_journal(&local, "too many credits queued",
+    if (cr == &local) {
+        ngx_http_loyalty_journal(cr, lmcf->credits ? "too many credits queued"
+                                                   : "no worker state",
                                  r->connection->log);
         return NGX_OK;
     }
-
-    ngx_memcpy(cr, &local, sizeof(ngx_http_loyalty_credit_t));
-    cr->credits = lmcf->credits;
 
     ngx_log_debug4(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
                    "loyalty credit \"%V\" order \"%V\": %uL earned, "
@@ -219,10 +217,8 @@ ngx_http_loyalty_credit_send(ngx_http_loyalty_credit_t *cr, ngx_log_t *log)
     p = keys;
 
     argv[3].data = p;
-    p = ngx_cpymem(p, llcf->prefix.data, llcf->prefix.len);
-    *p++ = '{';
-    p = ngx_cpymem(p, cr->customer, cr->customer_len);
-    *p++ = '}';
+    p = ngx_http_loyalty_hash_key(p, &llcf->prefix, cr->customer,
+                                  cr->customer_len);
     argv[3].len = p - argv[3].data;
 
     argv[4].data = p;

@@ -326,19 +326,17 @@ ngx_http_loyalty_read(ngx_http_request_t *r,
     u_char      *p;
     ngx_str_t    argv[2 + NGX_HTTP_LOYALTY_NFIELDS];
     ngx_uint_t   i;
+    u_char       key[NGX_HTTP_LOYALTY_KEY_LEN];
 
     ngx_str_set(&argv[0], "HMGET");
 
-    argv[1].len = llcf->prefix.len + 1 + ctx->customer.len + 1;
-    argv[1].data = ngx_pnalloc(r->pool, argv[1].len);
-    if (argv[1].data == NULL) {
-        return NGX_ERROR;
-    }
+    /* the command is copied into the connection's buffer when queued */
 
-    p = ngx_cpymem(argv[1].data, llcf->prefix.data, llcf->prefix.len);
-    *p++ = '{';
-    p = ngx_cpymem(p, ctx->customer.data, ctx->customer.len);
-    *p = '}';
+    p = ngx_http_loyalty_hash_key(key, &llcf->prefix, ctx->customer.data,
+                                  ctx->customer.len);
+
+    argv[1].data = key;
+    argv[1].len = p - key;
 
     for (i = 0; i < NGX_HTTP_LOYALTY_NFIELDS; i++) {
         argv[2 + i] = ngx_http_loyalty_record_fields[i];

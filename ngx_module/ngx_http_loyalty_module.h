@@ -41,6 +41,10 @@ typedef struct ngx_http_loyalty_credits_s ngx_http_loyalty_credits_t;
 
 #define NGX_HTTP_LOYALTY_PREFIX_MAX    64
 #define NGX_HTTP_LOYALTY_ADDRESS_MAX   260      /* a host name and a port */
+
+/* "<prefix>{<id>}" */
+#define NGX_HTTP_LOYALTY_KEY_LEN                                             \
+    (NGX_HTTP_LOYALTY_PREFIX_MAX + NGX_HTTP_LOYALTY_ID_MAX + 2)
 #define NGX_HTTP_LOYALTY_ORDER_MAX     128
 #define NGX_HTTP_LOYALTY_SHA1_LEN      40
 
@@ -283,6 +287,8 @@ void ngx_http_loyalty_journal(ngx_http_loyalty_credit_t *cr,
 
 /* ngx_http_loyalty_proto.c */
 extern ngx_str_t  ngx_http_loyalty_record_fields[];
+u_char *ngx_http_loyalty_hash_key(u_char *p, ngx_str_t *prefix, u_char *id,
+    size_t len);
 size_t ngx_http_loyalty_command_len(ngx_uint_t argc, ngx_str_t *argv);
 u_char *ngx_http_loyalty_command_write(u_char *p, ngx_uint_t argc,
     ngx_str_t *argv);

@@ -54,6 +54,25 @@ static redisReplyObjectFunctions  ngx_http_loyalty_reply_functions = {
 };
 
 
+/*
+ * The customer's hash, "<prefix>{<id>}": the hash tag keeps all the keys
+ * of one customer in one Cluster slot.  The caller reserves
+ * NGX_HTTP_LOYALTY_KEY_LEN bytes.
+ */
+
+u_char *
+ngx_http_loyalty_hash_key(u_char *p, ngx_str_t *prefix, u_char *id,
+    size_t len)
+{
+    p = ngx_cpymem(p, prefix->data, prefix->len);
+    *p++ = '{';
+    p = ngx_cpymem(p, id, len);
+    *p++ = '}';
+
+    return p;
+}
+
+
 size_t
 ngx_http_loyalty_command_len(ngx_uint_t argc, ngx_str_t *argv)
 {
@@ -338,7 +357,8 @@ ngx_http_loyalty_reply_integer(const redisReadTask *task, long long value)
 {
     ngx_http_loyalty_reply_t  *reply;
 
-    reply = ngx_http_loyalty_reply_create(task, NGX_HTTP_LOYALTY_REPLY_INTEGER);
+    reply = ngx_http_loyalty_reply_create(task,
+                                          NGX_HTTP_LOYALTY_REPLY_INTEGER);
     if (reply == NULL) {
         return NULL;
     }
