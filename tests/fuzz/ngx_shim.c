@@ -6,8 +6,8 @@
 
 /*
  * Just enough of nginx's core for ngx_http_loyalty_proto.c to link into a
- * fuzzer without any nginx object: pools, ngx_sprintf() ("%ui" and "%uz"
- * only), ngx_hex_dump() and ngx_sha1_*().  Declared in fuzz.h.
+ * fuzzer without any nginx object: pools, ngx_hex_dump() and
+ * ngx_sha1_*().  Declared in fuzz.h.
  *
  * A pool is a list of separately malloc()ed blocks, freed by
  * ngx_reset_pool() and ngx_destroy_pool(): AddressSanitizer then sees
@@ -131,54 +131,6 @@ ngx_shim_alloc(ngx_pool_t *pool, size_t size)
     pool->large = l;
 
     return p;
-}
-
-
-/* only what the module formats: "%ui" (ngx_uint_t), "%uz" (size_t) */
-
-u_char * ngx_cdecl
-ngx_sprintf(u_char *buf, const char *fmt, ...)
-{
-    u_char      *p, tmp[NGX_INT64_LEN];
-    va_list      args;
-    uint64_t     v;
-
-    va_start(args, fmt);
-
-    while (*fmt) {
-
-        if (*fmt != '%') {
-            *buf++ = *fmt++;
-            continue;
-        }
-
-        if (fmt[1] == 'u' && fmt[2] == 'i') {
-            v = va_arg(args, ngx_uint_t);
-
-        } else if (fmt[1] == 'u' && fmt[2] == 'z') {
-            v = va_arg(args, size_t);
-
-        } else {
-            fprintf(stderr, "ngx_shim: ngx_sprintf(\"%s\") unsupported\n",
-                    fmt);
-            abort();
-        }
-
-        fmt += 3;
-
-        p = tmp + sizeof(tmp);
-
-        do {
-            *--p = (u_char) (v % 10 + '0');
-            v /= 10;
-        } while (v);
-
-        buf = ngx_cpymem(buf, p, tmp + sizeof(tmp) - p);
-    }
-
-    va_end(args);
-
-    return buf;
 }
 
 
