@@ -91,7 +91,14 @@ KINDS = {
     "lua-timer": ("lua.conf", "OpenResty, one ngx.timer.at + EVALSHA per "
                               "credit"),
     "module-b": ("module.conf", "the module built as BENCH_MODULE_B"),
+    "module-read": ("module.conf", "the module reading only, no credit: "
+                                   "its request path alone"),
+    "lua-read": ("lua.conf", "OpenResty reading only, no credit"),
 }
+
+# configurations that read the customer, and those that also credit
+READS = ("module", "module-b", "module-read", "lua", "lua-timer", "lua-read")
+CREDITS = ("module", "module-b", "lua", "lua-timer")
 
 
 def log(*args):
@@ -562,7 +569,8 @@ def verify(r, customers, orders, kind, started, timeout=30):
     """Checks the headers the shop received and, once the credits have
     landed, every ordering customer's balance (plus a sample of the
     others) against the seeded record + the orders the shop confirmed."""
-    credit = kind != "baseline"
+    reads = kind in READS
+    credit = kind in CREDITS
     res = dict(orders=len(orders), identified=0, anonymous=0,
                header_mismatch=0, unavailable=0, examples=[])
     expect = {}
@@ -585,7 +593,7 @@ def verify(r, customers, orders, kind, started, timeout=30):
     for o in orders:
         if o["cid"] == "-":
             res["anonymous"] += 1
-            if o["lstatus"] != ("anonymous" if credit else "-"):
+            if o["lstatus"] != ("anonymous" if reads else "-"):
                 res["header_mismatch"] += 1
                 bad("anonymous order %s: X-Loyalty-Status %s"
                     % (o["oid"], o["lstatus"]))
@@ -599,7 +607,7 @@ def verify(r, customers, orders, kind, started, timeout=30):
             rec = dict(points=0, lifetime=0, orders=0, last_order=0)
         tier, mult4 = tier_of(rec["lifetime"])
 
-        if credit:
+        if reads:
             if o["lstatus"] == "unavailable":
                 res["unavailable"] += 1
                 mult4 = 10000
@@ -619,7 +627,7 @@ def verify(r, customers, orders, kind, started, timeout=30):
                         % (o["oid"], cid, got, want))
         elif o["lstatus"] != "-":
             res["header_mismatch"] += 1
-            bad("baseline order %s has X-Loyalty-Status" % o["oid"])
+            bad("%s order %s has X-Loyalty-Status" % (kind, o["oid"]))
 
         if not 200 <= o["status"] < 300:
             continue
@@ -730,6 +738,10 @@ class Bench:
             if timeout.endswith("ms") else int(timeout.rstrip("s")) * 1000,
             "LUA_DIR": self.luadir,
             "LUA_BATCH": "false" if kind == "lua-timer" else "true",
+            "EARN": '""' if kind == "module-read"
+                    else "$upstream_http_x_order_total",
+            "LUA_LOG": "-- reads only: no credit" if kind == "lua-read"
+                       else "loyalty.log()",
         }
         n = Nginx(self.procs, name, template, subs, under=under)
         self.servers[name] = n
@@ -950,7 +962,7 @@ def bench_report(runs, slow_runs, memory, errors, failures):
             100 * med([r["cpu"]["worker"] for r in rs]),
             100 * med([r["cpu"]["shop"] for r in rs]),
             100 * med([r["cpu"]["redis"] for r in rs]),
-            ("exact" if c != "baseline" else "unchanged") if vok
+            ("exact" if c in CREDITS else "unchanged") if vok
             else "**MISMATCH**"))
     L.append("")
 
@@ -975,6 +987,18 @@ def bench_report(runs, slow_runs, memory, errors, failures):
                  " module / lua p99: %.2f" % (thr, target(thr >= 2.5), p99))
         L.append("- worker CPU per request, lua / module: %.2f" % (
             ratio_median(runs, "lua", "module", "worker_us")))
+    if have("module-read", "baseline"):
+        L.append("- the request path alone (no credits, so no credit "
+                 "script in Redis), module-read / baseline: throughput "
+                 "%.2f, p99 %.2f, worker CPU per request %.2f" % (
+                     ratio_median(runs, "module-read", "baseline", "rps"),
+                     ratio_median(runs, "module-read", "baseline", "p99"),
+                     ratio_median(runs, "module-read", "baseline",
+                                  "worker_us")))
+    if have("module-read", "lua-read"):
+        L.append("- module-read / lua-read throughput: %.2f, p99: %.2f"
+                 % (ratio_median(runs, "module-read", "lua-read", "rps"),
+                    ratio_median(runs, "module-read", "lua-read", "p99")))
     if have("module", "lua-timer"):
         L.append("- module / lua-timer throughput: %.2f" % ratio_median(
             runs, "module", "lua-timer", "rps"))
