@@ -15,20 +15,27 @@
 -- Returns {1, "<earned>:<redeemed>", points, short} when applied, short
 -- being 1 when the order redeemed more than the balance,
 -- {0, "<earned>:<redeemed>"} when the order was credited before.
--- Nothing is written before every check has passed: one HGETALL, one SET NX,
+-- Nothing is written before every check has passed: one HMGET, one SET NX,
 -- one HSET, one XADD (and EXPIREs) per order.
+--
+-- Every order runs this script, so it avoids what costs in Lua: no
+-- pattern captures, no gsub unless a number has leading zeros, integer
+-- formatting only.
 
 local hash, marker, ledger = KEYS[1], KEYS[2], KEYS[3]
-local earned, redeem, ts = ARGV[1], ARGV[2], ARGV[3]
 local keep, expire = tonumber(ARGV[4]), tonumber(ARGV[5])
+local find, byte, format = string.find, string.byte, string.format
 
-local function uint(s)
-    return type(s) == 'string' and s:match('^%d+$') ~= nil
-end
-
--- without leading zeros, so that decimal strings compare exactly
-local function canon(s)
-    return (s:gsub('^0+(%d)', '%1'))
+-- decimal digits only, without leading zeros (so that decimal strings
+-- compare exactly), or nil
+local function count(s)
+    if type(s) ~= 'string' or not find(s, '^%d+$') then
+        return nil
+    end
+    if byte(s) == 48 and #s > 1 then
+        s = string.gsub(s, '^0+(%d)', '%1')
+    end
+    return s
 end
 
 local function less(a, b)
@@ -40,62 +47,65 @@ end
 
 -- counts stay below 2^53, where Lua numbers are exact
 local function fmt(n)
-    return string.format('%.0f', n)
+    return format('%d', n)
 end
 
-if not (uint(earned) and uint(redeem) and uint(ts)) then
+local earned, redeem, ts = count(ARGV[1]), count(ARGV[2]), count(ARGV[3])
+
+if not (earned and redeem and ts) then
     return redis.error_reply('LOYALTY bad arguments')
 end
 
-earned, redeem, ts = canon(earned), canon(redeem), canon(ts)
+local rec = redis.call('HMGET', hash, 'points', 'lifetime', 'orders',
+                       'first_order', 'last_order')
 
-local rec = {}
-local all = redis.call('HGETALL', hash)
-for i = 1, #all, 2 do
-    rec[all[i]] = all[i + 1]
+local points = count(rec[1] or '0')
+if not points then
+    return redis.error_reply('LOYALTY points of ' .. hash .. ' is not a count')
 end
 
-local count = {}
-for i, field in ipairs({'points', 'lifetime', 'orders'}) do
-    local v = rec[field] or '0'
-    if not uint(v) then
-        return redis.error_reply('LOYALTY ' .. field .. ' of ' .. hash
-                                 .. ' is not a count')
-    end
-    count[i] = canon(v)
+local lifetime = count(rec[2] or '0')
+if not lifetime then
+    return redis.error_reply('LOYALTY lifetime of ' .. hash
+                             .. ' is not a count')
 end
 
-local points, lifetime, orders = count[1], count[2], count[3]
+local orders = count(rec[3] or '0')
+if not orders then
+    return redis.error_reply('LOYALTY orders of ' .. hash .. ' is not a count')
+end
 
 local redeemed, short = redeem, 0
 if less(points, redeem) then
     redeemed, short = points, 1
 end
 
-local e = tonumber(earned)
-if tonumber(points) + e >= 2^53 or tonumber(lifetime) + e >= 2^53
-   or tonumber(orders) + 1 >= 2^53
-then
+local e, p, l, o = tonumber(earned), tonumber(points), tonumber(lifetime),
+                   tonumber(orders)
+
+if p + e >= 2^53 or l + e >= 2^53 or o + 1 >= 2^53 then
     return redis.error_reply('LOYALTY balance of ' .. hash .. ' would overflow')
 end
 
 local mark = earned .. ':' .. redeemed
 
-if not redis.call('SET', marker, mark, 'NX', 'EX', 2592000) then
+if not redis.call('SET', marker, mark, 'NX', 'EX', '2592000') then
     return {0, redis.call('GET', marker)}
 end
 
-local after = tonumber(points) - tonumber(redeemed) + e
+local after = p - tonumber(redeemed) + e
+local balance = fmt(after)
 
-local set = {'points', fmt(after), 'lifetime', fmt(tonumber(lifetime) + e),
-             'orders', fmt(tonumber(orders) + 1)}
+local set = {'points', balance, 'lifetime', fmt(l + e), 'orders', fmt(o + 1)}
 
-if not uint(rec.first_order) or less(ts, canon(rec.first_order)) then
-    set[#set + 1] = 'first_order'
-    set[#set + 1] = ts
+local first, last = count(rec[4]), count(rec[5])
+
+if not first or less(ts, first) then
+    set[7] = 'first_order'
+    set[8] = ts
 end
 
-if not uint(rec.last_order) or less(canon(rec.last_order), ts) then
+if not last or less(last, ts) then
     set[#set + 1] = 'last_order'
     set[#set + 1] = ts
 end
@@ -103,15 +113,15 @@ end
 redis.call('HSET', hash, unpack(set))
 
 if keep > 0 then
-    redis.call('XADD', ledger, 'MAXLEN', '~', keep, '*',
+    redis.call('XADD', ledger, 'MAXLEN', '~', ARGV[4], '*',
                'order', ARGV[6], 'amount', ARGV[7], 'earned', earned,
-               'redeemed', redeemed, 'points', fmt(after), 'ts', ts)
+               'redeemed', redeemed, 'points', balance, 'ts', ts)
 end
 
 if expire > 0 then
-    redis.call('EXPIRE', hash, expire)
+    redis.call('EXPIRE', hash, ARGV[5])
     if keep > 0 then
-        redis.call('EXPIRE', ledger, expire)
+        redis.call('EXPIRE', ledger, ARGV[5])
     end
 end
 
