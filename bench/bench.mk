@@ -2,11 +2,12 @@
 #                  plus the slow-Redis case; results in bench/results.md
 # make bench-rss   worker RSS over BENCH_RSS_REQUESTS (1,000,000) checkouts
 # make bench-counters, make bench-insns: what the counters cost, below
+# make bench-script  Redis instructions per credit script run (callgrind)
 #
 # BENCH_SECONDS=10 BENCH_ROUNDS=2 BENCH_CONNECTIONS=50 and the other BENCH_*
 # variables of bench/README.md are read from the environment.
 
-.PHONY: bench bench-rss bench-counters bench-insns deps-bench
+.PHONY: bench bench-rss bench-counters bench-insns bench-script deps-bench
 
 deps-bench:
 	tools/install-deps bench
@@ -40,3 +41,8 @@ bench-insns: deps-bench $(MODULE) $(COUNTERS_OFF)
 	NGINX_BIN=$(NGINX_BIN) LOYALTY_MODULE=$(CURDIR)/$(MODULE) \
 	    BENCH_MODULE_B=$(CURDIR)/$(COUNTERS_OFF) \
 	    $(PYTHON) bench/bench.py insns
+
+# make bench-script   what one credit costs Redis, in instructions; give
+#                     BENCH_SCRIPTS="old.lua new.lua" to compare versions
+bench-script: deps-bench
+	$(PYTHON) bench/script_insns.py $(BENCH_SCRIPTS)

@@ -1,0 +1,130 @@
+#!/usr/bin/python3
+"""Redis instructions per credit: what one run of the credit script costs
+the Redis server, counted by valgrind --tool=callgrind, free of the noise
+of a shared machine.
+
+    bench/script_insns.py [script.lua ...]
+
+Without arguments it counts ngx_module/ngx_http_loyalty_credit.lua.  For
+each script: a private redis-server under callgrind on a free 127.0.0.1
+port, 20,000 seeded customers, then BENCH_SCRIPT_CREDITS (10,000) credits
+of random customers sent by EVALSHA in pipelines of 50, as the module
+sends them.  The count is taken between two callgrind dumps around the
+credits, twice per script.  It covers everything Redis does for a credit:
+reading the command, the script, its commands, the reply.
+
+To compare with an earlier version of the script:
+
+    git show <commit>:ngx_module/ngx_http_loyalty_credit.lua > /tmp/old.lua
+    bench/script_insns.py /tmp/old.lua ngx_module/ngx_http_loyalty_credit.lua
+"""
+
+import glob
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import redis as redis_lib
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.join(HERE, "..", "ngx_module",
+                      "ngx_http_loyalty_credit.lua")
+CUSTOMERS = 20000
+CREDITS = int(os.environ.get("BENCH_SCRIPT_CREDITS", "10000"))
+PIPELINE = 50
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def seed(r):
+    r.flushall()
+    rnd = random.Random(1)
+    pipe = r.pipeline(transaction=False)
+    for i in range(1, CUSTOMERS + 1):
+        pipe.hset("loyalty:{c%06d}" % i, mapping=dict(
+            points=rnd.randint(0, 50000), lifetime=rnd.randint(0, 200000),
+            orders=rnd.randint(1, 300), first_order=1600000000,
+            last_order=1700000000))
+    pipe.execute()
+
+
+def main():
+    scripts = sys.argv[1:] or [SCRIPT]
+    work = tempfile.mkdtemp(prefix="loyalty-script-insns-")
+    port = free_port()
+    proc = subprocess.Popen(
+        ["timeout", "1800", "valgrind", "--tool=callgrind",
+         "--callgrind-out-file=" + os.path.join(work, "callgrind.out"),
+         "redis-server", "--bind", "127.0.0.1", "--port", str(port),
+         "--save", "", "--appendonly", "no", "--dir", work],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        r = redis_lib.Redis(host="127.0.0.1", port=port)
+        for _ in range(200):
+            try:
+                r.ping()
+                break
+            except redis_lib.ConnectionError:
+                time.sleep(0.1)
+        pid = r.info("server")["process_id"]
+
+        def dump():
+            """Writes the counts since the last dump; returns their sum."""
+            before = set(glob.glob(os.path.join(work, "callgrind.out*")))
+            subprocess.run(["callgrind_control", "-d", str(pid)],
+                           stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, check=True)
+            for _ in range(100):
+                new = set(glob.glob(os.path.join(work, "callgrind.out*")))
+                if new - before:
+                    break
+                time.sleep(0.1)
+            (path,) = new - before
+            with open(path) as f:
+                for line in f:
+                    if line.startswith("summary:"):
+                        return int(line.split()[1])
+            raise RuntimeError("no summary in " + path)
+
+        print("Redis instructions per credit (%d credits, %d customers, "
+              "pipelines of %d)" % (CREDITS, CUSTOMERS, PIPELINE))
+        for path in scripts:
+            with open(path) as f:
+                sha = r.script_load(f.read())
+            counts = []
+            for _ in range(2):
+                seed(r)
+                rnd = random.Random(7)
+                dump()
+                pipe = r.pipeline(transaction=False)
+                for k in range(CREDITS):
+                    h = "loyalty:{c%06d}" % rnd.randint(1, CUSTOMERS)
+                    pipe.evalsha(sha, 3, h, h + ":order:o%d" % k,
+                                 h + ":ledger", rnd.randint(1, 300), 0,
+                                 1700000001, 100, 0, "o%d" % k,
+                                 "%d.%02d" % (rnd.randint(1, 300),
+                                              rnd.randint(0, 99)))
+                    if k % PIPELINE == PIPELINE - 1:
+                        pipe.execute()
+                pipe.execute()
+                counts.append(dump() / CREDITS)
+            print("%-60s %8.0f %8.0f" % (path, counts[0], counts[1]))
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
