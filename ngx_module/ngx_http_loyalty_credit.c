@@ -439,7 +439,7 @@ ngx_http_loyalty_credit_flush(ngx_event_t *ev)
 
     credits = ev->data;
 
-    /* a worker that is shutting down sends them all before it goes */
+    /* a worker that is shutting down does not pace them */
 
     if (ngx_exiting) {
         n = credits->nwaiting;

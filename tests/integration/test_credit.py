@@ -1229,6 +1229,68 @@ def test_fast_shutdown_journals(redis_factory, nginx):
     check_exact(redis.client, orders)
 
 
+def test_graceful_quit_during_stream(redis, nginx):
+    """SIGQUIT while 8 clients order without pause: every order the shop
+    confirmed is applied, none waits in the journal.  A worker that shuts
+    down sends the credits it still holds before it exits."""
+    n = nginx(edge_conf(http=JOURNAL), redis_port=redis.port, workers=2)
+    customers = ["gq%d" % i for i in range(8)]
+    orders = [(customers[i % 8], "gq-%04d" % i, amount_of(i * 11))
+              for i in range(4000)]
+    progress, results = [0], [None] * len(orders)
+    threads = stream_orders(n, orders, progress, results, threads=8,
+                            pause=0)
+    try:
+        wait_until(lambda: progress[0] >= 400, 30, message="400 orders")
+        assert n.stop() is None
+    finally:
+        for t in threads:
+            t.join(60)
+    confirmed = [o for o, r in zip(orders, results) if r == 200]
+    assert len(confirmed) >= 400
+    assert len(confirmed) < len(orders), "the stream ended before SIGQUIT"
+    assert read_journal(journal_path(n)) == []
+    check_exact(redis.client, confirmed)
+
+
+def test_fast_shutdown_during_stream(redis, nginx):
+    """SIGTERM while 8 clients order without pause: credits in flight and
+    credits still waiting to be sent go to the journal, and replaying it
+    makes every confirmed order applied exactly once."""
+    n = nginx(edge_conf(http=JOURNAL), redis_port=redis.port, workers=2)
+    journal = journal_path(n)
+    customers = ["ft%d" % i for i in range(8)]
+    orders = [(customers[i % 8], "ft-%04d" % i, amount_of(i * 7))
+              for i in range(4000)]
+    progress, results = [0], [None] * len(orders)
+    threads = stream_orders(n, orders, progress, results, threads=8,
+                            pause=0)
+    try:
+        wait_until(lambda: progress[0] >= 400, 30, message="400 orders")
+        n.workers()
+        n.proc.send_signal(signal.SIGTERM)
+        n.proc.wait(10)
+    finally:
+        for t in threads:
+            t.join(60)
+    confirmed = [o for o, r in zip(orders, results) if r == 200]
+    assert 400 <= len(confirmed) < len(orders)
+    entries = read_journal(journal)
+    assert {e["reason"] for e in entries} <= {"worker exiting"}
+    rc, _, _, n_failed, out = replay(journal)
+    assert (rc, n_failed) == (0, 0), out
+    # an order whose client saw the connection close may have been
+    # confirmed by the shop all the same: it counts if it was applied
+    pipe = redis.client.pipeline()
+    for cid, oid, _ in orders:
+        pipe.exists(marker(cid, oid))
+    applied = [o for o, a in zip(orders, pipe.execute()) if a]
+    assert set(confirmed) <= set(applied), "confirmed orders lost"
+    print("%d confirmed, %d applied, %d of them from the journal"
+          % (len(confirmed), len(applied), len(entries)))
+    check_exact(redis.client, applied)
+
+
 def test_journal_reopened_on_usr1(redis_factory, nginx):
     """The journal is opened like an access_log: after it is moved away,
     USR1 makes nginx write a new one."""
