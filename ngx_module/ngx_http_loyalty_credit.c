@@ -56,6 +56,8 @@ static void ngx_http_loyalty_credit_retry(ngx_http_loyalty_credit_t *cr,
     const char *reason, ngx_log_t *log);
 static void ngx_http_loyalty_credit_timer(ngx_event_t *ev);
 static void ngx_http_loyalty_credit_flush(ngx_event_t *ev);
+static void ngx_http_loyalty_credit_journal_all(ngx_queue_t *queue,
+    ngx_log_t *log);
 static ngx_http_loyalty_credit_t *ngx_http_loyalty_credit_alloc(
     ngx_http_loyalty_credits_t *credits);
 static void ngx_http_loyalty_credit_free(ngx_http_loyalty_credit_t *cr);
@@ -571,8 +573,6 @@ ngx_http_loyalty_credit_init_process(ngx_cycle_t *cycle,
 void
 ngx_http_loyalty_credit_exit_process(ngx_http_loyalty_main_conf_t *lmcf)
 {
-    ngx_queue_t                 *q;
-    ngx_http_loyalty_credit_t   *cr;
     ngx_http_loyalty_credits_t  *credits;
 
     credits = lmcf->credits;
@@ -581,23 +581,8 @@ ngx_http_loyalty_credit_exit_process(ngx_http_loyalty_main_conf_t *lmcf)
         return;
     }
 
-    while (!ngx_queue_empty(&credits->waiting)) {
-        q = ngx_queue_head(&credits->waiting);
-        ngx_queue_remove(q);
-
-        cr = ngx_queue_data(q, ngx_http_loyalty_credit_t, queue);
-
-        ngx_http_loyalty_journal(cr, "worker exiting", credits->log);
-    }
-
-    while (!ngx_queue_empty(&credits->retry)) {
-        q = ngx_queue_head(&credits->retry);
-        ngx_queue_remove(q);
-
-        cr = ngx_queue_data(q, ngx_http_loyalty_credit_t, queue);
-
-        ngx_http_loyalty_journal(cr, "worker exiting", credits->log);
-    }
+    ngx_http_loyalty_credit_journal_all(&credits->waiting, credits->log);
+    ngx_http_loyalty_credit_journal_all(&credits->retry, credits->log);
 
     if (credits->flush.posted) {
         ngx_delete_posted_event(&credits->flush);
@@ -610,6 +595,23 @@ ngx_http_loyalty_credit_exit_process(ngx_http_loyalty_main_conf_t *lmcf)
     ngx_destroy_pool(credits->pool);
 
     lmcf->credits = NULL;
+}
+
+
+static void
+ngx_http_loyalty_credit_journal_all(ngx_queue_t *queue, ngx_log_t *log)
+{
+    ngx_queue_t                *q;
+    ngx_http_loyalty_credit_t  *cr;
+
+    while (!ngx_queue_empty(queue)) {
+        q = ngx_queue_head(queue);
+        ngx_queue_remove(q);
+
+        cr = ngx_queue_data(q, ngx_http_loyalty_credit_t, queue);
+
+        ngx_http_loyalty_journal(cr, "worker exiting", log);
+    }
 }
 
 
