@@ -20,9 +20,18 @@
  * commands it read together only after it has run all of them, so the
  * read of a checkout that follows a burst of credit scripts would wait
  * for the whole burst; in small portions they delay the reads much less.
- * Each iteration sends at least NGX_HTTP_LOYALTY_FLUSH_MIN and at least
- * an eighth of those waiting, so a backlog drains in a few iterations.
+ * Each iteration sends an eighth of those waiting, at least
+ * NGX_HTTP_LOYALTY_FLUSH_MIN, so a backlog drains in a few iterations,
+ * and at most NGX_HTTP_LOYALTY_FLUSH_MAX, which keeps them well within
+ * the connection's output buffer.  A worker that shuts down gracefully
+ * sends them all before it exits: the deadline of the credits in flight
+ * is a timer that keeps it alive.
  */
+
+
+#if (nginx_version < 1017005)
+#error ngx_http_loyalty_module needs nginx 1.17.5 or later
+#endif
 
 
 #define NGX_HTTP_LOYALTY_CREDITS_MAX   16384
@@ -31,6 +40,7 @@
 #define NGX_HTTP_LOYALTY_RETRY_DELAY   1000
 #define NGX_HTTP_LOYALTY_RETRY_BATCH   10
 #define NGX_HTTP_LOYALTY_FLUSH_MIN     4
+#define NGX_HTTP_LOYALTY_FLUSH_MAX     64
 
 
 struct ngx_http_loyalty_credits_s {
@@ -441,14 +451,8 @@ ngx_http_loyalty_credit_flush(ngx_event_t *ev)
 
     credits = ev->data;
 
-    /* a worker that is shutting down does not pace them */
-
-    if (ngx_exiting) {
-        n = credits->nwaiting;
-
-    } else {
-        n = ngx_max(NGX_HTTP_LOYALTY_FLUSH_MIN, credits->nwaiting / 8);
-    }
+    n = ngx_max(NGX_HTTP_LOYALTY_FLUSH_MIN, credits->nwaiting / 8);
+    n = ngx_min(n, NGX_HTTP_LOYALTY_FLUSH_MAX);
 
     while (n-- && !ngx_queue_empty(&credits->waiting)) {
         q = ngx_queue_head(&credits->waiting);

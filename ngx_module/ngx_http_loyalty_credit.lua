@@ -26,6 +26,14 @@ local hash, marker, ledger = KEYS[1], KEYS[2], KEYS[3]
 local keep, expire = tonumber(ARGV[4]), tonumber(ARGV[5])
 local find, byte, format = string.find, string.byte, string.format
 
+-- as sent, when already in the form Redis would give the number
+local function redis_number(s, n)
+    if find(s, '^[1-9]%d*$') then
+        return s
+    end
+    return n
+end
+
 -- decimal digits only, without leading zeros (so that decimal strings
 -- compare exactly), or nil
 local function count(s)
@@ -84,7 +92,8 @@ local e, p, l, o = tonumber(earned), tonumber(points), tonumber(lifetime),
                    tonumber(orders)
 
 if p + e >= 2^53 or l + e >= 2^53 or o + 1 >= 2^53 then
-    return redis.error_reply('LOYALTY balance of ' .. hash .. ' would overflow')
+    return redis.error_reply('LOYALTY balance of ' .. hash
+                             .. ' would overflow')
 end
 
 local mark = earned .. ':' .. redeemed
@@ -113,15 +122,16 @@ end
 redis.call('HSET', hash, unpack(set))
 
 if keep > 0 then
-    redis.call('XADD', ledger, 'MAXLEN', '~', ARGV[4], '*',
+    redis.call('XADD', ledger, 'MAXLEN', '~', redis_number(ARGV[4], keep), '*',
                'order', ARGV[6], 'amount', ARGV[7], 'earned', earned,
                'redeemed', redeemed, 'points', balance, 'ts', ts)
 end
 
 if expire > 0 then
-    redis.call('EXPIRE', hash, ARGV[5])
+    expire = redis_number(ARGV[5], expire)
+    redis.call('EXPIRE', hash, expire)
     if keep > 0 then
-        redis.call('EXPIRE', ledger, ARGV[5])
+        redis.call('EXPIRE', ledger, expire)
     end
 end
 

@@ -39,6 +39,14 @@ def less(a, b):
     return (len(a), a) < (len(b), b)
 
 
+def number(s):
+    """A decimal string as a Lua number (a double, inf when too long)."""
+    try:
+        return float(s)
+    except OverflowError:
+        return float("inf")
+
+
 def model(rec, args, marked):
     """What the script must answer and write: (reply, new hash or None,
     marker value or None, ledger entry or None).  An error reply is
@@ -60,9 +68,9 @@ def model(rec, args, marked):
                                                     "orders"))
     redeemed, short = (points, 1) if less(points, redeem) else (redeem, 0)
 
-    e = float(int(earned))
-    if (float(int(points)) + e >= LIMIT or float(int(lifetime)) + e >= LIMIT
-            or float(int(orders)) + 1 >= LIMIT):
+    e = number(earned)
+    if (number(points) + e >= LIMIT or number(lifetime) + e >= LIMIT
+            or number(orders) + 1 >= LIMIT):
         return (("error", "LOYALTY balance of %s would overflow" % key),
                 None, None, None)
 
@@ -80,7 +88,7 @@ def model(rec, args, marked):
     if last is None or less(last, ts):
         new["last_order"] = ts
     entry = None
-    if int(args[3]) > 0:
+    if number(args[3]) > 0:
         entry = dict(order=args[5], amount=args[6], earned=earned,
                      redeemed=redeemed, points=str(after), ts=ts)
     return [1, mark, after, short], new, mark, entry
@@ -99,7 +107,7 @@ def hostile_count(rnd, near=None):
     if kind == 3:
         return str(LIMIT - rnd.randint(1, 3000))
     if kind == 4:
-        return "9" * rnd.randint(16, 40)
+        return "9" * rnd.randint(16, 400)
     if kind == 5:
         return "0"
     if kind == 6 and near is not None:
@@ -145,6 +153,7 @@ def run_case(r, sha, rec, args, marked):
     if want_hash is None:
         # refused or a duplicate: nothing written
         assert got_hash == rec, where
+        assert r.ttl(key) == (-1 if rec else -2), where
         assert r.get(marker) == marked, where
         assert not r.exists(ledger), where
         return reply
@@ -159,7 +168,7 @@ def run_case(r, sha, rec, args, marked):
     else:
         assert len(entries) == 1 and entries[0][1] == want_entry, where
 
-    expire = int(args[4])
+    expire = int(number(args[4]))
     for k, exists in ((key, True), (ledger, want_entry is not None)):
         ttl = r.ttl(k)
         if not exists:
@@ -219,7 +228,8 @@ def test_script_hostile_records_and_arguments(script):
         args = [hostile_arg(rnd), hostile_arg(rnd, near=rec.get("points")
                                               if count(rec.get("points"))
                                               else None),
-                ts, rnd.choice(["0", "3"]), rnd.choice(["0", "600"]),
+                ts, rnd.choice(["0", "3", "03", "3.0", " 3"]),
+                rnd.choice(["0", "600", "0600", "6e2", "600.0"]),
                 "o-%d" % i, rnd.choice(["1.00", "", "12,5"])]
         reply = run_case(r, sha, rec, args,
                          rnd.choice([None] * 15 + ["7:1"]))
