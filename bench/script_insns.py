@@ -23,7 +23,6 @@ import glob
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,20 +30,14 @@ import time
 
 import redis as redis_lib
 
+from bench import free_port, wait_for
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "..", "ngx_module",
                       "ngx_http_loyalty_credit.lua")
 CUSTOMERS = 20000
 CREDITS = int(os.environ.get("BENCH_SCRIPT_CREDITS", "10000"))
 PIPELINE = 50
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def seed(r):
@@ -71,12 +64,14 @@ def main():
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         r = redis_lib.Redis(host="127.0.0.1", port=port)
-        for _ in range(200):
+
+        def up():
             try:
-                r.ping()
-                break
+                return r.ping()
             except redis_lib.ConnectionError:
-                time.sleep(0.1)
+                return False
+
+        wait_for(up, 60, "redis-server under callgrind")
         pid = r.info("server")["process_id"]
 
         def dump():
