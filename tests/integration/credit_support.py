@@ -18,11 +18,14 @@ that status and the same headers.  The edge in front of it credits with
 import json
 import os
 import re
+import selectors
+import socket
 import subprocess
+import threading
 import time
 import urllib.parse
 
-from conftest import http_request, wait_until
+from conftest import free_port, http_request, wait_until
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -154,6 +157,94 @@ def order(n, cid, total=None, oid=None, redeem=None, path="/buy",
     headers = {"X-Customer": cid} if cid is not None else {}
     return http_request(n.port, order_path(path, total, oid, redeem, **extra),
                         headers=headers, timeout=timeout)
+
+
+class HeldShop:
+    """A shop that holds every order it receives until release(), then
+    answers them all at once, as the stand-in shop does (200 with
+    X-Order-Total and X-Order-Id from the query string), and closes the
+    connection.  After release() it answers at once."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.held = 0
+        self.answered = 0
+        self._waiting = []
+        self._release = threading.Event()
+        self._stop = threading.Event()
+        self._lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._lsock.bind(("127.0.0.1", self.port))
+        self._lsock.listen(1024)
+        self._lsock.setblocking(False)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def release(self):
+        self._release.set()
+
+    def _answer(self, c, head):
+        line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        query = urllib.parse.urlsplit(line.split(" ")[1]).query
+        args = dict(urllib.parse.parse_qsl(query))
+        c.setblocking(True)
+        c.sendall(("HTTP/1.1 200 OK\r\nContent-Length: 8\r\n"
+                   "Connection: close\r\nX-Order-Total: %s\r\n"
+                   "X-Order-Id: %s\r\n\r\nordered\n"
+                   % (args.get("total", ""), args.get("oid", "")))
+                  .encode())
+        c.close()
+        self.answered += 1
+
+    def _run(self):
+        sel = selectors.DefaultSelector()
+        sel.register(self._lsock, selectors.EVENT_READ)
+        heads = {}
+        try:
+            while not self._stop.is_set():
+                if self._release.is_set():
+                    for c, head in self._waiting:
+                        self._answer(c, head)
+                    self._waiting = []
+                for key, _ in sel.select(0.02):
+                    if key.fileobj is self._lsock:
+                        try:
+                            c, _ = self._lsock.accept()
+                        except OSError:
+                            continue
+                        c.setblocking(False)
+                        heads[c] = b""
+                        sel.register(c, selectors.EVENT_READ)
+                        continue
+                    c = key.fileobj
+                    try:
+                        data = c.recv(65536)
+                    except OSError:
+                        data = b""
+                    heads[c] += data
+                    if data and b"\r\n\r\n" not in heads[c]:
+                        continue
+                    sel.unregister(c)
+                    head = heads.pop(c)
+                    if not data:
+                        c.close()
+                    elif self._release.is_set():
+                        self._answer(c, head)
+                    else:
+                        self._waiting.append((c, head))
+                        self.held += 1
+        finally:
+            for c, _ in self._waiting:
+                c.close()
+            for c in heads:
+                c.close()
+            sel.close()
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(5)
+        self._lsock.close()
+        assert not self._thread.is_alive()
 
 
 # --------------------------------------------------------------------------

@@ -5,15 +5,17 @@ orders.  See credit_support.py for the stand-in shop behind the edge."""
 import json
 import os
 import re
+import select
 import signal
+import socket
 import threading
 import time
 
 import pytest
 
 from conftest import log_lines, run_parallel, wait_until
-from credit_support import (MARKER_TTL, TIERS, WEIRD_ORDER_ID, edge_conf,
-                            error_log_credits,
+from credit_support import (MARKER_TTL, TIERS, WEIRD_ORDER_ID, HeldShop,
+                            edge_conf, error_log_credits,
                             hkey, ledger, ledger_entries, marker, order,
                             read_journal, record, replay, settle,
                             stop_redis_keeping_data, wait_marker)
@@ -1291,6 +1293,112 @@ def test_fast_shutdown_during_stream(redis, nginx):
     print("%d confirmed, %d applied, %d of them from the journal"
           % (len(confirmed), len(applied), len(entries)))
     check_exact(redis.client, applied)
+
+
+HELD = """
+    location /held {
+        loyalty on;
+        proxy_pass http://127.0.0.1:{held_port};
+    }
+"""
+
+BURST = 400         # within worker_connections 1024 (a client and a shop
+                    # connection each) and the 512 events of one epoll_wait
+
+
+def stop_during_burst(redis, nginx, tag, stop):
+    """BURST orders held by the shop are answered together while the only
+    worker is stopped (SIGSTOP), so that it takes all the answers in one
+    event loop iteration and queues BURST credits at once, of which it
+    sends at most 64 per iteration.  As soon as the first client has its
+    answer, stop(n).  Returns (orders, the ones answered 200, nginx)."""
+    shop = HeldShop()
+    clients = []
+    try:
+        n = nginx(edge_conf(http=JOURNAL, locations=HELD),
+                  redis_port=redis.port, held_port=shop.port)
+        orders = [("%s%d" % (tag, i % 24), "%s-%04d" % (tag, i),
+                   amount_of(i * 13)) for i in range(BURST)]
+        for cid, oid, total in orders:
+            c = socket.create_connection(("127.0.0.1", n.port), timeout=30)
+            c.sendall(("GET /held?total=%s&oid=%s HTTP/1.0\r\n"
+                       "Host: edge\r\nX-Customer: %s\r\n\r\n"
+                       % (total, oid, cid)).encode())
+            clients.append(c)
+        wait_until(lambda: shop.held == BURST, 30,
+                   message="the shop to hold %d orders" % BURST)
+        [worker] = n.workers()
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            shop.release()
+            wait_until(lambda: shop.answered == BURST, 30,
+                       message="the shop to answer %d orders" % BURST)
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        readable, _, _ = select.select(clients, [], [], 30)
+        assert readable, "no client was answered"
+        stop(n)
+        statuses = []
+        for c in clients:
+            data = b""
+            while True:
+                chunk = c.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            statuses.append(int(data.split(b" ", 2)[1]) if data else None)
+    finally:
+        for c in clients:
+            c.close()
+        shop.stop()
+    confirmed = [o for o, st in zip(orders, statuses) if st == 200]
+    assert confirmed, "no order was answered 200: %r" % statuses[:10]
+    return orders, confirmed, n
+
+
+def applied_orders(client, orders):
+    pipe = client.pipeline()
+    for cid, oid, _ in orders:
+        pipe.exists(marker(cid, oid))
+    return [o for o, a in zip(orders, pipe.execute()) if a]
+
+
+def test_graceful_quit_during_burst(redis, nginx):
+    """SIGQUIT while the worker holds hundreds of credits waiting to be
+    sent: it sends them all before it exits, none goes to the journal."""
+    def quit_(n):
+        assert n.stop() is None
+
+    orders, confirmed, n = stop_during_burst(redis, nginx, "gb", quit_)
+    assert read_journal(journal_path(n)) == []
+    applied = applied_orders(redis.client, orders)
+    assert set(confirmed) <= set(applied), "confirmed orders lost"
+    check_exact(redis.client, applied)
+
+
+def test_fast_shutdown_during_burst(redis, nginx):
+    """SIGTERM while the worker holds hundreds of credits waiting to be
+    sent: those waiting go to the journal with those in flight, and a
+    replay makes every confirmed order applied exactly once."""
+    def terminate(n):
+        n.workers()
+        n.proc.send_signal(signal.SIGTERM)
+        n.proc.wait(10)
+
+    orders, confirmed, n = stop_during_burst(redis, nginx, "fb", terminate)
+    entries = read_journal(journal_path(n))
+    assert {e["reason"] for e in entries} <= {"worker exiting"}
+    rc, _, _, n_failed, out = replay(journal_path(n))
+    assert (rc, n_failed) == (0, 0), out
+    applied = applied_orders(redis.client, orders)
+    assert set(confirmed) <= set(applied), "confirmed orders lost"
+    print("%d confirmed, %d applied, %d of them from the journal"
+          % (len(confirmed), len(applied), len(entries)))
+    check_exact(redis.client, applied)
+    # the case sought: more than one iteration's portion (at most 64) was
+    # still unsent when the worker exited
+    assert len(entries) > 64, "%d journaled: the burst was over" % len(
+        entries)
 
 
 def test_journal_reopened_on_usr1(redis_factory, nginx):
