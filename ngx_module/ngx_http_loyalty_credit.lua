@@ -16,7 +16,9 @@
 -- being 1 when the order redeemed more than the balance,
 -- {0, "<earned>:<redeemed>"} when the order was credited before.
 -- Nothing is written before every check has passed: one HMGET, one SET NX,
--- one HSET, one XADD (and EXPIREs) per order.
+-- one XADD, one HSET (and EXPIREs) per order.  A ledger that is not a
+-- stream fails the XADD: the marker is deleted again and the error
+-- returned, so the order is retried and journaled, not half applied.
 --
 -- Every order runs this script, so it avoids what costs in Lua: no
 -- pattern captures, no gsub unless a number has leading zeros, integer
@@ -119,13 +121,20 @@ if not last or less(last, ts) then
     set[#set + 1] = ts
 end
 
-redis.call('HSET', hash, unpack(set))
-
 if keep > 0 then
-    redis.call('XADD', ledger, 'MAXLEN', '~', redis_number(ARGV[4], keep), '*',
-               'order', ARGV[6], 'amount', ARGV[7], 'earned', earned,
-               'redeemed', redeemed, 'points', balance, 'ts', ts)
+    local id = redis.pcall('XADD', ledger, 'MAXLEN', '~',
+                           redis_number(ARGV[4], keep), '*',
+                           'order', ARGV[6], 'amount', ARGV[7],
+                           'earned', earned, 'redeemed', redeemed,
+                           'points', balance, 'ts', ts)
+    if type(id) == 'table' then
+        redis.call('DEL', marker)
+        return redis.error_reply('LOYALTY ledger ' .. ledger .. ': '
+                                 .. tostring(id.err))
+    end
 end
+
+redis.call('HSET', hash, unpack(set))
 
 if expire > 0 then
     expire = redis_number(ARGV[5], expire)

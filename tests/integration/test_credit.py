@@ -1071,6 +1071,38 @@ def test_retries_exhausted_journaled(redis, nginx):
     assert len(read_journal(journal_path(n))) == 1, "journaled twice"
 
 
+def test_ledger_wrong_type_journaled(redis, nginx):
+    """A ledger key that is not a stream fails the credit as a whole: no
+    marker, no points, a warning naming the ledger, then the journal after
+    the retries; replay applies it once the key is repaired."""
+    n = nginx(edge_conf(http=JOURNAL), redis_port=redis.port)
+    redis.seed("wl", points=4, lifetime=5, orders=1)
+    before = record(redis.client, "wl")
+    redis.client.set(ledger("wl"), "not a stream")
+    assert order(n, "wl", "6", "wl-1").status == 200
+    wait_until(lambda: read_journal(journal_path(n)), 20, 0.1,
+               "the credit to be journaled after its retries")
+    [e] = read_journal(journal_path(n))
+    assert (e["customer"], e["order"], e["reason"]) == (
+        "wl", "wl-1", "retries exhausted")
+    failures = warn_messages(n, 'credit of order "wl-1" for customer "wl" '
+                                'failed: "LOYALTY ledger %s: WRONGTYPE '
+                                % ledger("wl"))
+    assert 2 <= len(failures) <= 5, n.error_log()
+    assert redis.client.exists(marker("wl", "wl-1")) == 0
+    assert record(redis.client, "wl") == before
+    assert redis.client.get(ledger("wl")) == "not a stream"
+
+    redis.client.delete(ledger("wl"))
+    rc, applied, already, failed, out = replay(journal_path(n))
+    assert (rc, applied, already, failed) == (0, 1, 0, 0), out
+    rec = record(redis.client, "wl")
+    assert (rec["points"], rec["lifetime"], rec["orders"]) == (10, 11, 2)
+    assert [x["order"] for x in ledger_entries(redis.client, "wl")] == [
+        "wl-1"]
+    assert n.stop() is None
+
+
 def test_unavailable_credit_applied_by_retry(redis, nginx):
     """Redis down at request time: the order is confirmed (status
     unavailable, multiplier 1), $loyalty_earned is logged, and the credit

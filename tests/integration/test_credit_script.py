@@ -280,6 +280,40 @@ def test_script_overflow_refused(script, field, value, earned, refused):
         assert reply[0] == 1
 
 
+@pytest.mark.parametrize("kind", ["string", "hash"])
+def test_script_ledger_wrong_type_refused(script, kind):
+    """A ledger that is not a stream: the credit is refused with an error
+    naming the ledger, and nothing is written, the marker included, so
+    that the order can be retried or replayed once the key is repaired."""
+    r, sha = script
+    key, mark, ledger = ("loyalty:{m}", "loyalty:{m}:order:o",
+                         "loyalty:{m}:ledger")
+    r.delete(key, mark, ledger)
+    rec = {"points": "7", "lifetime": "9", "orders": "1",
+           "first_order": "1600000000", "last_order": "1600000000"}
+    r.hset(key, mapping=rec)
+    if kind == "string":
+        r.set(ledger, "not a stream")
+    else:
+        r.hset(ledger, "not", "a stream")
+    args = ["5", "2", "1700000000", "100", "86400", "o", "5.00"]
+    with pytest.raises(redis_lib.ResponseError,
+                       match=r"^LOYALTY ledger loyalty:\{m\}:ledger: "
+                             r"WRONGTYPE "):
+        r.evalsha(sha, 3, key, mark, ledger, *args)
+    assert r.hgetall(key) == rec
+    assert r.ttl(key) == -1
+    assert not r.exists(mark)
+    assert r.type(ledger) == kind
+    assert r.ttl(ledger) == -1
+
+    # without a ledger the same credit applies
+    reply = r.evalsha(sha, 3, key, mark, ledger, "5", "2", "1700000000",
+                      "0", "0", "o", "5.00")
+    assert reply == [1, "5:2", 10, 0]
+    assert r.type(ledger) == kind
+
+
 def test_script_wrong_type_refused(script):
     """A record that is not a hash: Redis refuses the read, and nothing is
     written."""
