@@ -1263,6 +1263,14 @@ def test_fast_shutdown_journals(redis_factory, nginx):
     check_exact(redis.client, orders)
 
 
+def applied_orders(client, orders):
+    """The orders whose marker is in Redis."""
+    pipe = client.pipeline()
+    for cid, oid, _ in orders:
+        pipe.exists(marker(cid, oid))
+    return [o for o, a in zip(orders, pipe.execute()) if a]
+
+
 def stop_during_stream(n, tag, stop):
     """8 clients order without pause; after 400 answers, stop(n).  Returns
     (orders, the ones answered 200)."""
@@ -1317,10 +1325,7 @@ def test_fast_shutdown_during_stream(redis, nginx):
     assert (rc, n_failed) == (0, 0), out
     # an order whose client saw the connection close may have been
     # confirmed by the shop all the same: it counts if it was applied
-    pipe = redis.client.pipeline()
-    for cid, oid, _ in orders:
-        pipe.exists(marker(cid, oid))
-    applied = [o for o, a in zip(orders, pipe.execute()) if a]
+    applied = applied_orders(redis.client, orders)
     assert set(confirmed) <= set(applied), "confirmed orders lost"
     print("%d confirmed, %d applied, %d of them from the journal"
           % (len(confirmed), len(applied), len(entries)))
@@ -1386,13 +1391,6 @@ def stop_during_burst(redis, nginx, tag, stop):
     confirmed = [o for o, st in zip(orders, statuses) if st == 200]
     assert confirmed, "no order was answered 200: %r" % statuses[:10]
     return orders, confirmed, n
-
-
-def applied_orders(client, orders):
-    pipe = client.pipeline()
-    for cid, oid, _ in orders:
-        pipe.exists(marker(cid, oid))
-    return [o for o, a in zip(orders, pipe.execute()) if a]
 
 
 def test_graceful_quit_during_burst(redis, nginx):
