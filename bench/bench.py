@@ -67,6 +67,8 @@ RSS_WARMUP = env_int("BENCH_RSS_WARMUP", 50000)
 RSS_CONFIGS = os.environ.get("BENCH_RSS_CONFIGS", "module").split()
 SEED = env_int("BENCH_SEED", 42)
 PERF = os.environ.get("BENCH_PERF", "").split()   # configurations to profile
+# e.g. "worker=0 redis=1 shop=1 wrk=0": CPU of each process during the runs
+PIN = dict(kv.split("=", 1) for kv in os.environ.get("BENCH_PIN", "").split())
 
 DAY = 86400
 EARN_RATE4 = 10000                       # loyalty_earn_rate 1, scaled 10^4
@@ -764,6 +766,14 @@ class Bench:
         idle0 = machine_idle()
         t0 = time.monotonic()
         pc = wrk_start(self.procs, server.port, tag, seconds, CONNECTIONS)
+        if PIN:
+            wait_for(lambda: children(pc.pid), 5, "wrk")
+            wrk = children(pc.pid)
+            for k, pid in list(pids.items()) + [("wrk", w) for w in wrk]:
+                if k in PIN:
+                    for tid in os.listdir("/proc/%d/task" % pid):
+                        os.sched_setaffinity(int(tid), {
+                            int(c) for c in PIN[k].split(",")})
         pp = None
         if plain is not None:
             pp = wrk_start(self.procs, plain.port, tag + "-plain", seconds,
