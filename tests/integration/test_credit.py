@@ -5,6 +5,7 @@ orders.  See credit_support.py for the stand-in shop behind the edge."""
 import json
 import os
 import re
+import resource
 import select
 import signal
 import socket
@@ -1349,6 +1350,12 @@ def stop_during_burst(redis, nginx, tag, stop):
     event loop iteration and queues BURST credits at once, of which it
     sends at most 64 per iteration.  As soon as the first client has its
     answer, stop(n).  Returns (orders, the ones answered 200, nginx)."""
+    # the test holds 2 x BURST sockets, and nginx 2 x BURST connections
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 4 * BURST if hard == resource.RLIM_INFINITY else min(hard,
+                                                                4 * BURST)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
     shop = HeldShop()
     clients = []
     try:
