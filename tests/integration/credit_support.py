@@ -188,13 +188,16 @@ class HeldShop:
         query = urllib.parse.urlsplit(line.split(" ")[1]).query
         args = dict(urllib.parse.parse_qsl(query))
         c.setblocking(True)
-        c.sendall(("HTTP/1.1 200 OK\r\nContent-Length: 8\r\n"
-                   "Connection: close\r\nX-Order-Total: %s\r\n"
-                   "X-Order-Id: %s\r\n\r\nordered\n"
-                   % (args.get("total", ""), args.get("oid", "")))
-                  .encode())
+        try:
+            c.sendall(("HTTP/1.1 200 OK\r\nContent-Length: 8\r\n"
+                       "Connection: close\r\nX-Order-Total: %s\r\n"
+                       "X-Order-Id: %s\r\n\r\nordered\n"
+                       % (args.get("total", ""), args.get("oid", "")))
+                      .encode())
+            self.answered += 1
+        except OSError:
+            pass                        # nginx closed the connection
         c.close()
-        self.answered += 1
 
     def _run(self):
         sel = selectors.DefaultSelector()
