@@ -142,6 +142,18 @@ def free_port():
     raise RuntimeError("no free port")
 
 
+def listener(backlog=128):
+    """A non-blocking listening socket on a free 127.0.0.1 port:
+    (port, socket)."""
+    port = free_port()
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", port))
+    s.listen(backlog)
+    s.setblocking(False)
+    return port, s
+
+
 def port_open(port):
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5):
@@ -531,15 +543,10 @@ def redis(redis_factory):
 
 class SilentServer:
     def __init__(self):
-        self.port = free_port()
+        self.port, self._lsock = listener()
         self.accepted = 0
         self.received = 0
         self._stop = threading.Event()
-        self._lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._lsock.bind(("127.0.0.1", self.port))
-        self._lsock.listen(128)
-        self._lsock.setblocking(False)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 

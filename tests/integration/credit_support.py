@@ -19,13 +19,12 @@ import json
 import os
 import re
 import selectors
-import socket
 import subprocess
 import threading
 import time
 import urllib.parse
 
-from conftest import free_port, http_request, wait_until
+from conftest import http_request, listener, wait_until
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -166,17 +165,12 @@ class HeldShop:
     connection.  After release() it answers at once."""
 
     def __init__(self):
-        self.port = free_port()
+        self.port, self._lsock = listener(1024)
         self.held = 0
         self.answered = 0
         self._waiting = []
         self._release = threading.Event()
         self._stop = threading.Event()
-        self._lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._lsock.bind(("127.0.0.1", self.port))
-        self._lsock.listen(1024)
-        self._lsock.setblocking(False)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
