@@ -1272,6 +1272,36 @@ def applied_orders(client, orders):
     return [o for o, a in zip(orders, pipe.execute()) if a]
 
 
+def quit_(n):
+    """Graceful shutdown (SIGQUIT), within the harness's bound."""
+    assert n.stop() is None
+
+
+def terminate(n):
+    """Fast shutdown: SIGTERM to the master, which passes it on."""
+    n.workers()
+    n.proc.send_signal(signal.SIGTERM)
+    n.proc.wait(10)
+
+
+def check_journaled_and_replayed(redis, n, orders, confirmed):
+    """After a fast shutdown: the journal holds only credits of the exit,
+    its replay fails none, and then every confirmed order is applied
+    exactly once.  An order whose client saw the connection close may have
+    been confirmed by the shop all the same: it counts if it was applied.
+    Returns the journal's entries."""
+    entries = read_journal(journal_path(n))
+    assert {e["reason"] for e in entries} <= {"worker exiting"}
+    rc, _, _, n_failed, out = replay(journal_path(n))
+    assert (rc, n_failed) == (0, 0), out
+    applied = applied_orders(redis.client, orders)
+    assert set(confirmed) <= set(applied), "confirmed orders lost"
+    print("%d confirmed, %d applied, %d of them from the journal"
+          % (len(confirmed), len(applied), len(entries)))
+    check_exact(redis.client, applied)
+    return entries
+
+
 def stop_during_stream(n, tag, stop):
     """8 clients order without pause; after 400 answers, stop(n).  Returns
     (orders, the ones answered 200)."""
@@ -1298,10 +1328,6 @@ def test_graceful_quit_during_stream(redis, nginx):
     confirmed is applied, none waits in the journal.  A worker that shuts
     down sends the credits it still holds before it exits."""
     n = nginx(edge_conf(http=JOURNAL), redis_port=redis.port, workers=2)
-
-    def quit_(n):
-        assert n.stop() is None
-
     _, confirmed = stop_during_stream(n, "gq", quit_)
     assert read_journal(journal_path(n)) == []
     check_exact(redis.client, confirmed)
@@ -1312,25 +1338,8 @@ def test_fast_shutdown_during_stream(redis, nginx):
     credits still waiting to be sent go to the journal, and replaying it
     makes every confirmed order applied exactly once."""
     n = nginx(edge_conf(http=JOURNAL), redis_port=redis.port, workers=2)
-    journal = journal_path(n)
-
-    def terminate(n):
-        n.workers()
-        n.proc.send_signal(signal.SIGTERM)
-        n.proc.wait(10)
-
     orders, confirmed = stop_during_stream(n, "ft", terminate)
-    entries = read_journal(journal)
-    assert {e["reason"] for e in entries} <= {"worker exiting"}
-    rc, _, _, n_failed, out = replay(journal)
-    assert (rc, n_failed) == (0, 0), out
-    # an order whose client saw the connection close may have been
-    # confirmed by the shop all the same: it counts if it was applied
-    applied = applied_orders(redis.client, orders)
-    assert set(confirmed) <= set(applied), "confirmed orders lost"
-    print("%d confirmed, %d applied, %d of them from the journal"
-          % (len(confirmed), len(applied), len(entries)))
-    check_exact(redis.client, applied)
+    check_journaled_and_replayed(redis, n, orders, confirmed)
 
 
 HELD = """
@@ -1403,9 +1412,6 @@ def stop_during_burst(redis, nginx, tag, stop):
 def test_graceful_quit_during_burst(redis, nginx):
     """SIGQUIT while the worker holds hundreds of credits waiting to be
     sent: it sends them all before it exits, none goes to the journal."""
-    def quit_(n):
-        assert n.stop() is None
-
     orders, confirmed, n = stop_during_burst(redis, nginx, "gb", quit_)
     assert read_journal(journal_path(n)) == []
     applied = applied_orders(redis.client, orders)
@@ -1417,21 +1423,8 @@ def test_fast_shutdown_during_burst(redis, nginx):
     """SIGTERM while the worker holds hundreds of credits waiting to be
     sent: those waiting go to the journal with those in flight, and a
     replay makes every confirmed order applied exactly once."""
-    def terminate(n):
-        n.workers()
-        n.proc.send_signal(signal.SIGTERM)
-        n.proc.wait(10)
-
     orders, confirmed, n = stop_during_burst(redis, nginx, "fb", terminate)
-    entries = read_journal(journal_path(n))
-    assert {e["reason"] for e in entries} <= {"worker exiting"}
-    rc, _, _, n_failed, out = replay(journal_path(n))
-    assert (rc, n_failed) == (0, 0), out
-    applied = applied_orders(redis.client, orders)
-    assert set(confirmed) <= set(applied), "confirmed orders lost"
-    print("%d confirmed, %d applied, %d of them from the journal"
-          % (len(confirmed), len(applied), len(entries)))
-    check_exact(redis.client, applied)
+    entries = check_journaled_and_replayed(redis, n, orders, confirmed)
     # the case sought: more than one iteration's portion (at most 64) was
     # still unsent when the worker exited
     assert len(entries) > 64, "%d journaled: the burst was over" % len(
