@@ -16,7 +16,7 @@ SOURCES   = config $(wildcard ngx_module/*.c ngx_module/*.h ngx_module/*.lua)
 CFLAGS_UNIT = -g -O1 -Wall -Wextra -Werror -Wno-unused-parameter \
               -I ngx_module -I build/nginx/objs \
               -I build/nginx/src/core -I build/nginx/src/os/unix \
-              -I build/nginx/src/event
+              -I build/nginx/src/event -I build/nginx/src/event/quic
 
 .PHONY: all build run test unit integration build-static clean deps-run \
         deps-test
@@ -53,7 +53,8 @@ build/unit/test_rules: tests/unit/test_rules.c ngx_module/ngx_http_loyalty_rules
 
 unit: build/unit/test_rules
 	build/unit/test_rules
-	$(PYTHON) -m pytest -q -p no:cacheprovider tests/test_docs.py
+	$(PYTHON) -m pytest -q -p no:cacheprovider tests/test_docs.py \
+	    tests/test_install_deps.py
 
 integration: $(MODULE)
 	NGINX_BIN=$(NGINX_BIN) LOYALTY_MODULE=$(CURDIR)/$(MODULE) \
