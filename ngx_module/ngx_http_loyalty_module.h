@@ -230,6 +230,14 @@ struct ngx_http_loyalty_reply_s {
 };
 
 
+/* hiredis' reply reader, building our replies in a pool */
+typedef struct {
+    void                      *hiredis;
+    ngx_pool_t                *pool;
+    ngx_uint_t                 building;   /* a reply is half built */
+} ngx_http_loyalty_reader_t;
+
+
 /*
  * Called once per command: with the reply, or with NULL when the command
  * failed (connection lost, deadline missed, worker exiting).
@@ -292,12 +300,14 @@ u_char *ngx_http_loyalty_hash_key(u_char *p, ngx_str_t *prefix, u_char *id,
 size_t ngx_http_loyalty_command_len(ngx_uint_t argc, ngx_str_t *argv);
 u_char *ngx_http_loyalty_command_write(u_char *p, ngx_uint_t argc,
     ngx_str_t *argv);
-void *ngx_http_loyalty_reader_create(ngx_pool_t *pool);
-void ngx_http_loyalty_reader_free(void *reader);
-ngx_int_t ngx_http_loyalty_reader_feed(void *reader, u_char *buf, size_t n);
-ngx_int_t ngx_http_loyalty_reader_next(void *reader,
+ngx_int_t ngx_http_loyalty_reader_init(ngx_http_loyalty_reader_t *rd,
+    ngx_pool_t *pool);
+void ngx_http_loyalty_reader_free(ngx_http_loyalty_reader_t *rd);
+ngx_int_t ngx_http_loyalty_reader_feed(ngx_http_loyalty_reader_t *rd,
+    u_char *buf, size_t n);
+ngx_int_t ngx_http_loyalty_reader_next(ngx_http_loyalty_reader_t *rd,
     ngx_http_loyalty_reply_t **reply, ngx_str_t *err);
-ngx_int_t ngx_http_loyalty_reader_idle(void *reader);
+ngx_int_t ngx_http_loyalty_reader_idle(ngx_http_loyalty_reader_t *rd);
 ngx_int_t ngx_http_loyalty_reply_uint(ngx_http_loyalty_reply_t *reply,
     uint64_t *value);
 ngx_int_t ngx_http_loyalty_reply_record(ngx_http_loyalty_reply_t *reply,

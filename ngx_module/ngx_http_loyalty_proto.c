@@ -17,20 +17,39 @@
  * connection's output buffer (hiredis' redisFormatCommand*() would malloc
  * a copy per command).  Replies are parsed by hiredis' redisReader, with
  * our own object functions: reply objects come from a pool that the
- * connection resets whenever no reply is half read.
+ * connection resets whenever no reply is half built.
+ *
+ * Only hiredis' public reader interface is used, the same in hiredis 0.14
+ * and 1.x.  hiredis 1.0 changed the table of object functions (a size_t
+ * array count, and functions for the RESP3 double and boolean, which a
+ * RESP2 peer should never send): it is filled in by name.
  */
 
 
 #define NGX_HTTP_LOYALTY_REPLY_ELTS_MAX  16
 
 
+#ifdef REDIS_REPLY_DOUBLE
+#define NGX_HTTP_LOYALTY_HIREDIS_1  1
+typedef size_t  ngx_http_loyalty_nelts_t;
+#else
+typedef int     ngx_http_loyalty_nelts_t;
+#endif
+
+
 static void *ngx_http_loyalty_reply_string(const redisReadTask *task,
     char *str, size_t len);
 static void *ngx_http_loyalty_reply_array(const redisReadTask *task,
-    int elements);
+    ngx_http_loyalty_nelts_t elements);
 static void *ngx_http_loyalty_reply_integer(const redisReadTask *task,
     long long value);
 static void *ngx_http_loyalty_reply_nil(const redisReadTask *task);
+#if (NGX_HTTP_LOYALTY_HIREDIS_1)
+static void *ngx_http_loyalty_reply_double(const redisReadTask *task,
+    double value, char *str, size_t len);
+static void *ngx_http_loyalty_reply_bool(const redisReadTask *task,
+    int value);
+#endif
 static void ngx_http_loyalty_reply_free(void *reply);
 static ngx_http_loyalty_reply_t *ngx_http_loyalty_reply_create(
     const redisReadTask *task, ngx_uint_t type);
@@ -46,11 +65,15 @@ ngx_str_t  ngx_http_loyalty_record_fields[] = {
 
 
 static redisReplyObjectFunctions  ngx_http_loyalty_reply_functions = {
-    ngx_http_loyalty_reply_string,
-    ngx_http_loyalty_reply_array,
-    ngx_http_loyalty_reply_integer,
-    ngx_http_loyalty_reply_nil,
-    ngx_http_loyalty_reply_free
+    .createString = ngx_http_loyalty_reply_string,
+    .createArray = ngx_http_loyalty_reply_array,
+    .createInteger = ngx_http_loyalty_reply_integer,
+    .createNil = ngx_http_loyalty_reply_nil,
+#if (NGX_HTTP_LOYALTY_HIREDIS_1)
+    .createDouble = ngx_http_loyalty_reply_double,
+    .createBool = ngx_http_loyalty_reply_bool,
+#endif
+    .freeObject = ngx_http_loyalty_reply_free
 };
 
 
@@ -112,33 +135,41 @@ ngx_http_loyalty_command_write(u_char *p, ngx_uint_t argc, ngx_str_t *argv)
 }
 
 
-void *
-ngx_http_loyalty_reader_create(ngx_pool_t *pool)
+ngx_int_t
+ngx_http_loyalty_reader_init(ngx_http_loyalty_reader_t *rd, ngx_pool_t *pool)
 {
     redisReader  *reader;
 
     reader = redisReaderCreateWithFunctions(&ngx_http_loyalty_reply_functions);
     if (reader == NULL) {
-        return NULL;
+        return NGX_ERROR;
     }
 
-    reader->privdata = pool;
+    reader->privdata = rd;
 
-    return reader;
+    rd->hiredis = reader;
+    rd->pool = pool;
+    rd->building = 0;
+
+    return NGX_OK;
 }
 
 
 void
-ngx_http_loyalty_reader_free(void *reader)
+ngx_http_loyalty_reader_free(ngx_http_loyalty_reader_t *rd)
 {
-    redisReaderFree(reader);
+    if (rd->hiredis) {
+        redisReaderFree(rd->hiredis);
+        rd->hiredis = NULL;
+    }
 }
 
 
 ngx_int_t
-ngx_http_loyalty_reader_feed(void *reader, u_char *buf, size_t n)
+ngx_http_loyalty_reader_feed(ngx_http_loyalty_reader_t *rd, u_char *buf,
+    size_t n)
 {
-    if (redisReaderFeed(reader, (const char *) buf, n) != REDIS_OK) {
+    if (redisReaderFeed(rd->hiredis, (const char *) buf, n) != REDIS_OK) {
         return NGX_ERROR;
     }
 
@@ -152,17 +183,17 @@ ngx_http_loyalty_reader_feed(void *reader, u_char *buf, size_t n)
  */
 
 ngx_int_t
-ngx_http_loyalty_reader_next(void *reader, ngx_http_loyalty_reply_t **reply,
-    ngx_str_t *err)
+ngx_http_loyalty_reader_next(ngx_http_loyalty_reader_t *rd,
+    ngx_http_loyalty_reply_t **reply, ngx_str_t *err)
 {
     void         *obj;
-    redisReader  *rd;
+    redisReader  *reader;
 
-    rd = reader;
+    reader = rd->hiredis;
 
-    if (redisReaderGetReply(rd, &obj) != REDIS_OK) {
-        err->data = (u_char *) rd->errstr;
-        err->len = ngx_strlen(rd->errstr);
+    if (redisReaderGetReply(reader, &obj) != REDIS_OK) {
+        err->data = (u_char *) reader->errstr;
+        err->len = ngx_strlen(reader->errstr);
         return NGX_ERROR;
     }
 
@@ -170,32 +201,25 @@ ngx_http_loyalty_reader_next(void *reader, ngx_http_loyalty_reply_t **reply,
         return NGX_AGAIN;
     }
 
+    /*
+     * redisReaderGetReply() returns as soon as a reply is whole: every
+     * object built so far belongs to it
+     */
+
+    rd->building = 0;
+
     *reply = obj;
 
     return NGX_OK;
 }
 
 
-/* no reply is half built: its objects may all be released */
+/* no reply is half built: the pool's objects may all be released */
 
 ngx_int_t
-ngx_http_loyalty_reader_idle(void *reader)
+ngx_http_loyalty_reader_idle(ngx_http_loyalty_reader_t *rd)
 {
-    redisReader  *rd;
-
-    rd = reader;
-
-    /*
-     * redisReaderGetReply() leaves ridx at 0, with no type read yet, when
-     * it was called on a buffer consumed but not yet trimmed: nothing is
-     * half read then either
-     */
-
-    if (rd->ridx == -1 || (rd->ridx == 0 && rd->rstack[0].type == -1)) {
-        return NGX_OK;
-    }
-
-    return NGX_DECLINED;
+    return rd->building ? NGX_DECLINED : NGX_OK;
 }
 
 
@@ -299,14 +323,33 @@ static void *
 ngx_http_loyalty_reply_string(const redisReadTask *task, char *str,
     size_t len)
 {
-    ngx_http_loyalty_reply_t  *reply;
+    ngx_uint_t                  type;
+    ngx_http_loyalty_reply_t   *reply;
+    ngx_http_loyalty_reader_t  *rd;
 
-    reply = ngx_http_loyalty_reply_create(task, task->type);
+    switch (task->type) {
+
+    case REDIS_REPLY_STATUS:
+        type = NGX_HTTP_LOYALTY_REPLY_STATUS;
+        break;
+
+    case REDIS_REPLY_ERROR:
+        type = NGX_HTTP_LOYALTY_REPLY_ERROR;
+        break;
+
+    default:
+        /* a bulk string; in hiredis 1.x also a RESP3 verbatim or big number */
+        type = NGX_HTTP_LOYALTY_REPLY_STRING;
+    }
+
+    reply = ngx_http_loyalty_reply_create(task, type);
     if (reply == NULL) {
         return NULL;
     }
 
-    reply->str.data = ngx_pnalloc(task->privdata, len + 1);
+    rd = task->privdata;
+
+    reply->str.data = ngx_pnalloc(rd->pool, len + 1);
     if (reply->str.data == NULL) {
         return NULL;
     }
@@ -320,9 +363,11 @@ ngx_http_loyalty_reply_string(const redisReadTask *task, char *str,
 
 
 static void *
-ngx_http_loyalty_reply_array(const redisReadTask *task, int elements)
+ngx_http_loyalty_reply_array(const redisReadTask *task,
+    ngx_http_loyalty_nelts_t elements)
 {
-    ngx_http_loyalty_reply_t  *reply;
+    ngx_http_loyalty_reply_t   *reply;
+    ngx_http_loyalty_reader_t  *rd;
 
     /*
      * No reply of ours has more than a few elements: a larger count is
@@ -339,8 +384,9 @@ ngx_http_loyalty_reply_array(const redisReadTask *task, int elements)
     }
 
     if (elements > 0) {
-        reply->element = ngx_pcalloc(task->privdata,
-                                     elements * sizeof(void *));
+        rd = task->privdata;
+
+        reply->element = ngx_pcalloc(rd->pool, elements * sizeof(void *));
         if (reply->element == NULL) {
             return NULL;
         }
@@ -376,6 +422,29 @@ ngx_http_loyalty_reply_nil(const redisReadTask *task)
 }
 
 
+#if (NGX_HTTP_LOYALTY_HIREDIS_1)
+
+/* as Redis itself answers a RESP2 client: a double as its text */
+
+static void *
+ngx_http_loyalty_reply_double(const redisReadTask *task, double value,
+    char *str, size_t len)
+{
+    return ngx_http_loyalty_reply_string(task, str, len);
+}
+
+
+/* and a boolean as the integer 1 or 0 */
+
+static void *
+ngx_http_loyalty_reply_bool(const redisReadTask *task, int value)
+{
+    return ngx_http_loyalty_reply_integer(task, value ? 1 : 0);
+}
+
+#endif
+
+
 static void
 ngx_http_loyalty_reply_free(void *reply)
 {
@@ -386,9 +455,13 @@ ngx_http_loyalty_reply_free(void *reply)
 static ngx_http_loyalty_reply_t *
 ngx_http_loyalty_reply_create(const redisReadTask *task, ngx_uint_t type)
 {
-    ngx_http_loyalty_reply_t  *reply, *parent;
+    ngx_http_loyalty_reply_t   *reply, *parent;
+    ngx_http_loyalty_reader_t  *rd;
 
-    reply = ngx_pcalloc(task->privdata, sizeof(ngx_http_loyalty_reply_t));
+    rd = task->privdata;
+    rd->building = 1;
+
+    reply = ngx_pcalloc(rd->pool, sizeof(ngx_http_loyalty_reply_t));
     if (reply == NULL) {
         return NULL;
     }

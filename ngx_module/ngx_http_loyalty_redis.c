@@ -41,7 +41,7 @@ struct ngx_http_loyalty_conn_s {
 
     ngx_pool_t                 *pool;
     ngx_pool_t                 *reply_pool;
-    void                       *reader;
+    ngx_http_loyalty_reader_t   reader;
 
     ngx_buf_t                  *out;
     u_char                     *in;
@@ -269,8 +269,9 @@ ngx_http_loyalty_redis_connect(ngx_http_loyalty_conn_t *conn)
         return NGX_ERROR;
     }
 
-    conn->reader = ngx_http_loyalty_reader_create(conn->reply_pool);
-    if (conn->reader == NULL) {
+    if (ngx_http_loyalty_reader_init(&conn->reader, conn->reply_pool)
+        != NGX_OK)
+    {
         return NGX_ERROR;
     }
 
@@ -628,7 +629,7 @@ ngx_http_loyalty_redis_read_handler(ngx_event_t *rev)
             return;
         }
 
-        if (ngx_http_loyalty_reader_feed(conn->reader, conn->in, n)
+        if (ngx_http_loyalty_reader_feed(&conn->reader, conn->in, n)
             != NGX_OK)
         {
             ngx_log_error(NGX_LOG_ERR, c->log, 0,
@@ -663,7 +664,7 @@ ngx_http_loyalty_redis_process(ngx_http_loyalty_conn_t *conn)
     c = conn->connection;
 
     for ( ;; ) {
-        rc = ngx_http_loyalty_reader_next(conn->reader, &reply, &err);
+        rc = ngx_http_loyalty_reader_next(&conn->reader, &reply, &err);
 
         if (rc == NGX_AGAIN) {
             break;
@@ -699,7 +700,7 @@ ngx_http_loyalty_redis_process(ngx_http_loyalty_conn_t *conn)
         }
     }
 
-    if (ngx_http_loyalty_reader_idle(conn->reader) == NGX_OK) {
+    if (ngx_http_loyalty_reader_idle(&conn->reader) == NGX_OK) {
         ngx_reset_pool(conn->reply_pool);
     }
 
@@ -819,10 +820,7 @@ ngx_http_loyalty_redis_close(ngx_http_loyalty_conn_t *conn)
         conn->connection = NULL;
     }
 
-    if (conn->reader) {
-        ngx_http_loyalty_reader_free(conn->reader);
-        conn->reader = NULL;
-    }
+    ngx_http_loyalty_reader_free(&conn->reader);
 
     if (conn->reply_pool) {
         ngx_destroy_pool(conn->reply_pool);

@@ -30,8 +30,10 @@ FUZZ_CFLAGS   = -g -O1 -fsanitize=fuzzer,address,undefined \
                 -Wall -Wextra -Werror -Wno-unused-parameter \
                 -I tests/fuzz -I ngx_module -I build/nginx/objs \
                 -I build/nginx/src/core -I build/nginx/src/os/unix \
-                -I build/nginx/src/event -I build/nginx/src/http \
-                -I build/nginx/src/http/modules -I build/nginx/src/http/v2
+                -I build/nginx/src/event -I build/nginx/src/event/quic \
+                -I build/nginx/src/http \
+                -I build/nginx/src/http/modules -I build/nginx/src/http/v2 \
+                -I build/nginx/src/http/v3
 
 FUZZ_RULES    = ngx_module/ngx_http_loyalty_rules.c
 FUZZ_PROTO    = ngx_module/ngx_http_loyalty_proto.c $(FUZZ_RULES) \

@@ -213,7 +213,8 @@ check_record(ngx_http_loyalty_reply_t *reply)
 /* ngx_http_loyalty_redis_process() without the commands */
 
 static ngx_int_t
-process(void *reader, ngx_pool_t *pool, size_t input)
+process(ngx_http_loyalty_reader_t *reader, ngx_pool_t *pool,
+    size_t input)
 {
     ngx_int_t                  rc;
     ngx_str_t                  err;
@@ -251,11 +252,11 @@ process(void *reader, ngx_pool_t *pool, size_t input)
 int
 LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-    u_char      *buf;
-    void        *reader;
-    size_t       n, chunk, fed;
-    uint32_t     rnd;
-    ngx_pool_t  *pool;
+    u_char                     *buf;
+    size_t                      n, chunk, fed;
+    uint32_t                    rnd;
+    ngx_pool_t                 *pool;
+    ngx_http_loyalty_reader_t   reader;
 
     if (size == 0) {
         return 0;
@@ -276,8 +277,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     pool = ngx_create_pool(4096, NULL);
     check(pool != NULL);
 
-    reader = ngx_http_loyalty_reader_create(pool);
-    check(reader != NULL);
+    check(ngx_http_loyalty_reader_init(&reader, pool) == NGX_OK);
 
     fed = 0;
     rnd = 2463534242U ^ (uint32_t) (chunk * 2654435761U) ^ (uint32_t) size;
@@ -301,7 +301,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         check(buf != NULL);
         memcpy(buf, data, n);
 
-        if (ngx_http_loyalty_reader_feed(reader, buf, n) != NGX_OK) {
+        if (ngx_http_loyalty_reader_feed(&reader, buf, n) != NGX_OK) {
             free(buf);
             break;
         }
@@ -312,12 +312,12 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         size -= n;
         fed += n;
 
-        if (process(reader, pool, fed) != NGX_OK) {
+        if (process(&reader, pool, fed) != NGX_OK) {
             break;
         }
     }
 
-    ngx_http_loyalty_reader_free(reader);
+    ngx_http_loyalty_reader_free(&reader);
     ngx_destroy_pool(pool);
 
     return 0;

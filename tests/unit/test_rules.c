@@ -1554,14 +1554,14 @@ test_json_field(void **state)
 
     p = ngx_http_loyalty_json_field(buf, &name, &value, 1);
     *p = '\0';
-    assert_string_equal(buf, "\"offer_code\":\"SAVE\\\"10\\\\\"");
+    assert_string_equal((char *) buf, "\"offer_code\":\"SAVE\\\"10\\\\\"");
 
     ngx_str_set(&name, "points");
     ngx_str_set(&value, "139");
 
     p = ngx_http_loyalty_json_field(buf, &name, &value, 0);
     *p = '\0';
-    assert_string_equal(buf, "\"points\":139");
+    assert_string_equal((char *) buf, "\"points\":139");
 }
 
 
