@@ -235,6 +235,7 @@ typedef struct {
     void                      *hiredis;
     ngx_pool_t                *pool;
     ngx_uint_t                 building;   /* a reply is half built */
+    const char                *error;      /* why a reply was refused */
 } ngx_http_loyalty_reader_t;
 
 

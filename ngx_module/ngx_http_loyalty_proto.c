@@ -21,12 +21,16 @@
  *
  * Only hiredis' public reader interface is used, the same in hiredis 0.14
  * and 1.x.  hiredis 1.0 changed the table of object functions (a size_t
- * array count, and functions for the RESP3 double and boolean, which a
- * RESP2 peer should never send): it is filled in by name.
+ * array count, functions for the RESP3 double and boolean): it is filled
+ * in by name.  The module never asks for RESP3 (HELLO 3), so the types
+ * only RESP3 has are protocol errors here, as hiredis 0.14 takes them;
+ * and replies are nested at most as deep as hiredis 0.14 allows.  Both
+ * versions accept the same replies.
  */
 
 
-#define NGX_HTTP_LOYALTY_REPLY_ELTS_MAX  16
+#define NGX_HTTP_LOYALTY_REPLY_ELTS_MAX   16
+#define NGX_HTTP_LOYALTY_REPLY_DEPTH_MAX  8
 
 
 #ifdef REDIS_REPLY_DOUBLE
@@ -53,6 +57,8 @@ static void *ngx_http_loyalty_reply_bool(const redisReadTask *task,
 static void ngx_http_loyalty_reply_free(void *reply);
 static ngx_http_loyalty_reply_t *ngx_http_loyalty_reply_create(
     const redisReadTask *task, ngx_uint_t type);
+static void *ngx_http_loyalty_reply_refuse(const redisReadTask *task,
+    const char *reason);
 
 
 ngx_str_t  ngx_http_loyalty_record_fields[] = {
@@ -150,6 +156,7 @@ ngx_http_loyalty_reader_init(ngx_http_loyalty_reader_t *rd, ngx_pool_t *pool)
     rd->hiredis = reader;
     rd->pool = pool;
     rd->building = 0;
+    rd->error = NULL;
 
     return NGX_OK;
 }
@@ -192,8 +199,11 @@ ngx_http_loyalty_reader_next(ngx_http_loyalty_reader_t *rd,
     reader = rd->hiredis;
 
     if (redisReaderGetReply(reader, &obj) != REDIS_OK) {
-        err->data = (u_char *) reader->errstr;
-        err->len = ngx_strlen(reader->errstr);
+
+        /* a reply our functions refused, or hiredis' own reason */
+
+        err->data = (u_char *) (rd->error ? rd->error : reader->errstr);
+        err->len = ngx_strlen(err->data);
         return NGX_ERROR;
     }
 
@@ -329,6 +339,10 @@ ngx_http_loyalty_reply_string(const redisReadTask *task, char *str,
 
     switch (task->type) {
 
+    case REDIS_REPLY_STRING:
+        type = NGX_HTTP_LOYALTY_REPLY_STRING;
+        break;
+
     case REDIS_REPLY_STATUS:
         type = NGX_HTTP_LOYALTY_REPLY_STATUS;
         break;
@@ -338,8 +352,8 @@ ngx_http_loyalty_reply_string(const redisReadTask *task, char *str,
         break;
 
     default:
-        /* a bulk string; in hiredis 1.x also a RESP3 verbatim or big number */
-        type = NGX_HTTP_LOYALTY_REPLY_STRING;
+        /* hiredis 1.x: a RESP3 verbatim string or big number */
+        return ngx_http_loyalty_reply_refuse(task, "RESP3 string");
     }
 
     reply = ngx_http_loyalty_reply_create(task, type);
@@ -366,8 +380,15 @@ static void *
 ngx_http_loyalty_reply_array(const redisReadTask *task,
     ngx_http_loyalty_nelts_t elements)
 {
+    ngx_uint_t                  depth;
+    redisReadTask              *parent;
     ngx_http_loyalty_reply_t   *reply;
     ngx_http_loyalty_reader_t  *rd;
+
+    if (task->type != REDIS_REPLY_ARRAY) {
+        /* hiredis 1.x: a RESP3 map, set, push or attribute */
+        return ngx_http_loyalty_reply_refuse(task, "RESP3 aggregate");
+    }
 
     /*
      * No reply of ours has more than a few elements: a larger count is
@@ -375,7 +396,16 @@ ngx_http_loyalty_reply_array(const redisReadTask *task,
      */
 
     if (elements > NGX_HTTP_LOYALTY_REPLY_ELTS_MAX) {
-        return NULL;
+        return ngx_http_loyalty_reply_refuse(task, "array too long");
+    }
+
+    depth = 0;
+
+    for (parent = task->parent; parent; parent = parent->parent) {
+        if (++depth == NGX_HTTP_LOYALTY_REPLY_DEPTH_MAX) {
+            return ngx_http_loyalty_reply_refuse(task, "arrays nested "
+                                                 "too deep");
+        }
     }
 
     reply = ngx_http_loyalty_reply_create(task, NGX_HTTP_LOYALTY_REPLY_ARRAY);
@@ -418,28 +448,33 @@ ngx_http_loyalty_reply_integer(const redisReadTask *task, long long value)
 static void *
 ngx_http_loyalty_reply_nil(const redisReadTask *task)
 {
+    /*
+     * A RESP2 nil is a bulk string or an array of length -1: only RESP3's
+     * "_" has a task of its own type, and only in hiredis 1.x
+     */
+
+    if (task->type == REDIS_REPLY_NIL) {
+        return ngx_http_loyalty_reply_refuse(task, "RESP3 null");
+    }
+
     return ngx_http_loyalty_reply_create(task, NGX_HTTP_LOYALTY_REPLY_NIL);
 }
 
 
 #if (NGX_HTTP_LOYALTY_HIREDIS_1)
 
-/* as Redis itself answers a RESP2 client: a double as its text */
-
 static void *
 ngx_http_loyalty_reply_double(const redisReadTask *task, double value,
     char *str, size_t len)
 {
-    return ngx_http_loyalty_reply_string(task, str, len);
+    return ngx_http_loyalty_reply_refuse(task, "RESP3 double");
 }
 
-
-/* and a boolean as the integer 1 or 0 */
 
 static void *
 ngx_http_loyalty_reply_bool(const redisReadTask *task, int value)
 {
-    return ngx_http_loyalty_reply_integer(task, value ? 1 : 0);
+    return ngx_http_loyalty_reply_refuse(task, "RESP3 boolean");
 }
 
 #endif
@@ -479,4 +514,18 @@ ngx_http_loyalty_reply_create(const redisReadTask *task, ngx_uint_t type)
     }
 
     return reply;
+}
+
+
+/* NULL fails the reader; the reason is what the connection logs */
+
+static void *
+ngx_http_loyalty_reply_refuse(const redisReadTask *task, const char *reason)
+{
+    ngx_http_loyalty_reader_t  *rd;
+
+    rd = task->privdata;
+    rd->error = reason;
+
+    return NULL;
 }
