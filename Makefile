@@ -19,7 +19,7 @@ CFLAGS_UNIT = -g -O1 -Wall -Wextra -Werror -Wno-unused-parameter \
               -I build/nginx/src/event -I build/nginx/src/event/quic
 
 .PHONY: all build run test unit integration build-static clean deps-run \
-        deps-test
+        deps-test test-fresh
 
 all: build
 
@@ -63,6 +63,11 @@ integration: $(MODULE)
 # the same sources as a static and as a dynamic module of a full nginx tree
 build-static:
 	tools/build-full build/src
+
+# the two commands and the package on fresh Debian 12 and 13 chroots
+# (tools/test-fresh: root, debootstrap, about 15 minutes a suite)
+test-fresh:
+	tools/test-fresh $(FRESH_SUITES)
 
 clean:
 	rm -rf build
