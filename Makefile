@@ -2,6 +2,8 @@
 #
 #   make run     install what is missing, build, start redis + nginx demo
 #   make test    install what is missing, build, run every test
+#   make deb     install what is missing, build the Debian package
+#                libnginx-mod-http-loyalty in build/deb/, run lintian on it
 #
 # NGINX_SRC=/path/to/nginx-1.x.y builds against a full nginx source tree
 # instead of Debian's nginx-dev (/usr/share/nginx/src).
@@ -19,7 +21,7 @@ CFLAGS_UNIT = -g -O1 -Wall -Wextra -Werror -Wno-unused-parameter \
               -I build/nginx/src/event -I build/nginx/src/event/quic
 
 .PHONY: all build run test unit integration build-static clean deps-run \
-        deps-test test-fresh
+        deps-test deps-deb deb deb-check test-fresh
 
 all: build
 
@@ -33,6 +35,9 @@ deps-run:
 
 deps-test:
 	tools/install-deps test build/src
+
+deps-deb:
+	tools/install-deps deb
 
 run: deps-run
 	$(MAKE) build
@@ -63,6 +68,17 @@ integration: $(MODULE)
 # the same sources as a static and as a dynamic module of a full nginx tree
 build-static:
 	tools/build-full build/src
+
+# the packaging is in tools/deb/; tools/build-deb builds in build/deb/
+deb: deps-deb
+	tools/build-deb
+	$(MAKE) deb-check
+
+# lintian on the .changes: the .deb, its -dbgsym and the .buildinfo
+deb-check:
+	lintian --fail-on error --display-info build/deb/*.changes
+	@echo "lintian: no errors; the package:" \
+	    build/deb/libnginx-mod-http-loyalty_*.deb
 
 # the two commands and the package on fresh Debian 12 and 13 chroots
 # (tools/test-fresh: root, debootstrap, about 15 minutes a suite)
