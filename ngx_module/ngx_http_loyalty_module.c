@@ -11,7 +11,8 @@
 #include "ngx_http_loyalty_script.h"
 
 
-#define NGX_HTTP_LOYALTY_REDIS_PORT  6379
+#define NGX_HTTP_LOYALTY_REDIS_PORT     6379
+#define NGX_HTTP_LOYALTY_REDIS_DEFAULT  "127.0.0.1:6379"
 
 
 static ngx_int_t ngx_http_loyalty_preconfiguration(ngx_conf_t *cf);
@@ -175,7 +176,7 @@ static ngx_command_t  ngx_http_loyalty_commands[] = {
     { ngx_string("loyalty_balance"),
       NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
       ngx_http_loyalty_balance,
-      0,
+      NGX_HTTP_LOC_CONF_OFFSET,
       0,
       NULL },
 
@@ -336,6 +337,7 @@ ngx_http_loyalty_create_loc_conf(ngx_conf_t *cf)
      *     conf->order_id = NULL;
      *     conf->journal = NULL;
      *     conf->journal_set = 0;
+     *     conf->balance = 0;
      */
 
     conf->enable = NGX_CONF_UNSET;
@@ -426,15 +428,21 @@ ngx_http_loyalty_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
         conf->server = prev->server;
     }
 
-    if (conf->server == NULL && conf->enable) {
-        ngx_str_set(&name, "127.0.0.1:6379");
+    /*
+     * A location whose requests read a record has a Redis, the documented
+     * default when no level names one.  The parent is left as it is: what
+     * a location gets must not depend on the locations merged before it.
+     * An "if" block inherits the server of its location, which answers
+     * with loyalty_balance there too.
+     */
+
+    if (conf->server == NULL && (conf->enable || conf->balance)) {
+        ngx_str_set(&name, NGX_HTTP_LOYALTY_REDIS_DEFAULT);
 
         conf->server = ngx_http_loyalty_add_server(cf, &name, 0, NULL, NULL);
         if (conf->server == NULL) {
             return NGX_CONF_ERROR;
         }
-
-        prev->server = conf->server;
     }
 
     if (conf->server && conf->server->connect_timeout < conf->timeout) {
