@@ -153,6 +153,9 @@ ngx_http_loyalty_lookup(ngx_http_request_t *r, ngx_uint_t content)
         }
     }
 
+    /* the request is bound to this location from now on */
+
+    ctx->conf = llcf;
     ctx->started = 1;
     ctx->content = content;
 
@@ -462,7 +465,7 @@ ngx_http_loyalty_finish(ngx_http_request_t *r, ngx_http_loyalty_ctx_t *ctx)
     ngx_http_loyalty_loc_conf_t   *llcf;
     ngx_http_loyalty_main_conf_t  *lmcf;
 
-    llcf = ngx_http_get_module_loc_conf(r, ngx_http_loyalty_module);
+    llcf = ctx->conf;
     lmcf = ngx_http_get_module_main_conf(r, ngx_http_loyalty_module);
 
     sh = lmcf->sh;
@@ -564,7 +567,9 @@ ngx_http_loyalty_filter_init(ngx_conf_t *cf)
 
 /*
  * The response headers are known: credit a confirmed order, once per
- * request whatever redirects and error pages it went through.
+ * request whatever redirects and error pages it went through, with the
+ * settings of the location where the read ran, not of the one the request
+ * ended in (which may have other settings, or none).
  */
 
 static ngx_int_t
@@ -586,7 +591,7 @@ ngx_http_loyalty_header_filter(ngx_http_request_t *r)
 
     ctx->filtered = 1;
 
-    llcf = ngx_http_get_module_loc_conf(r, ngx_http_loyalty_module);
+    llcf = ctx->conf;
 
     status = r->headers_out.status;
 
@@ -596,7 +601,7 @@ ngx_http_loyalty_header_filter(ngx_http_request_t *r)
             || ctx->status == NGX_HTTP_LOYALTY_NEW
             || ctx->status == NGX_HTTP_LOYALTY_UNAVAILABLE))
     {
-        if (ngx_http_loyalty_credit(r, ctx, llcf) != NGX_OK) {
+        if (ngx_http_loyalty_credit(r, ctx) != NGX_OK) {
             return NGX_ERROR;
         }
     }

@@ -174,29 +174,34 @@ typedef struct {
 } ngx_http_loyalty_loc_conf_t;
 
 
-/* per request, also found again after an internal redirect */
+/*
+ * Per request, also found again after an internal redirect.  The request
+ * stays bound to the location where its read ran: "conf" is what its
+ * credit and response headers use, wherever the request ends.
+ */
 typedef struct {
-    ngx_uint_t                 status;
-    ngx_str_t                  customer;
-    ngx_http_loyalty_record_t  record;
-    ngx_http_loyalty_tier_t   *tier;
-    ngx_http_loyalty_offer_t  *offer;
+    ngx_http_loyalty_loc_conf_t  *conf;
+    ngx_uint_t                    status;
+    ngx_str_t                     customer;
+    ngx_http_loyalty_record_t     record;
+    ngx_http_loyalty_tier_t      *tier;
+    ngx_http_loyalty_offer_t     *offer;
 
-    ngx_http_request_t        *request;
-    ngx_http_loyalty_cmd_t    *cmd;             /* while waiting */
-    ngx_int_t                  rc;              /* for the phase handler */
+    ngx_http_request_t           *request;
+    ngx_http_loyalty_cmd_t       *cmd;          /* while waiting */
+    ngx_int_t                     rc;           /* for the phase handler */
 
-    uint64_t                   earned;
-    uint64_t                   redeemed;
+    uint64_t                      earned;
+    uint64_t                      redeemed;
 
-    uint64_t                   sent;            /* microseconds */
+    uint64_t                      sent;         /* microseconds */
 
-    unsigned                   started:1;
-    unsigned                   waiting:1;
-    unsigned                   done:1;
-    unsigned                   content:1;       /* loyalty_balance */
-    unsigned                   filtered:1;
-    unsigned                   credited:1;
+    unsigned                      started:1;
+    unsigned                      waiting:1;
+    unsigned                      done:1;
+    unsigned                      content:1;    /* loyalty_balance */
+    unsigned                      filtered:1;
+    unsigned                      credited:1;
 } ngx_http_loyalty_ctx_t;
 
 
@@ -274,7 +279,7 @@ ngx_http_loyalty_cmd_t *ngx_http_loyalty_redis_send(
 
 /* ngx_http_loyalty_credit.c */
 ngx_int_t ngx_http_loyalty_credit(ngx_http_request_t *r,
-    ngx_http_loyalty_ctx_t *ctx, ngx_http_loyalty_loc_conf_t *llcf);
+    ngx_http_loyalty_ctx_t *ctx);
 ngx_int_t ngx_http_loyalty_credit_init_process(ngx_cycle_t *cycle,
     ngx_http_loyalty_main_conf_t *lmcf);
 void ngx_http_loyalty_credit_exit_process(ngx_http_loyalty_main_conf_t *lmcf);

@@ -11,7 +11,8 @@ Environment:
     LOYALTY_IT_KEEP  keep the temporary prefixes even when every test passed
 
 Fixtures: redis, redis_factory, default_redis (on 127.0.0.1:6379), nginx
-(a factory), silent_redis, capture_backend.  Helpers: checkout_conf(), BACKEND, Response.
+(a factory), silent_redis, capture_backend.  Helpers: checkout_conf(),
+BACKEND, Response.
 """
 
 import http.client
