@@ -32,28 +32,52 @@ static ngx_http_output_header_filter_pt  ngx_http_next_header_filter;
 
 
 /*
- * Preaccess: client-sent X-Loyalty-* headers are removed before anything
- * else can see them, auth_request subrequests included.
+ * Post-read: in a server where "loyalty on" appears at any level, the
+ * client-sent X-Loyalty-* headers are removed before the server's rewrite
+ * phase, in every location, so that no variable, "set" copy, "if" or
+ * "map" ever holds one, and no auth_request subrequest sees one.
  */
 
 ngx_int_t
-ngx_http_loyalty_strip_handler(ngx_http_request_t *r)
+ngx_http_loyalty_post_read_handler(ngx_http_request_t *r)
 {
-    ngx_http_loyalty_loc_conf_t  *llcf;
+    ngx_http_loyalty_srv_conf_t  *lscf;
 
-    if (r != r->main) {
+    lscf = ngx_http_get_module_srv_conf(r, ngx_http_loyalty_module);
+
+    if (!lscf->strip || r != r->main) {
         return NGX_DECLINED;
     }
 
-    llcf = ngx_http_get_module_loc_conf(r, ngx_http_loyalty_module);
+    ngx_http_loyalty_strip_headers(r);
 
-    if (!llcf->enable || ngx_http_loyalty_get_ctx(r)) {
+    return NGX_DECLINED;
+}
+
+
+/*
+ * Server rewrite: a request that nginx refused while reading its headers
+ * (a 400, say) and redirected to an error_page enters the phases here,
+ * without the post-read phase.  Once the module has a ctx for the
+ * request, the X-Loyalty-* headers in it are the module's own.
+ */
+
+ngx_int_t
+ngx_http_loyalty_server_rewrite_handler(ngx_http_request_t *r)
+{
+    ngx_http_loyalty_srv_conf_t  *lscf;
+
+    lscf = ngx_http_get_module_srv_conf(r, ngx_http_loyalty_module);
+
+    if (!lscf->strip
+        || r != r->main
+        || !r->internal
+        || ngx_http_loyalty_get_ctx(r))
+    {
         return NGX_DECLINED;
     }
 
-    if (ngx_http_loyalty_create_ctx(r) == NULL) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
+    ngx_http_loyalty_strip_headers(r);
 
     return NGX_DECLINED;
 }
@@ -122,8 +146,6 @@ ngx_http_loyalty_create_ctx(ngx_http_request_t *r)
     ctx->request = r;
     ctx->rc = NGX_DECLINED;
     ngx_http_set_ctx(r, ctx, ngx_http_loyalty_module);
-
-    ngx_http_loyalty_strip_headers(r);
 
     return ctx;
 }

@@ -141,11 +141,17 @@ typedef struct {
     ngx_http_loyalty_credits_t *credits;        /* per worker */
     ngx_http_loyalty_shctx_t  *sh;
     ngx_array_t                offers;   /* ngx_http_loyalty_offer_t * */
+    ngx_array_t                header_vars; /* indexes, $http_x_loyalty_* */
 
     /* per worker: warnings about invalid ids, at most one a second */
     time_t                     invalid_logged;
     ngx_uint_t                 invalid_suppressed;
 } ngx_http_loyalty_main_conf_t;
+
+
+typedef struct {
+    ngx_flag_t                 strip;     /* "loyalty on" in the server */
+} ngx_http_loyalty_srv_conf_t;
 
 
 typedef struct {
@@ -259,7 +265,8 @@ extern ngx_module_t  ngx_http_loyalty_module;
 
 
 /* ngx_http_loyalty_handler.c */
-ngx_int_t ngx_http_loyalty_strip_handler(ngx_http_request_t *r);
+ngx_int_t ngx_http_loyalty_post_read_handler(ngx_http_request_t *r);
+ngx_int_t ngx_http_loyalty_server_rewrite_handler(ngx_http_request_t *r);
 ngx_int_t ngx_http_loyalty_handler(ngx_http_request_t *r);
 ngx_int_t ngx_http_loyalty_lookup(ngx_http_request_t *r, ngx_uint_t content);
 uint64_t ngx_http_loyalty_usec(void);
