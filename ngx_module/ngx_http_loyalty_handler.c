@@ -607,7 +607,7 @@ ngx_http_loyalty_header_filter(ngx_http_request_t *r)
 
     ctx = ngx_http_loyalty_get_ctx(r);
 
-    if (ctx == NULL || !ctx->done || ctx->filtered) {
+    if (ctx == NULL || !ctx->done || ctx->filtered || ctx->balance) {
         return ngx_http_next_header_filter(r);
     }
 

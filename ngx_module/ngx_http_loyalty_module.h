@@ -206,6 +206,7 @@ typedef struct {
     unsigned                      waiting:1;
     unsigned                      done:1;
     unsigned                      content:1;    /* loyalty_balance */
+    unsigned                      balance:1;    /* it answers */
     unsigned                      filtered:1;
     unsigned                      credited:1;
 } ngx_http_loyalty_ctx_t;

@@ -439,6 +439,9 @@ ngx_http_loyalty_balance_send(ngx_http_request_t *r,
         ngx_string("offer_code")
     };
 
+    /* not an order's response: the header filter leaves it alone */
+    ctx->balance = 1;
+
     known = (ctx->status == NGX_HTTP_LOYALTY_OK
              || ctx->status == NGX_HTTP_LOYALTY_NEW);
 
