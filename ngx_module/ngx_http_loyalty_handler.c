@@ -49,7 +49,9 @@ ngx_http_loyalty_post_read_handler(ngx_http_request_t *r)
         return NGX_DECLINED;
     }
 
-    ngx_http_loyalty_strip_headers(r);
+    if (ngx_http_loyalty_strip_headers(r) != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
 
     return NGX_DECLINED;
 }
@@ -77,7 +79,9 @@ ngx_http_loyalty_server_rewrite_handler(ngx_http_request_t *r)
         return NGX_DECLINED;
     }
 
-    ngx_http_loyalty_strip_headers(r);
+    if (ngx_http_loyalty_strip_headers(r) != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
 
     return NGX_DECLINED;
 }

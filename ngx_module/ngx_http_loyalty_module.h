@@ -322,7 +322,7 @@ ngx_int_t ngx_http_loyalty_script_sha1(ngx_str_t *script, u_char *sha);
 
 /* ngx_http_loyalty_variables.c */
 ngx_int_t ngx_http_loyalty_add_variables(ngx_conf_t *cf);
-void ngx_http_loyalty_strip_headers(ngx_http_request_t *r);
+ngx_int_t ngx_http_loyalty_strip_headers(ngx_http_request_t *r);
 ngx_int_t ngx_http_loyalty_set_request_headers(ngx_http_request_t *r,
     ngx_http_loyalty_ctx_t *ctx);
 ngx_int_t ngx_http_loyalty_set_response_headers(ngx_http_request_t *r,

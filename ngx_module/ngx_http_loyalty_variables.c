@@ -269,17 +269,20 @@ ngx_http_loyalty_uint_value(ngx_http_request_t *r, uint64_t n,
 /*
  * Client-sent X-Loyalty-* request headers are removed from the list
  * without moving any element: other fields of r->headers_in point into
- * it, and the list is pushed to afterwards.
+ * it, and the list is pushed to afterwards.  NGX_ERROR when there was no
+ * memory to remove one: it is emptied then, and the request must fail.
  */
 
-void
+ngx_int_t
 ngx_http_loyalty_strip_headers(ngx_http_request_t *r)
 {
+    ngx_int_t         rc;
     ngx_uint_t        i, removed;
     ngx_list_t       *l;
     ngx_list_part_t  *part;
     ngx_table_elt_t  *h;
 
+    rc = NGX_OK;
     removed = 0;
 
     l = &r->headers_in.headers;
@@ -312,9 +315,18 @@ ngx_http_loyalty_strip_headers(ngx_http_request_t *r)
         removed = 1;
 
         if (ngx_http_loyalty_remove_header(l, part, i) != NGX_OK) {
-            /* no memory to split the list: hide the value instead */
+
+            /*
+             * no memory to split the list: the header is emptied, name
+             * and value, as $http_* skip it for its hash 0 but proxy
+             * sends every header; and the request fails
+             */
+
+            ngx_str_null(&h[i].value);
             h[i].key.len = 0;
             h[i].hash = 0;
+
+            rc = NGX_ERROR;
             continue;
         }
 
@@ -328,6 +340,8 @@ ngx_http_loyalty_strip_headers(ngx_http_request_t *r)
     if (removed) {
         ngx_http_loyalty_flush_variables(r);
     }
+
+    return rc;
 }
 
 
