@@ -78,17 +78,20 @@ static ngx_int_t ngx_http_loyalty_valid_order(ngx_str_t *order);
 
 /*
  * Called from the header filter of a 2xx main request: evaluates the
- * order, fills in ctx->earned and ctx->redeemed and sends the credit.
+ * order, fills in ctx->earned and ctx->redeemed and sends the credit, all
+ * as the location of the read says (ctx->conf).
  */
 
 ngx_int_t
-ngx_http_loyalty_credit(ngx_http_request_t *r, ngx_http_loyalty_ctx_t *ctx,
-    ngx_http_loyalty_loc_conf_t *llcf)
+ngx_http_loyalty_credit(ngx_http_request_t *r, ngx_http_loyalty_ctx_t *ctx)
 {
     uint64_t                       amount, redeem, multiplier, earned;
     ngx_str_t                      total, value, order;
     ngx_http_loyalty_credit_t     *cr, local;
+    ngx_http_loyalty_loc_conf_t   *llcf;
     ngx_http_loyalty_main_conf_t  *lmcf;
+
+    llcf = ctx->conf;
 
     if (ngx_http_complex_value(r, llcf->earn, &total) != NGX_OK) {
         return NGX_ERROR;

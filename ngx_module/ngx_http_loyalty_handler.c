@@ -32,26 +32,54 @@ static ngx_http_output_header_filter_pt  ngx_http_next_header_filter;
 
 
 /*
- * Preaccess: client-sent X-Loyalty-* headers are removed before anything
- * else can see them, auth_request subrequests included.
+ * Post-read: in a server where "loyalty on" appears at any level, the
+ * client-sent X-Loyalty-* headers are removed before the server's rewrite
+ * phase, in every location, so that no variable, "set" copy, "if" or
+ * "map" ever holds one, and no auth_request subrequest sees one.
  */
 
 ngx_int_t
-ngx_http_loyalty_strip_handler(ngx_http_request_t *r)
+ngx_http_loyalty_post_read_handler(ngx_http_request_t *r)
 {
-    ngx_http_loyalty_loc_conf_t  *llcf;
+    ngx_http_loyalty_srv_conf_t  *lscf;
 
-    if (r != r->main) {
+    lscf = ngx_http_get_module_srv_conf(r, ngx_http_loyalty_module);
+
+    if (!lscf->strip || r != r->main) {
         return NGX_DECLINED;
     }
 
-    llcf = ngx_http_get_module_loc_conf(r, ngx_http_loyalty_module);
+    if (ngx_http_loyalty_strip_headers(r) != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
 
-    if (!llcf->enable || ngx_http_loyalty_get_ctx(r)) {
+    return NGX_DECLINED;
+}
+
+
+/*
+ * Server rewrite: a request that nginx refused while reading its headers
+ * (a 400, say) and redirected to an error_page enters the phases here,
+ * without the post-read phase.  Once the module has a ctx for the
+ * request, the X-Loyalty-* headers in it are the module's own.
+ */
+
+ngx_int_t
+ngx_http_loyalty_server_rewrite_handler(ngx_http_request_t *r)
+{
+    ngx_http_loyalty_srv_conf_t  *lscf;
+
+    lscf = ngx_http_get_module_srv_conf(r, ngx_http_loyalty_module);
+
+    if (!lscf->strip
+        || r != r->main
+        || !r->internal
+        || ngx_http_loyalty_get_ctx(r))
+    {
         return NGX_DECLINED;
     }
 
-    if (ngx_http_loyalty_create_ctx(r) == NULL) {
+    if (ngx_http_loyalty_strip_headers(r) != NGX_OK) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
@@ -123,8 +151,6 @@ ngx_http_loyalty_create_ctx(ngx_http_request_t *r)
     ctx->rc = NGX_DECLINED;
     ngx_http_set_ctx(r, ctx, ngx_http_loyalty_module);
 
-    ngx_http_loyalty_strip_headers(r);
-
     return ctx;
 }
 
@@ -153,6 +179,9 @@ ngx_http_loyalty_lookup(ngx_http_request_t *r, ngx_uint_t content)
         }
     }
 
+    /* the request is bound to this location from now on */
+
+    ctx->conf = llcf;
     ctx->started = 1;
     ctx->content = content;
 
@@ -462,7 +491,7 @@ ngx_http_loyalty_finish(ngx_http_request_t *r, ngx_http_loyalty_ctx_t *ctx)
     ngx_http_loyalty_loc_conf_t   *llcf;
     ngx_http_loyalty_main_conf_t  *lmcf;
 
-    llcf = ngx_http_get_module_loc_conf(r, ngx_http_loyalty_module);
+    llcf = ctx->conf;
     lmcf = ngx_http_get_module_main_conf(r, ngx_http_loyalty_module);
 
     sh = lmcf->sh;
@@ -564,7 +593,9 @@ ngx_http_loyalty_filter_init(ngx_conf_t *cf)
 
 /*
  * The response headers are known: credit a confirmed order, once per
- * request whatever redirects and error pages it went through.
+ * request whatever redirects and error pages it went through, with the
+ * settings of the location where the read ran, not of the one the request
+ * ended in (which may have other settings, or none).
  */
 
 static ngx_int_t
@@ -580,13 +611,13 @@ ngx_http_loyalty_header_filter(ngx_http_request_t *r)
 
     ctx = ngx_http_loyalty_get_ctx(r);
 
-    if (ctx == NULL || !ctx->done || ctx->filtered) {
+    if (ctx == NULL || !ctx->done || ctx->filtered || ctx->balance) {
         return ngx_http_next_header_filter(r);
     }
 
     ctx->filtered = 1;
 
-    llcf = ngx_http_get_module_loc_conf(r, ngx_http_loyalty_module);
+    llcf = ctx->conf;
 
     status = r->headers_out.status;
 
@@ -596,7 +627,7 @@ ngx_http_loyalty_header_filter(ngx_http_request_t *r)
             || ctx->status == NGX_HTTP_LOYALTY_NEW
             || ctx->status == NGX_HTTP_LOYALTY_UNAVAILABLE))
     {
-        if (ngx_http_loyalty_credit(r, ctx, llcf) != NGX_OK) {
+        if (ngx_http_loyalty_credit(r, ctx) != NGX_OK) {
             return NGX_ERROR;
         }
     }

@@ -11,12 +11,14 @@
 #include "ngx_http_loyalty_script.h"
 
 
-#define NGX_HTTP_LOYALTY_REDIS_PORT  6379
+#define NGX_HTTP_LOYALTY_REDIS_PORT     6379
+#define NGX_HTTP_LOYALTY_REDIS_DEFAULT  "127.0.0.1:6379"
 
 
 static ngx_int_t ngx_http_loyalty_preconfiguration(ngx_conf_t *cf);
 static ngx_int_t ngx_http_loyalty_postconfiguration(ngx_conf_t *cf);
 static void *ngx_http_loyalty_create_main_conf(ngx_conf_t *cf);
+static void *ngx_http_loyalty_create_srv_conf(ngx_conf_t *cf);
 static void *ngx_http_loyalty_create_loc_conf(ngx_conf_t *cf);
 static char *ngx_http_loyalty_merge_loc_conf(ngx_conf_t *cf, void *parent,
     void *child);
@@ -40,6 +42,7 @@ static char *ngx_http_loyalty_expire(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_http_loyalty_ledger(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+static ngx_int_t ngx_http_loyalty_init_module(ngx_cycle_t *cycle);
 static ngx_int_t ngx_http_loyalty_init_process(ngx_cycle_t *cycle);
 static void ngx_http_loyalty_exit_process(ngx_cycle_t *cycle);
 
@@ -175,7 +178,7 @@ static ngx_command_t  ngx_http_loyalty_commands[] = {
     { ngx_string("loyalty_balance"),
       NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
       ngx_http_loyalty_balance,
-      0,
+      NGX_HTTP_LOC_CONF_OFFSET,
       0,
       NULL },
 
@@ -197,7 +200,7 @@ static ngx_http_module_t  ngx_http_loyalty_module_ctx = {
     ngx_http_loyalty_create_main_conf,     /* create main configuration */
     NULL,                                  /* init main configuration */
 
-    NULL,                                  /* create server configuration */
+    ngx_http_loyalty_create_srv_conf,      /* create server configuration */
     NULL,                                  /* merge server configuration */
 
     ngx_http_loyalty_create_loc_conf,      /* create location configuration */
@@ -211,7 +214,7 @@ ngx_module_t  ngx_http_loyalty_module = {
     ngx_http_loyalty_commands,             /* module directives */
     NGX_HTTP_MODULE,                       /* module type */
     NULL,                                  /* init master */
-    NULL,                                  /* init module */
+    ngx_http_loyalty_init_module,          /* init module */
     ngx_http_loyalty_init_process,         /* init process */
     NULL,                                  /* init thread */
     NULL,                                  /* exit thread */
@@ -255,12 +258,19 @@ ngx_http_loyalty_postconfiguration(ngx_conf_t *cf)
 
     cmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_core_module);
 
-    h = ngx_array_push(&cmcf->phases[NGX_HTTP_PREACCESS_PHASE].handlers);
+    h = ngx_array_push(&cmcf->phases[NGX_HTTP_POST_READ_PHASE].handlers);
     if (h == NULL) {
         return NGX_ERROR;
     }
 
-    *h = ngx_http_loyalty_strip_handler;
+    *h = ngx_http_loyalty_post_read_handler;
+
+    h = ngx_array_push(&cmcf->phases[NGX_HTTP_SERVER_REWRITE_PHASE].handlers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    *h = ngx_http_loyalty_server_rewrite_handler;
 
     h = ngx_array_push(&cmcf->phases[NGX_HTTP_PRECONTENT_PHASE].handlers);
     if (h == NULL) {
@@ -303,12 +313,38 @@ ngx_http_loyalty_create_main_conf(ngx_conf_t *cf)
         return NULL;
     }
 
+    if (ngx_array_init(&lmcf->header_vars, cf->pool, 4, sizeof(ngx_uint_t))
+        != NGX_OK)
+    {
+        return NULL;
+    }
+
     lmcf->script.data = ngx_http_loyalty_script;
     lmcf->script.len = sizeof(ngx_http_loyalty_script) - 1;
 
     ngx_http_loyalty_script_sha1(&lmcf->script, lmcf->script_sha);
 
     return lmcf;
+}
+
+
+static void *
+ngx_http_loyalty_create_srv_conf(ngx_conf_t *cf)
+{
+    ngx_http_loyalty_srv_conf_t  *lscf;
+
+    lscf = ngx_pcalloc(cf->pool, sizeof(ngx_http_loyalty_srv_conf_t));
+    if (lscf == NULL) {
+        return NULL;
+    }
+
+    /*
+     * set by ngx_pcalloc():
+     *
+     *     lscf->strip = 0;
+     */
+
+    return lscf;
 }
 
 
@@ -336,6 +372,7 @@ ngx_http_loyalty_create_loc_conf(ngx_conf_t *cf)
      *     conf->order_id = NULL;
      *     conf->journal = NULL;
      *     conf->journal_set = 0;
+     *     conf->balance = 0;
      */
 
     conf->enable = NGX_CONF_UNSET;
@@ -361,9 +398,17 @@ ngx_http_loyalty_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_uint_t                     i, j;
     ngx_http_loyalty_tier_t       *tier;
     ngx_http_loyalty_offer_t      *offer;
+    ngx_http_loyalty_srv_conf_t   *lscf;
     ngx_http_loyalty_main_conf_t  *lmcf;
 
     ngx_conf_merge_value(conf->enable, prev->enable, 0);
+
+    if (conf->enable) {
+        /* cf->ctx has the srv_conf of the server being merged */
+        lscf = ngx_http_conf_get_module_srv_conf(cf, ngx_http_loyalty_module);
+        lscf->strip = 1;
+    }
+
     ngx_conf_merge_msec_value(conf->timeout, prev->timeout, 100);
     ngx_conf_merge_str_value(conf->prefix, prev->prefix, "loyalty:");
     ngx_conf_merge_uint_value(conf->fail, prev->fail,
@@ -426,15 +471,21 @@ ngx_http_loyalty_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
         conf->server = prev->server;
     }
 
-    if (conf->server == NULL && conf->enable) {
-        ngx_str_set(&name, "127.0.0.1:6379");
+    /*
+     * A location whose requests read a record has a Redis, the documented
+     * default when no level names one.  The parent is left as it is: what
+     * a location gets must not depend on the locations merged before it.
+     * An "if" block inherits the server of its location, which answers
+     * with loyalty_balance there too.
+     */
+
+    if (conf->server == NULL && (conf->enable || conf->balance)) {
+        ngx_str_set(&name, NGX_HTTP_LOYALTY_REDIS_DEFAULT);
 
         conf->server = ngx_http_loyalty_add_server(cf, &name, 0, NULL, NULL);
         if (conf->server == NULL) {
             return NGX_CONF_ERROR;
         }
-
-        prev->server = conf->server;
     }
 
     if (conf->server && conf->server->connect_timeout < conf->timeout) {
@@ -1106,6 +1157,55 @@ ngx_http_loyalty_ledger(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     llcf->ledger = n;
 
     return NGX_CONF_OK;
+}
+
+
+/*
+ * The indexed variables that read a client's X-Loyalty-* header by name:
+ * their values are cached in the request, and are forgotten whenever the
+ * module changes those headers.  Every index exists once the
+ * configuration is read, those of modules loaded after this one included.
+ */
+
+static ngx_int_t
+ngx_http_loyalty_init_module(ngx_cycle_t *cycle)
+{
+    ngx_uint_t                     i, *index;
+    ngx_http_variable_t           *v;
+    ngx_http_core_main_conf_t     *cmcf;
+    ngx_http_loyalty_main_conf_t  *lmcf;
+
+    lmcf = ngx_http_cycle_get_module_main_conf(cycle,
+                                               ngx_http_loyalty_module);
+    if (lmcf == NULL) {
+        return NGX_OK;
+    }
+
+    cmcf = ngx_http_cycle_get_module_main_conf(cycle, ngx_http_core_module);
+
+    v = cmcf->variables.elts;
+
+    for (i = 0; i < cmcf->variables.nelts; i++) {
+
+        /* the names are lowercase, and a header's "-" is a "_" in them */
+
+        if (v[i].name.len < sizeof("http_x_loyalty_") - 1
+            || ngx_strncmp(v[i].name.data, "http_x_loyalty_",
+                           sizeof("http_x_loyalty_") - 1)
+               != 0)
+        {
+            continue;
+        }
+
+        index = ngx_array_push(&lmcf->header_vars);
+        if (index == NULL) {
+            return NGX_ERROR;
+        }
+
+        *index = i;
+    }
+
+    return NGX_OK;
 }
 
 

@@ -141,11 +141,17 @@ typedef struct {
     ngx_http_loyalty_credits_t *credits;        /* per worker */
     ngx_http_loyalty_shctx_t  *sh;
     ngx_array_t                offers;   /* ngx_http_loyalty_offer_t * */
+    ngx_array_t                header_vars; /* indexes, $http_x_loyalty_* */
 
     /* per worker: warnings about invalid ids, at most one a second */
     time_t                     invalid_logged;
     ngx_uint_t                 invalid_suppressed;
 } ngx_http_loyalty_main_conf_t;
+
+
+typedef struct {
+    ngx_flag_t                 strip;     /* "loyalty on" in the server */
+} ngx_http_loyalty_srv_conf_t;
 
 
 typedef struct {
@@ -169,32 +175,40 @@ typedef struct {
     ngx_int_t                  ledger;          /* 0: off */
     ngx_open_file_t           *journal;         /* NULL: error log */
     ngx_flag_t                 journal_set;
+
+    unsigned                   balance:1;       /* loyalty_balance here */
 } ngx_http_loyalty_loc_conf_t;
 
 
-/* per request, also found again after an internal redirect */
+/*
+ * Per request, also found again after an internal redirect.  The request
+ * stays bound to the location where its read ran: "conf" is what its
+ * credit and response headers use, wherever the request ends.
+ */
 typedef struct {
-    ngx_uint_t                 status;
-    ngx_str_t                  customer;
-    ngx_http_loyalty_record_t  record;
-    ngx_http_loyalty_tier_t   *tier;
-    ngx_http_loyalty_offer_t  *offer;
+    ngx_http_loyalty_loc_conf_t  *conf;
+    ngx_uint_t                    status;
+    ngx_str_t                     customer;
+    ngx_http_loyalty_record_t     record;
+    ngx_http_loyalty_tier_t      *tier;
+    ngx_http_loyalty_offer_t     *offer;
 
-    ngx_http_request_t        *request;
-    ngx_http_loyalty_cmd_t    *cmd;             /* while waiting */
-    ngx_int_t                  rc;              /* for the phase handler */
+    ngx_http_request_t           *request;
+    ngx_http_loyalty_cmd_t       *cmd;          /* while waiting */
+    ngx_int_t                     rc;           /* for the phase handler */
 
-    uint64_t                   earned;
-    uint64_t                   redeemed;
+    uint64_t                      earned;
+    uint64_t                      redeemed;
 
-    uint64_t                   sent;            /* microseconds */
+    uint64_t                      sent;         /* microseconds */
 
-    unsigned                   started:1;
-    unsigned                   waiting:1;
-    unsigned                   done:1;
-    unsigned                   content:1;       /* loyalty_balance */
-    unsigned                   filtered:1;
-    unsigned                   credited:1;
+    unsigned                      started:1;
+    unsigned                      waiting:1;
+    unsigned                      done:1;
+    unsigned                      content:1;    /* loyalty_balance */
+    unsigned                      balance:1;    /* it answers */
+    unsigned                      filtered:1;
+    unsigned                      credited:1;
 } ngx_http_loyalty_ctx_t;
 
 
@@ -261,7 +275,8 @@ extern ngx_module_t  ngx_http_loyalty_module;
 
 
 /* ngx_http_loyalty_handler.c */
-ngx_int_t ngx_http_loyalty_strip_handler(ngx_http_request_t *r);
+ngx_int_t ngx_http_loyalty_post_read_handler(ngx_http_request_t *r);
+ngx_int_t ngx_http_loyalty_server_rewrite_handler(ngx_http_request_t *r);
 ngx_int_t ngx_http_loyalty_handler(ngx_http_request_t *r);
 ngx_int_t ngx_http_loyalty_lookup(ngx_http_request_t *r, ngx_uint_t content);
 uint64_t ngx_http_loyalty_usec(void);
@@ -281,7 +296,7 @@ ngx_http_loyalty_cmd_t *ngx_http_loyalty_redis_send(
 
 /* ngx_http_loyalty_credit.c */
 ngx_int_t ngx_http_loyalty_credit(ngx_http_request_t *r,
-    ngx_http_loyalty_ctx_t *ctx, ngx_http_loyalty_loc_conf_t *llcf);
+    ngx_http_loyalty_ctx_t *ctx);
 ngx_int_t ngx_http_loyalty_credit_init_process(ngx_cycle_t *cycle,
     ngx_http_loyalty_main_conf_t *lmcf);
 void ngx_http_loyalty_credit_exit_process(ngx_http_loyalty_main_conf_t *lmcf);
@@ -318,7 +333,7 @@ ngx_int_t ngx_http_loyalty_script_sha1(ngx_str_t *script, u_char *sha);
 
 /* ngx_http_loyalty_variables.c */
 ngx_int_t ngx_http_loyalty_add_variables(ngx_conf_t *cf);
-void ngx_http_loyalty_strip_headers(ngx_http_request_t *r);
+ngx_int_t ngx_http_loyalty_strip_headers(ngx_http_request_t *r);
 ngx_int_t ngx_http_loyalty_set_request_headers(ngx_http_request_t *r,
     ngx_http_loyalty_ctx_t *ctx);
 ngx_int_t ngx_http_loyalty_set_response_headers(ngx_http_request_t *r,

@@ -203,6 +203,8 @@ ngx_http_loyalty_status(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 char *
 ngx_http_loyalty_balance(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 {
+    ngx_http_loyalty_loc_conf_t *llcf = conf;
+
     ngx_http_core_loc_conf_t  *clcf;
 
     clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
@@ -212,6 +214,9 @@ ngx_http_loyalty_balance(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     }
 
     clcf->handler = ngx_http_loyalty_balance_handler;
+
+    /* the merge gives the location a Redis: this handler reads one */
+    llcf->balance = 1;
 
     return NGX_CONF_OK;
 }
@@ -433,6 +438,9 @@ ngx_http_loyalty_balance_send(ngx_http_request_t *r,
         ngx_string("offer"),
         ngx_string("offer_code")
     };
+
+    /* not an order's response: the header filter leaves it alone */
+    ctx->balance = 1;
 
     known = (ctx->status == NGX_HTTP_LOYALTY_OK
              || ctx->status == NGX_HTTP_LOYALTY_NEW);

@@ -22,8 +22,10 @@ static ngx_int_t ngx_http_loyalty_variable(ngx_http_request_t *r,
     ngx_http_variable_value_t *v, uintptr_t data);
 static ngx_int_t ngx_http_loyalty_uint_value(ngx_http_request_t *r,
     uint64_t n, ngx_str_t *value);
+static ngx_uint_t ngx_http_loyalty_spoofed(ngx_str_t *name);
 static ngx_int_t ngx_http_loyalty_remove_header(ngx_list_t *l,
     ngx_list_part_t *part, ngx_uint_t i);
+static void ngx_http_loyalty_flush_variables(ngx_http_request_t *r);
 
 
 static ngx_http_variable_t  ngx_http_loyalty_vars[] = {
@@ -267,16 +269,21 @@ ngx_http_loyalty_uint_value(ngx_http_request_t *r, uint64_t n,
 /*
  * Client-sent X-Loyalty-* request headers are removed from the list
  * without moving any element: other fields of r->headers_in point into
- * it, and the list is pushed to afterwards.
+ * it, and the list is pushed to afterwards.  NGX_ERROR when there was no
+ * memory to remove one: it is emptied then, and the request must fail.
  */
 
-void
+ngx_int_t
 ngx_http_loyalty_strip_headers(ngx_http_request_t *r)
 {
-    ngx_uint_t        i;
+    ngx_int_t         rc;
+    ngx_uint_t        i, removed;
     ngx_list_t       *l;
     ngx_list_part_t  *part;
     ngx_table_elt_t  *h;
+
+    rc = NGX_OK;
+    removed = 0;
 
     l = &r->headers_in.headers;
     part = &l->part;
@@ -298,21 +305,28 @@ ngx_http_loyalty_strip_headers(ngx_http_request_t *r)
             }
         }
 
-        if (h[i].key.len < sizeof("X-Loyalty-") - 1
-            || ngx_strncasecmp(h[i].key.data, (u_char *) "X-Loyalty-",
-                               sizeof("X-Loyalty-") - 1)
-               != 0)
-        {
+        if (!ngx_http_loyalty_spoofed(&h[i].key)) {
             continue;
         }
 
         ngx_log_debug2(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
                        "loyalty strip \"%V: %V\"", &h[i].key, &h[i].value);
 
+        removed = 1;
+
         if (ngx_http_loyalty_remove_header(l, part, i) != NGX_OK) {
-            /* no memory to split the list: hide the value instead */
+
+            /*
+             * no memory to split the list: the header is emptied, name
+             * and value, as $http_* skip it for its hash 0 but proxy
+             * sends every header; and the request fails
+             */
+
+            ngx_str_null(&h[i].value);
             h[i].key.len = 0;
             h[i].hash = 0;
+
+            rc = NGX_ERROR;
             continue;
         }
 
@@ -322,6 +336,47 @@ ngx_http_loyalty_strip_headers(ngx_http_request_t *r)
         h = part->elts;
         i = (ngx_uint_t) -1;
     }
+
+    if (removed) {
+        ngx_http_loyalty_flush_variables(r);
+    }
+
+    return rc;
+}
+
+
+/*
+ * "X-Loyalty-" in any case, and with underscores for dashes: nginx's
+ * $http_x_loyalty_* variables, and backends that turn headers into CGI
+ * names (HTTP_X_LOYALTY_TIER), read "X_Loyalty_Tier" as "X-Loyalty-Tier"
+ * where "underscores_in_headers on" lets it in.
+ */
+
+static ngx_uint_t
+ngx_http_loyalty_spoofed(ngx_str_t *name)
+{
+    u_char      c;
+    ngx_uint_t  i;
+
+    static u_char  prefix[] = "x-loyalty-";
+
+    if (name->len < sizeof(prefix) - 1) {
+        return 0;
+    }
+
+    for (i = 0; i < sizeof(prefix) - 1; i++) {
+        c = ngx_tolower(name->data[i]);
+
+        if (c == '_') {
+            c = '-';
+        }
+
+        if (c != prefix[i]) {
+            return 0;
+        }
+    }
+
+    return 1;
 }
 
 
@@ -444,7 +499,32 @@ ngx_http_loyalty_set_request_headers(ngx_http_request_t *r,
 #endif
     }
 
+    ngx_http_loyalty_flush_variables(r);
+
     return NGX_OK;
+}
+
+
+/*
+ * $http_x_loyalty_* keep what they found when first evaluated, also a
+ * client's header or its absence: after the headers changed, they are
+ * evaluated again.  Subrequests share the main request's values.
+ */
+
+static void
+ngx_http_loyalty_flush_variables(ngx_http_request_t *r)
+{
+    ngx_uint_t                     i, *index;
+    ngx_http_loyalty_main_conf_t  *lmcf;
+
+    lmcf = ngx_http_get_module_main_conf(r, ngx_http_loyalty_module);
+
+    index = lmcf->header_vars.elts;
+
+    for (i = 0; i < lmcf->header_vars.nelts; i++) {
+        r->variables[index[i]].valid = 0;
+        r->variables[index[i]].not_found = 0;
+    }
 }
 
 

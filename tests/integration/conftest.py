@@ -10,8 +10,9 @@ Environment:
     REDIS_BIN        redis-server binary (default /usr/bin/redis-server)
     LOYALTY_IT_KEEP  keep the temporary prefixes even when every test passed
 
-Fixtures: redis, redis_factory, nginx (a factory), silent_redis,
-capture_backend.  Helpers: checkout_conf(), BACKEND, Response.
+Fixtures: redis, redis_factory, default_redis (on 127.0.0.1:6379), nginx
+(a factory), silent_redis, capture_backend.  Helpers: checkout_conf(),
+BACKEND, Response.
 """
 
 import http.client
@@ -535,6 +536,35 @@ def redis_factory(tmp_root):
 @pytest.fixture
 def redis(redis_factory):
     return redis_factory()
+
+
+DEFAULT_REDIS_PORT = 6379       # the module's default, 127.0.0.1:6379
+
+
+@pytest.fixture
+def default_redis(tmp_root):
+    """A redis-server of this test on the module's default address, for
+    configurations without any loyalty_redis.  Another process may hold
+    the port for a while (a test of another checkout on this machine):
+    the fixture waits for it, and fails when it stays taken."""
+    r = RedisServer(tmp_root, port=DEFAULT_REDIS_PORT)
+    deadline = time.monotonic() + 60 * SLOW
+    while True:
+        wait_until(lambda: not port_open(DEFAULT_REDIS_PORT),
+                   max(deadline - time.monotonic(), 0.1), 0.2,
+                   "127.0.0.1:%d to be free for the default-address Redis"
+                   % DEFAULT_REDIS_PORT)
+        try:
+            r.start()
+            break
+        except AssertionError:
+            # taken again between the check and the bind
+            if time.monotonic() >= deadline:
+                raise
+    assert r.client.info("server")["process_id"] == r.proc.pid, \
+        "another Redis answers on 127.0.0.1:%d" % DEFAULT_REDIS_PORT
+    yield r
+    r.stop()
 
 
 # --------------------------------------------------------------------------

@@ -2,11 +2,12 @@
 naming the directive, the file and the line; accepts every valid form;
 reload applies a new configuration."""
 
+import json
 import re
 
 import pytest
 
-from conftest import checkout_conf, expected
+from conftest import BACKEND, checkout_conf, expected, twice
 
 
 CONF = """
@@ -192,3 +193,87 @@ def test_reload_applies_new_configuration(redis, nginx):
     n.reload()
     assert n.get("/checkout", cookies={"cid": "c"}).loyalty == \
         expected("ok", "c", 1, 500, 1, "gold", "back", "B")
+
+
+# --------------------------------------------------------------------------
+# partial configurations: a location that reads without any loyalty_redis
+# uses the default address, 127.0.0.1:6379, whatever the order of the
+# locations (SPEC §2, last paragraph; §3)
+
+
+PARTIAL = """
+    server {
+        listen 127.0.0.1:{port};
+        location = /__harness_ready { return 204; }
+        @LOCATIONS@
+    }
+""" + BACKEND
+
+READS = """
+        location /a {
+            loyalty on;
+            loyalty_customer $http_x_customer;
+            proxy_pass http://127.0.0.1:{backend_port};
+        }
+"""
+
+BALANCE = """
+        location /b {
+            loyalty_customer $http_x_customer;
+            loyalty_balance;
+            if ($arg_in_if) {
+                # the "if" block's configuration answers the request
+            }
+        }
+"""
+
+
+def partial_conf(*locations):
+    return PARTIAL.replace("@LOCATIONS@", "".join(locations))
+
+
+def default_address_answers(n, paths):
+    """{path: (status, body)} of alice's requests, body decoded (JSON of a
+    balance, X-Loyalty-* headers the backend got for /a)."""
+    out = {}
+    for path in paths:
+        r = n.get(path, headers={"X-Customer": "alice"})
+        body = r.loyalty if path.startswith("/a") else json.loads(r.body)
+        out[path] = (r.status, body)
+    return out
+
+
+ALICE = {"status": "ok", "customer": "alice", "points": 7, "lifetime": 9,
+         "orders": 1, "tier": None, "offer": None, "offer_code": None}
+
+
+def test_balance_without_loyalty_redis_uses_default_address(default_redis,
+                                                            nginx):
+    default_redis.seed("alice", points=7, lifetime=9, orders=1)
+    n = nginx(partial_conf(BALANCE))
+    workers = n.workers()
+    before = default_redis.hmget_calls()
+    assert twice(lambda: default_address_answers(
+        n, ["/b", "/b?in_if=1"])) == {
+        "/b": (200, ALICE), "/b?in_if=1": (200, ALICE)}
+    assert default_redis.hmget_calls() - before == 4
+    assert n.workers() == workers, "a worker died"
+    assert "exited on signal" not in n.error_log()
+
+
+@pytest.mark.parametrize("order", ["reads-first", "balance-first"])
+def test_default_address_independent_of_location_order(default_redis,
+                                                       nginx, order):
+    default_redis.seed("alice", points=7, lifetime=9, orders=1)
+    locations = (READS, BALANCE) if order == "reads-first" else (BALANCE,
+                                                                 READS)
+    n = nginx(partial_conf(*locations))
+    workers = n.workers()
+    before = default_redis.hmget_calls()
+    assert twice(lambda: default_address_answers(
+        n, ["/a", "/b", "/b?in_if=1"])) == {
+        "/a": (200, expected("ok", "alice", 7, 9, 1)),
+        "/b": (200, ALICE), "/b?in_if=1": (200, ALICE)}
+    assert default_redis.hmget_calls() - before == 6
+    assert n.workers() == workers, "a worker died"
+    assert "exited on signal" not in n.error_log()

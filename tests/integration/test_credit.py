@@ -15,8 +15,8 @@ import time
 import pytest
 
 from conftest import log_lines, run_parallel, wait_until
-from credit_support import (MARKER_TTL, TIERS, WEIRD_ORDER_ID, HeldShop,
-                            edge_conf, error_log_credits,
+from credit_support import (MARKER_TTL, SHOP, TIERS, WEIRD_ORDER_ID,
+                            HeldShop, edge_conf, error_log_credits,
                             hkey, ledger, ledger_entries, marker, order,
                             read_journal, record, replay, settle,
                             stop_redis_keeping_data, wait_marker)
@@ -680,6 +680,177 @@ def test_credit_once_across_redirects(redis, nginx, path, body):
     assert len(ledger_entries(redis.client, "rd")) == 2
     # the SSI subrequest's own order (total 7) is not credited
     assert redis.client.keys("loyalty:{rd}:order:*-sub") == []
+
+
+# --------------------------------------------------------------------------
+# a request stays bound to the location where its read ran (SPEC §2): its
+# credit uses that location's Redis, prefix, expiry and journal, whatever
+# location error_page, try_files or X-Accel-Redirect end it in
+
+
+BOUND_EDGE = """
+server {
+    listen 127.0.0.1:{port};
+    location = /__harness_ready { return 204; }
+
+    loyalty_customer $http_x_customer;
+    loyalty_earn $upstream_http_x_order_total;
+    loyalty_order_id $upstream_http_x_order_id;
+    loyalty_response_headers on;
+    @SERVER@
+
+    # the read runs in these, on shop A's Redis and prefix
+    location /ep/ {
+        @SHOP_A@
+        proxy_intercept_errors on;
+        error_page 404 =200 /other;
+        proxy_pass http://127.0.0.1:{shop_port}/st404/;
+    }
+    location /eo/ {
+        @SHOP_A@
+        proxy_intercept_errors on;
+        error_page 404 = /on/buy?$args;
+        proxy_pass http://127.0.0.1:{shop_port}/st404/;
+    }
+    location /en/ {
+        @SHOP_A@
+        proxy_intercept_errors on;
+        error_page 404 = @on;
+        proxy_pass http://127.0.0.1:{shop_port}/st404/;
+    }
+    location /tf/ {
+        @SHOP_A@
+        try_files /nonexistent @off;
+    }
+    location /ax/ {
+        @SHOP_A@
+        proxy_pass http://127.0.0.1:{shop_port}/accel/;
+    }
+
+    # where they end: without loyalty, or with "loyalty on" and shop B's
+    # prefix, on the server's Redis (when it has one)
+    location = /other {
+        loyalty_redis_prefix other:;
+        return 200 "other\n";
+    }
+    location /inner/ {
+        internal;
+        loyalty_redis_prefix other:;
+        proxy_pass http://127.0.0.1:{shop_port}/;
+    }
+    location @off {
+        loyalty_redis_prefix other:;
+        proxy_pass http://127.0.0.1:{shop_port};
+    }
+    location /on/ {
+        loyalty on;
+        loyalty_redis_prefix shopB:;
+        proxy_pass http://127.0.0.1:{shop_port}/;
+    }
+    location @on {
+        loyalty on;
+        loyalty_redis_prefix shopB:;
+        proxy_pass http://127.0.0.1:{shop_port};
+    }
+}
+""" + SHOP
+
+SHOP_A = """loyalty on;
+        loyalty_redis 127.0.0.1:{redis_port};
+        loyalty_redis_prefix shopA:;
+        loyalty_expire 30d;"""
+
+
+def bound_conf(server="", shop_a=""):
+    return (BOUND_EDGE.replace("@SERVER@", server)
+            .replace("@SHOP_A@", SHOP_A + shop_a))
+
+
+# path, the body the client gets
+BOUND = [
+    ("/ep/buy", "other\n"),     # error_page to a location without loyalty
+    ("/eo/buy", "ordered\n"),   # error_page to a location with loyalty on
+    ("/en/buy", "ordered\n"),   # ... and to a named one
+    ("/tf/buy", "ordered\n"),   # try_files to a named one without loyalty
+    ("/ax/buy", "ordered\n"),   # X-Accel-Redirect to one without loyalty
+]
+
+
+def test_credit_after_error_page_to_location_without_redis(redis, nginx):
+    """The issue's configuration: no Redis at the server level, so the
+    location the request ends in has none; the credit must use the one of
+    the location where the read ran."""
+    n = nginx(bound_conf(), redis_port=redis.port)
+    workers = n.workers()
+    redis.seed("al", points=10, lifetime=10, orders=1, prefix="shopA:")
+    r = order(n, "al", "8", "np1", path="/ep/buy")
+    assert (r.status, r.body) == (200, "other\n"), r
+    assert r.header_all("X-Loyalty-Earned") == ["8"], r
+    assert wait_marker(redis.client, "al", "np1", prefix="shopA:") == "8:0"
+    flush = order(n, "al", "1", "np2", path="/ep/buy")
+    assert flush.status == 200, flush
+    wait_marker(redis.client, "al", "np2", prefix="shopA:")
+    assert n.workers() == workers, "a worker died"
+    assert "exited on signal" not in n.error_log()
+    rec = record(redis.client, "al", prefix="shopA:")
+    assert (rec["points"], rec["lifetime"], rec["orders"]) == (19, 19, 3)
+
+
+@pytest.mark.parametrize("path,body", BOUND,
+                         ids=[p.split("/")[1] for p, _ in BOUND])
+def test_credit_bound_to_read_location(redis_factory, nginx, path, body):
+    shop_a, other = redis_factory(), redis_factory()
+    n = nginx(bound_conf(server="loyalty_redis 127.0.0.1:{other_port};"),
+              redis_port=shop_a.port, other_port=other.port)
+    shop_a.seed("al", points=10, lifetime=10, orders=1, prefix="shopA:")
+    seeded = sorted(other.seed("al", points=500, lifetime=500, orders=9,
+                               prefix=p) for p in ("other:", "shopB:"))
+    for i in range(2):
+        before = (shop_a.hmget_calls(), other.hmget_calls())
+        r = order(n, "al", "8", "b%d" % i, path=path)
+        assert (r.status, r.body) == (200, body), r
+        assert r.header_all("X-Loyalty-Earned") == ["8"], r
+        assert r.header_all("X-Loyalty-Points") == [str(18 + 8 * i)], r
+        assert wait_marker(shop_a.client, "al", "b%d" % i,
+                           prefix="shopA:") == "8:0"
+        assert (shop_a.hmget_calls(), other.hmget_calls()) == (
+            before[0] + 1, before[1]), "read twice, or not in shop A"
+    rec = record(shop_a.client, "al", prefix="shopA:")
+    assert (rec["points"], rec["lifetime"], rec["orders"]) == (26, 26, 3)
+    assert len(ledger_entries(shop_a.client, "al", "shopA:")) == 2
+    # shop A's loyalty_expire, not the server's (off)
+    assert shop_a.client.ttl(hkey("al", "shopA:")) > 29 * 86400
+    assert shop_a.client.ttl(ledger("al", "shopA:")) > 29 * 86400
+    assert sorted(shop_a.client.keys("*")) == sorted(
+        [hkey("al", "shopA:"), ledger("al", "shopA:"),
+         marker("al", "b0", "shopA:"), marker("al", "b1", "shopA:")])
+    assert sorted(other.client.keys("*")) == seeded
+    assert "exited on signal" not in n.error_log()
+
+
+def test_journal_of_read_location(redis_factory, nginx):
+    """Shop A's Redis is down: the credit is journaled in shop A's journal,
+    naming shop A's Redis and prefix, not in the server's."""
+    shop_a, other = redis_factory(start=False), redis_factory()
+    n = nginx(bound_conf(server="loyalty_redis 127.0.0.1:{other_port};\n"
+                                "    loyalty_journal {prefix}/other.journal;",
+                         shop_a="\n        loyalty_journal "
+                                "{prefix}/shopA.journal;"),
+              redis_port=shop_a.port, other_port=other.port)
+    t0 = int(time.time())
+    r = order(n, "al", "8", "jb1", path="/ep/buy")
+    assert (r.status, r.body) == (200, "other\n"), r
+    assert r.header("X-Loyalty-Status") == "unavailable", r
+    t1 = int(time.time())
+    assert n.stop() is None
+    [e] = read_journal(n.prefix + "/shopA.journal")
+    assert (e["redis"], e["prefix"], e["expire"]) == (
+        "127.0.0.1:%d" % shop_a.port, "shopA:", 30 * 86400), e
+    assert (e["customer"], e["order"], e["amount"], e["earned"]) == (
+        "al", "jb1", "8", 8), e
+    assert t0 <= e["ts"] <= t1 and e["reason"] == "worker exiting", e
+    assert read_journal(n.prefix + "/other.journal") == []
+    assert other.client.keys("*") == []
 
 
 # --------------------------------------------------------------------------

@@ -282,6 +282,49 @@ NORMAL = [("Cookie", "cid=hh; other=1"), ("User-Agent", "hostile-test/1.0"),
           ("X-Loyalt-Points", "kept-6"), ("X-Other-Loyalty-Points", "kept-7")]
 
 
+EARLY_ERROR = """
+server {
+    listen 127.0.0.1:{port};
+    underscores_in_headers on;
+    location = /__harness_ready { return 204; }
+    error_page 400 /bad-request;
+    set $srv_copy $http_x_loyalty_tier;
+    location /checkout {
+        loyalty on;
+        loyalty_customer $http_x_customer;
+        loyalty_redis 127.0.0.1:{redis_port};
+        proxy_pass http://127.0.0.1:{capture_port};
+    }
+    location = /bad-request {
+        proxy_set_header X-Fwd-Tier $http_x_loyalty_tier;
+        proxy_set_header X-Fwd-Copy $srv_copy;
+        proxy_pass http://127.0.0.1:{capture_port};
+    }
+}
+"""
+
+
+def test_spoofed_headers_removed_before_error_page_of_refused_request(
+        redis, nginx, capture_backend):
+    """nginx refuses the request while it reads the headers (here: an
+    invalid Host after an X-Loyalty-* line) and redirects it to its
+    error_page without running the post-read phase: the client's
+    X-Loyalty-* headers must be gone there too."""
+    n = nginx(EARLY_ERROR, redis_port=redis.port,
+              capture_port=capture_backend.port)
+    for _ in range(2):
+        capture_backend.requests.clear()
+        r = raw_get(n.port, "/checkout", [("X-Loyalty-Tier", "platinum"),
+                                          ("X_Loyalty_Points", "999999"),
+                                          ("Host", "bad/host")], host=None)
+        assert (r.status, r.body) == (400, "captured\n"), r
+        [req] = capture_backend.requests
+        assert req["path"] == "/bad-request", req
+        assert [k for k, _ in req["headers"]
+                if k.lower().replace("_", "-").startswith(
+                    ("x-loyalty-", "x-fwd-"))] == [], req
+
+
 def spoofs(count, compact=False):
     """count spoofed X-Loyalty-* headers in varied case; compact: short
     ones, so that many fit into nginx's header buffers"""

@@ -717,6 +717,48 @@ def test_balance_expires_replaces_no_store(redis, nginx):
     assert r.header_all("Cache-Control") == ["no-store"], r.headers
 
 
+BALANCE_WITH_EARN = """
+    location = /balance-earn {
+        loyalty_balance;
+        loyalty_earn $arg_total;
+        loyalty_order_id $arg_oid;
+    }
+    location = /balance-on {
+        loyalty on;
+        loyalty_balance;
+        loyalty_earn $arg_total;
+        loyalty_order_id $arg_oid;
+    }
+"""
+
+
+def test_balance_answer_never_credits_nor_gets_headers(redis, nginx):
+    """The edge's server level has loyalty_response_headers on and a
+    loyalty_earn; a balance answer is not an order's response: no
+    X-Loyalty-* response headers, no credit, whether the balance handler
+    read the record itself or reused the read of "loyalty on"."""
+    n = start(nginx, redis, ops_conf(locations=BALANCE_WITH_EARN))
+    redis.seed("alice", points=139, lifetime=6139, orders=8)
+    want = {"status": "ok", "customer": "alice", "points": 139,
+            "lifetime": 6139, "orders": 8, "tier": None, "offer": None,
+            "offer_code": None}
+    headers = {}
+    for path in ("/balance", "/balance-earn", "/balance-on"):
+        for i in range(2):
+            r = http_request(n.port, "%s?total=10&oid=%s-%d" % (
+                path, path[1:], i), headers={"X-Customer": "alice"})
+            assert balance_json(r, 200) == want, (path, r)
+            headers[path, i] = r.loyalty_response_headers()
+    # a later order is credited: the balance lookups before it were not
+    assert order(n, "alice", "1", "after").status == 200
+    wait_marker(redis.client, "alice", "after")
+    assert redis.client.keys("loyalty:{alice}:order:*") == [
+        "loyalty:{alice}:order:after"]
+    assert record(redis.client, "alice")["points"] == 140
+    assert credits_total(scrape(n))["applied"] == 1
+    assert headers == dict.fromkeys(headers, {}), headers
+
+
 def test_balance_lookups_are_counted(redis, nginx):
     n = start(nginx, redis, ops_conf(server=BALANCE_RULES))
     redis.seed("alice", points=139, lifetime=6139, orders=8)

@@ -152,6 +152,140 @@ def test_spoofed_headers_removed(redis, nginx, capture_backend, who, want):
             assert (k, v) in hdrs, (k, hdrs)
 
 
+# spoofed values that the rewrite phase copied or cached before the module
+# ran: in a server where "loyalty on" appears, the client's X-Loyalty-*
+# headers are gone before its rewrite phase, in every location (SPEC §2.1)
+
+
+CACHE_HTTP = """
+    map $http_x_loyalty_offer $offer_map {
+        default  "";
+        ~.       "client:$http_x_loyalty_offer";
+    }
+"""
+
+# every X-Fwd-* header is evaluated after the module's read, and empty
+# (so not sent) unless it holds the module's own value
+CACHE_PROBES = """
+        set $loc_copy $http_x_loyalty_points;
+        if ($http_x_loyalty_lifetime) {
+            set $seen "client";
+        }
+        if ($offer_map) {
+            set $mapped $offer_map;
+        }
+        proxy_set_header X-Fwd-Tier $http_x_loyalty_tier;
+        proxy_set_header X-Fwd-Points $http_x_loyalty_points;
+        proxy_set_header X-Fwd-Lifetime $http_x_loyalty_lifetime;
+        proxy_set_header X-Fwd-Offer $http_x_loyalty_offer;
+        proxy_set_header X-Fwd-Anything $http_x_loyalty_anything;
+        proxy_set_header X-Fwd-Srv-Copy $srv_copy;
+        proxy_set_header X-Fwd-Srv-Seen $srv_seen;
+        proxy_set_header X-Fwd-Loc-Copy $loc_copy;
+        proxy_set_header X-Fwd-Seen $seen;
+        proxy_set_header X-Fwd-Mapped $mapped;
+        proxy_set_header X-Fwd-Map $offer_map;
+        proxy_pass http://127.0.0.1:{capture_port};
+"""
+
+CACHE_CONF = CACHE_HTTP + """
+server {
+    listen 127.0.0.1:{port};
+    underscores_in_headers on;
+    location = /__harness_ready { return 204; }
+
+    # the server's rewrite phase
+    set $srv_copy $http_x_loyalty_tier;
+    if ($http_x_loyalty_status) {
+        set $srv_seen "client";
+    }
+
+    location /on {
+        loyalty on;
+        loyalty_customer $http_x_customer;
+        loyalty_redis 127.0.0.1:{redis_port};
+        loyalty_tier gold 1000;
+        @PROBES@
+    }
+    location /off {
+        @PROBES@
+    }
+}
+
+# a server without loyalty anywhere passes the headers as they come
+server {
+    listen 127.0.0.1:{plain_port};
+    underscores_in_headers on;
+    location / {
+        set $srv_copy $http_x_loyalty_tier;
+        if ($http_x_loyalty_status) {
+            set $srv_seen "client";
+        }
+        @PROBES@
+    }
+}
+""".replace("@PROBES@", CACHE_PROBES)
+
+CACHE_SPOOF = [("X-Loyalty-Tier", "platinum"), ("X-Loyalty-Points", "999999"),
+               ("X-Loyalty-Lifetime", "77777"), ("X-Loyalty-Offer", "free"),
+               ("X-Loyalty-Status", "ok"), ("X-Loyalty-Anything", "x")]
+
+# the same names as nginx variables and CGI-style backends see them, with
+# underscores (underscores_in_headers on)
+CACHE_SPOOF_UNDERSCORE = [(k.replace("-", "_"), v) for k, v in CACHE_SPOOF]
+
+
+def forwarded(capture_backend):
+    """{name: value} of the X-Fwd-* and X-Loyalty-* headers of the last
+    request, names lowercased, underscores as dashes."""
+    out = {}
+    for k, v in capture_backend.requests[-1]["headers"]:
+        k = k.lower().replace("_", "-")
+        if k.startswith(("x-fwd-", "x-loyalty-")):
+            assert k not in out, (k, capture_backend.requests[-1])
+            out[k] = v
+    return out
+
+
+@pytest.mark.parametrize("spoof", [CACHE_SPOOF, CACHE_SPOOF_UNDERSCORE],
+                         ids=["dashes", "underscores"])
+def test_spoofed_values_not_cached_by_rewrite_phase(redis, nginx,
+                                                    capture_backend, spoof):
+    n = nginx(CACHE_CONF, redis_port=redis.port,
+              capture_port=capture_backend.port)
+    redis.seed("known", points=42, lifetime=1200, orders=3)
+    module = {"x-loyalty-status": "ok", "x-loyalty-customer": "known",
+              "x-loyalty-points": "42", "x-loyalty-lifetime": "1200",
+              "x-loyalty-orders": "3", "x-loyalty-tier": "gold"}
+    want = {
+        # the module's own headers, and the variables that read them
+        ("/on", "known"): dict(module, **{
+            "x-fwd-tier": "gold", "x-fwd-points": "42",
+            "x-fwd-lifetime": "1200"}),
+        ("/on", None): {"x-loyalty-status": "anonymous"},
+        # "loyalty on" elsewhere in the server: nothing of the client's
+        ("/off", "known"): {},
+        ("/off", None): {},
+    }
+    for (path, cid), headers in want.items():
+        customer = [("X-Customer", cid)] if cid else []
+        for _ in range(2):
+            r = n.get(path, headers=customer + spoof)
+            assert r.status == 200, r
+            assert forwarded(capture_backend) == headers, (path, cid)
+    # without loyalty in the server, the client's headers are its own
+    r = n.get("/", headers=spoof, port=n.ports["plain_port"])
+    assert r.status == 200, r
+    client = {k.lower().replace("_", "-"): v for k, v in spoof}
+    assert forwarded(capture_backend) == dict(client, **{
+        "x-fwd-tier": "platinum", "x-fwd-points": "999999",
+        "x-fwd-lifetime": "77777", "x-fwd-offer": "free",
+        "x-fwd-anything": "x", "x-fwd-srv-copy": "platinum",
+        "x-fwd-srv-seen": "client",
+        "x-fwd-loc-copy": "999999", "x-fwd-seen": "client",
+        "x-fwd-mapped": "client:free", "x-fwd-map": "client:free"})
+
+
 # --------------------------------------------------------------------------
 # customer id validation
 
@@ -901,7 +1035,7 @@ def test_read_once_across_redirects(redis, nginx, capture_backend, path,
         assert resp["X-Loyalty-Points"] == want["X-Loyalty-Points"]
         if path == "/ar":
             # the auth subrequest (access phase) sees no X-Loyalty-* at
-            # all: the client's were stripped in preaccess, and the read
+            # all: the client's were stripped in post-read, and the read
             # happens after access checks (precontent), so a request they
             # refuse costs no Redis round trip
             got = capture_backend.loyalty_headers(0)
