@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from conftest import SPOOF, checkout_conf, expected, free_port, wait_until
+from conftest import (SPOOF, checkout_conf, expected, free_port, log_lines,
+                      wait_until)
 
 
 UNAVAILABLE = expected("unavailable")
@@ -338,3 +339,83 @@ def test_connect_timeout(blackhole_port, nginx):
         assert r.elapsed < 1.0, r.elapsed
         assert n.get("/plain").elapsed < 0.3
         time.sleep(0.1)
+
+
+# --------------------------------------------------------------------------
+# issue #13: a connection is up only once its handshake is answered
+
+
+WINDOW = 5.0        # seconds; SPEC §7: at most about 8 connections in 5 s
+
+
+def within_window(n, path="/checkout"):
+    """One read opens the connection; then nothing but the module's own
+    reconnects for WINDOW seconds, counted from that read."""
+    t0 = time.monotonic()
+    r = n.get(path, cookies={"cid": "c1"})
+    assert r.status == 200 and r.loyalty == UNAVAILABLE, r
+    time.sleep(max(0.0, WINDOW - (time.monotonic() - t0)))
+
+
+@pytest.mark.timing
+def test_unanswered_handshake_is_backed_off(silent_redis, nginx):
+    """A Redis that accepts connections and never answers is down, like
+    one that refuses them: the reconnects of one worker back off (they
+    used to come every 200 ms, the backoff reset by each TCP connect)."""
+    n = nginx(checkout_conf(), redis_port=silent_redis.port, workers=1)
+    within_window(n)
+    accepted = silent_redis.accepted
+    print("%d connections in %.0f s" % (accepted, WINDOW))
+    assert 2 <= accepted <= 8, \
+        "%d connections in %.0f s (the first, then backed-off retries)" % (
+            accepted, WINDOW)
+    assert "did not answer the handshake in time" in n.error_log()
+
+
+@pytest.mark.timing
+def test_refused_auth_is_backed_off(redis_factory, nginx):
+    """A wrong password: each connection is refused at AUTH; the worker
+    backs off instead of reconnecting (and logging an error) at once."""
+    r = redis_factory(password="right")
+    n = nginx(checkout_conf(redis="127.0.0.1:{redis_port} password=wrong"),
+              redis_port=r.port, workers=1)
+
+    def received():
+        # the test's own client keeps the one connection it has open
+        return int(r.client.info("stats")["total_connections_received"])
+
+    before = received()
+    within_window(n)
+    connections = received() - before
+    refused = [l for l in log_lines(n.error_log(), "error")
+               if "redis refused AUTH" in l]
+    print("%d connections, %d refused in %.0f s" % (connections, len(refused),
+                                                   WINDOW))
+    assert 2 <= connections <= 8, \
+        "%d connections in %.0f s" % (connections, WINDOW)
+    assert 2 <= len(refused) <= 8, "\n".join(refused)
+    assert abs(len(refused) - connections) <= 1, (len(refused), connections)
+
+
+@pytest.mark.timing
+def test_fail_fast_while_reconnecting(silent_redis, nginx):
+    """While a Redis that never answers is retried, requests get
+    `unavailable` at once, between the reconnects and during them: none
+    waits for loyalty_redis_timeout again."""
+    timeout = 1.0
+    n = nginx(checkout_conf("loyalty_redis_timeout %dms;" % (timeout * 1000)),
+              redis_port=silent_redis.port, workers=1)
+    r = n.get("/checkout", cookies={"cid": "c1"})
+    assert r.loyalty == UNAVAILABLE
+    assert r.elapsed >= timeout / 2, "the first read did not wait: %r" % r
+    first = silent_redis.accepted
+    t0 = time.monotonic()
+    follow = []
+    while time.monotonic() - t0 < 4 * timeout:
+        follow.append(n.get("/checkout", cookies={"cid": "c1"}))
+        time.sleep(0.05)
+    assert all(f.status == 200 and f.loyalty == UNAVAILABLE for f in follow)
+    assert silent_redis.accepted > first, "no reconnect during the window"
+    slow = sorted(f.elapsed for f in follow if f.elapsed >= timeout / 2)
+    assert not slow, "%d of %d requests waited: %r" % (len(slow),
+                                                        len(follow), slow)

@@ -1354,7 +1354,7 @@ def test_fake_redis_auth_select_replies(fake_redis, nginx, answer, drops):
         assert fake.connection_commands(no)[:3] == ["AUTH", "SELECT",
                                                     "SCRIPT"]
     if answer.startswith(b"-"):
-        assert level_lines(n, 'redis refused AUTH or SELECT: '
+        assert level_lines(n, 'redis refused AUTH: '
                               '"ERR invalid password"', ("error",))
 
 
