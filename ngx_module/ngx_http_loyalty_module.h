@@ -244,6 +244,7 @@ struct ngx_http_loyalty_cmd_s {
     void                      *data;       /* NULL once the owner is gone */
     ngx_msec_t                 deadline;
     unsigned                   exiting:1;  /* failed by the worker's exit */
+    unsigned                   timedout:1; /* failed, its reply awaited */
 };
 
 

@@ -30,11 +30,14 @@
  *
  * Commands of concurrent requests are written back to back into one output
  * buffer, flushed once per event loop iteration, and replies are matched to
- * them in order.  A connection that fails (refused, reset, a handshake
- * refused or unanswered, a reply deadline missed, a protocol error) is
- * closed, every command on it fails at once, and the server stays "down"
- * until a reconnect succeeds: meanwhile commands fail at once instead of
- * waiting.
+ * them in order.  A command whose deadline passes fails alone: its request
+ * goes on as "unavailable", and the command stays in the queue until its
+ * late reply comes, which is read and dropped.  A connection that fails
+ * (refused, reset, a handshake refused or unanswered, a protocol error, or
+ * no reply at all for 10 times the timeout, at least a second, while
+ * replies are due) is closed, every command on it fails at once, and the
+ * server stays "down" until a reconnect succeeds: meanwhile commands fail
+ * at once instead of waiting.
  */
 
 
@@ -44,6 +47,8 @@
 
 #define NGX_HTTP_LOYALTY_BACKOFF_MIN 100
 #define NGX_HTTP_LOYALTY_BACKOFF_MAX 2000
+
+#define NGX_HTTP_LOYALTY_DEAD_MIN    1000
 
 
 typedef enum {
@@ -70,18 +75,22 @@ struct ngx_http_loyalty_conn_s {
     ngx_buf_t                  *out;
     u_char                     *in;
 
-    ngx_queue_t                 pending;
+    ngx_queue_t                 pending;        /* in order, timed out too */
     ngx_queue_t                 free;
+    ngx_uint_t                  waiting;        /* pending, not timed out */
     ngx_uint_t                  ncmds;
 
     ngx_event_t                 deadline;
     ngx_event_t                 backoff;
     ngx_msec_t                  delay;
+    ngx_msec_t                  dead;           /* silence that fails it */
+    ngx_msec_t                  heard;          /* last reply, or first due */
 
     ngx_log_t                   log;
 
     ngx_uint_t                  state;          /* ngx_http_loyalty_conn_* */
     time_t                      full_logged;
+    time_t                      late_logged;
     unsigned                    failed:1;
 };
 
@@ -140,6 +149,8 @@ ngx_http_loyalty_redis_init_process(ngx_cycle_t *cycle,
     }
 
     conn->server = server;
+    conn->dead = ngx_max(10 * server->connect_timeout,
+                         NGX_HTTP_LOYALTY_DEAD_MIN);
 
     if (ngx_http_loyalty_redis_handshake_init(conn) != NGX_OK) {
         return NGX_ERROR;
@@ -264,9 +275,14 @@ ngx_http_loyalty_redis_exit_process(ngx_http_loyalty_server_t *server)
         ngx_queue_remove(q);
 
         cmd = ngx_queue_data(q, ngx_http_loyalty_cmd_t, queue);
-        cmd->exiting = 1;
-        cmd->handler(cmd, NULL);
+
+        if (!cmd->timedout) {
+            cmd->exiting = 1;
+            cmd->handler(cmd, NULL);
+        }
     }
+
+    conn->waiting = 0;
 
     if (conn->backoff.timer_set) {
         ngx_del_timer(&conn->backoff);
@@ -742,6 +758,7 @@ ngx_http_loyalty_redis_ready(ngx_http_loyalty_conn_t *conn)
 
     conn->failed = 0;
     conn->delay = 0;
+    conn->heard = ngx_current_msec;
 
     /* not ngx_http_loyalty_count(): paired with the decrement on close */
 
@@ -754,10 +771,18 @@ ngx_http_loyalty_redis_ready(ngx_http_loyalty_conn_t *conn)
     c->read->handler = ngx_http_loyalty_redis_read_handler;
     c->write->handler = ngx_http_loyalty_redis_write_handler;
 
-    /* what was queued meanwhile goes out now */
+    /*
+     * what was queued meanwhile goes out now, and replies are due: also
+     * those of commands already failed at their deadlines
+     */
 
     if (conn->out->pos < conn->out->last) {
         ngx_post_event(c->write, &ngx_posted_events);
+    }
+
+    if (!ngx_queue_empty(&conn->pending) && !conn->deadline.timer_set) {
+        conn->deadline.cancelable = 1;
+        ngx_add_timer(&conn->deadline, conn->dead);
     }
 
     if (ngx_handle_read_event(c->read, 0) != NGX_OK) {
@@ -816,8 +841,19 @@ ngx_http_loyalty_redis_queue(ngx_http_loyalty_conn_t *conn, ngx_uint_t argc,
     cmd->data = data;
     cmd->deadline = ngx_current_msec + timeout;
     cmd->exiting = 0;
+    cmd->timedout = 0;
+
+    if (ngx_queue_empty(&conn->pending)) {
+        /* silence counts from the first reply due */
+        conn->heard = ngx_current_msec;
+    }
 
     ngx_queue_insert_tail(&conn->pending, &cmd->queue);
+    conn->waiting++;
+
+    /* a graceful shutdown waits for the replies of live commands */
+
+    conn->deadline.cancelable = 0;
 
     /* the deadline timer never fires later than the earliest deadline */
 
@@ -982,9 +1018,18 @@ ngx_http_loyalty_redis_process(ngx_http_loyalty_conn_t *conn)
         q = ngx_queue_head(&conn->pending);
         ngx_queue_remove(q);
 
+        conn->heard = ngx_current_msec;
+
         cmd = ngx_queue_data(q, ngx_http_loyalty_cmd_t, queue);
 
-        cmd->handler(cmd, reply);
+        if (cmd->timedout) {
+            ngx_log_debug0(NGX_LOG_DEBUG_HTTP, c->log, 0,
+                           "loyalty redis late reply dropped");
+
+        } else {
+            conn->waiting--;
+            cmd->handler(cmd, reply);
+        }
 
         ngx_queue_insert_head(&conn->free, &cmd->queue);
 
@@ -998,8 +1043,13 @@ ngx_http_loyalty_redis_process(ngx_http_loyalty_conn_t *conn)
         ngx_reset_pool(conn->reply_pool);
     }
 
-    if (ngx_queue_empty(&conn->pending) && conn->deadline.timer_set) {
-        ngx_del_timer(&conn->deadline);
+    if (ngx_queue_empty(&conn->pending)) {
+        if (conn->deadline.timer_set) {
+            ngx_del_timer(&conn->deadline);
+        }
+
+    } else {
+        conn->deadline.cancelable = (conn->waiting == 0);
     }
 
     return NGX_OK;
@@ -1015,22 +1065,47 @@ ngx_http_loyalty_redis_dummy_handler(ngx_event_t *ev)
 
 
 /*
- * The timer is armed no later than the earliest deadline of the queued
- * commands; when it fires, a missed deadline takes the connection down,
- * which keeps a late reply from ever reaching the wrong command.
+ * The timer is armed no later than the earliest deadline of the live
+ * commands, nor than the moment the connection counts as dead.  A command
+ * past its deadline fails alone and stays queued for its late reply; the
+ * connection fails only when no reply at all has come for conn->dead
+ * while replies are due (bytes that never make a reply do not count).
  */
 
 static void
 ngx_http_loyalty_redis_deadline_handler(ngx_event_t *ev)
 {
+    ngx_uint_t                late;
     ngx_queue_t              *q;
     ngx_msec_int_t            left, next;
+    ngx_connection_t         *c;
     ngx_http_loyalty_cmd_t   *cmd;
     ngx_http_loyalty_conn_t  *conn;
 
     conn = ev->data;
+    c = conn->connection;
+
+    if (ngx_queue_empty(&conn->pending)) {
+        return;
+    }
 
     next = -1;
+
+    if (conn->state == ngx_http_loyalty_conn_ready) {
+        left = (ngx_msec_int_t) (conn->heard + conn->dead - ngx_current_msec);
+
+        if (left <= 0) {
+            ngx_log_error(NGX_LOG_WARN, &conn->log, NGX_ETIMEDOUT,
+                          "loyalty: no reply from redis for %M ms, "
+                          "closing the connection", conn->dead);
+            ngx_http_loyalty_redis_fail(conn);
+            return;
+        }
+
+        next = left;
+    }
+
+    late = 0;
 
     for (q = ngx_queue_head(&conn->pending);
          q != ngx_queue_sentinel(&conn->pending);
@@ -1038,21 +1113,43 @@ ngx_http_loyalty_redis_deadline_handler(ngx_event_t *ev)
     {
         cmd = ngx_queue_data(q, ngx_http_loyalty_cmd_t, queue);
 
-        left = (ngx_msec_int_t) (cmd->deadline - ngx_current_msec);
-
-        if (left <= 0) {
-            ngx_log_error(NGX_LOG_WARN, &conn->log, NGX_ETIMEDOUT,
-                          "loyalty: redis did not answer in time");
-            ngx_http_loyalty_redis_fail(conn);
-            return;
+        if (cmd->timedout) {
+            continue;
         }
 
-        if (next == -1 || left < next) {
-            next = left;
+        left = (ngx_msec_int_t) (cmd->deadline - ngx_current_msec);
+
+        if (left > 0) {
+            if (next == -1 || left < next) {
+                next = left;
+            }
+
+            continue;
+        }
+
+        cmd->timedout = 1;
+        conn->waiting--;
+        late++;
+
+        cmd->handler(cmd, NULL);
+
+        if (conn->connection != c) {
+            /* the handler failed the connection */
+            return;
         }
     }
 
+    /* a slow Redis times out many commands: one line a second */
+
+    if (late && conn->late_logged != ngx_time()) {
+        conn->late_logged = ngx_time();
+
+        ngx_log_error(NGX_LOG_WARN, &conn->log, NGX_ETIMEDOUT,
+                      "loyalty: redis did not answer in time");
+    }
+
     if (next != -1) {
+        ev->cancelable = (conn->waiting == 0);
         ngx_add_timer(ev, (ngx_msec_t) next);
     }
 }
@@ -1165,6 +1262,7 @@ ngx_http_loyalty_redis_fail(ngx_http_loyalty_conn_t *conn)
     pending.prev->next = &pending;
 
     ngx_queue_init(&conn->pending);
+    conn->waiting = 0;
 
     while (!ngx_queue_empty(&pending)) {
         q = ngx_queue_head(&pending);
@@ -1172,7 +1270,9 @@ ngx_http_loyalty_redis_fail(ngx_http_loyalty_conn_t *conn)
 
         cmd = ngx_queue_data(q, ngx_http_loyalty_cmd_t, queue);
 
-        cmd->handler(cmd, NULL);
+        if (!cmd->timedout) {
+            cmd->handler(cmd, NULL);
+        }
 
         ngx_queue_insert_head(&conn->free, &cmd->queue);
     }

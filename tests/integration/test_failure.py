@@ -6,9 +6,11 @@ import threading
 import time
 
 import pytest
+import redis as redis_lib
 
 from conftest import (SPOOF, checkout_conf, expected, free_port, log_lines,
                       wait_until)
+from fake_redis import FakeRedis
 
 
 UNAVAILABLE = expected("unavailable")
@@ -419,3 +421,94 @@ def test_fail_fast_while_reconnecting(silent_redis, nginx):
     slow = sorted(f.elapsed for f in follow if f.elapsed >= timeout / 2)
     assert not slow, "%d of %d requests waited: %r" % (len(slow),
                                                         len(follow), slow)
+
+
+# --------------------------------------------------------------------------
+# issue #13: a slow reply is not a dead connection
+
+
+@pytest.fixture
+def fake_redis():
+    f = FakeRedis()
+    yield f
+    f.stop()
+    assert not f.errors, f.errors
+
+
+@pytest.mark.timing
+def test_slow_reply_keeps_the_connection(redis, nginx):
+    """Redis stalls for 1 s (DEBUG SLEEP on another client, as a fork or a
+    slow command would): the reads waiting on it get `unavailable` at
+    their deadline, the connection is kept, the late replies are read and
+    dropped, and the reads after the stall get their own records at once,
+    without a reconnect."""
+    timeout = 0.2
+    n = nginx(checkout_conf("loyalty_redis_timeout 200ms;"),
+              redis_port=redis.port, workers=1)
+    for i in range(6):
+        redis.seed("s%d" % i, points=i, lifetime=10 + i, orders=1)
+    assert n.get("/checkout", cookies={"cid": "s0"}).loyalty == \
+        expected("ok", "s0", 0, 10, 1)
+    sleeper = redis_lib.Redis(host="127.0.0.1", port=redis.port,
+                              socket_timeout=10)
+    sleeper.ping()
+
+    def received():
+        return int(redis.client.info("stats")["total_connections_received"])
+
+    before = received()
+    stall = threading.Thread(target=sleeper.execute_command,
+                             args=("DEBUG", "SLEEP", "1"), daemon=True)
+    stall.start()
+    time.sleep(0.1)
+    slow = [n.get("/checkout", cookies={"cid": "s1"}) for _ in range(2)]
+    stall.join(10)
+    assert not stall.is_alive()
+    sleeper.close()
+    after = [n.get("/checkout", cookies={"cid": "s%d" % i})
+             for i in range(2, 6)]
+
+    for r in slow:
+        assert r.status == 200 and r.loyalty == UNAVAILABLE, r
+        assert r.elapsed >= timeout / 2, \
+            "failed at once: the connection was dropped (%r)" % r
+    for i, r in enumerate(after, 2):
+        assert r.loyalty == expected("ok", "s%d" % i, i, 10 + i, 1), \
+            (i, r.loyalty)
+        assert r.elapsed < 5 * timeout, r
+    assert received() == before, "the module reconnected"
+    log = n.error_log()
+    assert "did not answer in time" in log
+    assert "redis unavailable" not in log, log
+
+
+@pytest.mark.timing
+def test_no_reply_for_ten_timeouts_closes(fake_redis, nginx):
+    """A Redis that stops answering is slow until no reply at all has come
+    for 10 x loyalty_redis_timeout (at least 1 s): only then is the
+    connection closed, and a new one is used."""
+    timeout = 0.3
+    fake = fake_redis
+    fake.seed("h", points=1, lifetime=2, orders=3, first_order=4,
+              last_order=5)
+    n = nginx(checkout_conf("loyalty_redis_timeout 300ms;"),
+              redis_port=fake.port, workers=1)
+    ok = expected("ok", "h", 1, 2, 3)
+    assert n.get("/checkout", cookies={"cid": "h"}).loyalty == ok
+    fake.queue("HMGET", [("sleep", 4.5)])      # this connection goes mute
+    t0 = time.monotonic()
+    waited = [n.get("/checkout", cookies={"cid": "h"}) for _ in range(3)]
+    for r in waited:
+        assert r.status == 200 and r.loyalty == UNAVAILABLE, r
+        assert r.elapsed >= timeout / 2, \
+            "failed at once: the connection was dropped (%r)" % r
+    assert fake.accepted == 1
+    needle = "no reply from redis for 3000 ms"
+    wait_until(lambda: needle in n.error_log(), 10 * timeout + 3, 0.02,
+               "the connection to be given up")
+    closed = time.monotonic() - t0
+    assert closed >= 10 * timeout * 0.6, \
+        "closed %.2f s after the first missed deadline" % closed
+    wait_until(lambda: n.get("/checkout", cookies={"cid": "h"}).loyalty
+               == ok, 5, 0.05, "a read on a new connection")
+    assert fake.accepted == 2

@@ -1198,7 +1198,9 @@ def test_fake_redis_read_reply(fake_redis, nginx, case):
             if v == 0:
                 assert level_lines(n, 'has an invalid "%s" field' % f,
                                    ("warn",)), n.error_log()[-2000:]
-    recovered(n, fake)
+    # a reply that never ends costs the connection only once nothing has
+    # come for 10 x loyalty_redis_timeout (10 s here)
+    recovered(n, fake, timeout=15)
     assert_alive(n, workers, "after the %s reply" % label)
     if command == "SCRIPT":
         # connection 1 was dropped on purpose, connection 2 met the answer
