@@ -118,6 +118,7 @@ static void ngx_http_loyalty_redis_deadline_handler(ngx_event_t *ev);
 static void ngx_http_loyalty_redis_backoff_handler(ngx_event_t *ev);
 static void ngx_http_loyalty_redis_close(ngx_http_loyalty_conn_t *conn);
 static void ngx_http_loyalty_redis_fail(ngx_http_loyalty_conn_t *conn);
+static void ngx_http_loyalty_redis_exit(ngx_http_loyalty_conn_t *conn);
 static u_char *ngx_http_loyalty_redis_log_error(ngx_log_t *log, u_char *buf,
     size_t len);
 
@@ -253,8 +254,6 @@ ngx_http_loyalty_redis_handshake_init(ngx_http_loyalty_conn_t *conn)
 void
 ngx_http_loyalty_redis_exit_process(ngx_http_loyalty_server_t *server)
 {
-    ngx_queue_t              *q;
-    ngx_http_loyalty_cmd_t   *cmd;
     ngx_http_loyalty_conn_t  *conn;
 
     conn = server->conn;
@@ -263,30 +262,7 @@ ngx_http_loyalty_redis_exit_process(ngx_http_loyalty_server_t *server)
         return;
     }
 
-    ngx_http_loyalty_redis_close(conn);
-
-    /*
-     * Requests are gone with the worker; credits go to the journal: the
-     * handlers see cmd->exiting.
-     */
-
-    while (!ngx_queue_empty(&conn->pending)) {
-        q = ngx_queue_head(&conn->pending);
-        ngx_queue_remove(q);
-
-        cmd = ngx_queue_data(q, ngx_http_loyalty_cmd_t, queue);
-
-        if (!cmd->timedout) {
-            cmd->exiting = 1;
-            cmd->handler(cmd, NULL);
-        }
-    }
-
-    conn->waiting = 0;
-
-    if (conn->backoff.timer_set) {
-        ngx_del_timer(&conn->backoff);
-    }
+    ngx_http_loyalty_redis_exit(conn);
 
     ngx_destroy_pool(conn->pool);
 
@@ -464,6 +440,11 @@ ngx_http_loyalty_redis_connect_handler(ngx_event_t *ev)
     ngx_log_debug0(NGX_LOG_DEBUG_HTTP, ev->log, 0,
                    "loyalty redis connect handler");
 
+    if (c->close) {
+        ngx_http_loyalty_redis_exit(conn);
+        return;
+    }
+
     if (ev->timedout) {
         ngx_log_error(NGX_LOG_WARN, c->log, NGX_ETIMEDOUT,
                       "loyalty: redis connect timed out");
@@ -580,6 +561,11 @@ ngx_http_loyalty_redis_handshake_handler(ngx_event_t *rev)
     ngx_log_debug1(NGX_LOG_DEBUG_HTTP, rev->log, 0,
                    "loyalty redis handshake handler, state: %d",
                    conn->state);
+
+    if (c->close) {
+        ngx_http_loyalty_redis_exit(conn);
+        return;
+    }
 
     if (rev->timedout) {
         ngx_log_error(NGX_LOG_WARN, c->log, NGX_ETIMEDOUT,
@@ -927,6 +913,13 @@ ngx_http_loyalty_redis_read_handler(ngx_event_t *rev)
 
     c = rev->data;
     conn = c->data;
+
+    /* worker_shutdown_timeout: nginx closes every connection this way */
+
+    if (c->close) {
+        ngx_http_loyalty_redis_exit(conn);
+        return;
+    }
 
     /*
      * Read until the socket is drained: with edge-triggered events,
@@ -1276,6 +1269,50 @@ ngx_http_loyalty_redis_fail(ngx_http_loyalty_conn_t *conn)
 
         ngx_queue_insert_head(&conn->free, &cmd->queue);
     }
+}
+
+
+/*
+ * The worker exits, or nginx closes its connections at the end of
+ * worker_shutdown_timeout: no reconnect.  Requests are gone with the
+ * worker; credits go to the journal: the handlers see cmd->exiting.
+ */
+
+static void
+ngx_http_loyalty_redis_exit(ngx_http_loyalty_conn_t *conn)
+{
+    ngx_queue_t             *q;
+    ngx_http_loyalty_cmd_t  *cmd;
+
+    if (conn->waiting) {
+        ngx_log_error(NGX_LOG_INFO, &conn->log, 0,
+                      "loyalty: worker exiting, %ui redis replies not "
+                      "waited for", conn->waiting);
+    }
+
+    ngx_http_loyalty_redis_close(conn);
+
+    conn->state = ngx_http_loyalty_conn_down;
+
+    if (conn->backoff.timer_set) {
+        ngx_del_timer(&conn->backoff);
+    }
+
+    while (!ngx_queue_empty(&conn->pending)) {
+        q = ngx_queue_head(&conn->pending);
+        ngx_queue_remove(q);
+
+        cmd = ngx_queue_data(q, ngx_http_loyalty_cmd_t, queue);
+
+        if (!cmd->timedout) {
+            cmd->exiting = 1;
+            cmd->handler(cmd, NULL);
+        }
+
+        ngx_queue_insert_head(&conn->free, &cmd->queue);
+    }
+
+    conn->waiting = 0;
 }
 
 

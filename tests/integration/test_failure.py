@@ -2,6 +2,7 @@
 accepting but never answering, loyalty_fail reject, and a worker that keeps
 serving other locations while the loyalty location waits."""
 
+import os
 import threading
 import time
 
@@ -10,6 +11,7 @@ import redis as redis_lib
 
 from conftest import (SPOOF, checkout_conf, expected, free_port, log_lines,
                       wait_until)
+from credit_support import edge_conf, order, read_journal
 from fake_redis import FakeRedis
 
 
@@ -512,3 +514,47 @@ def test_no_reply_for_ten_timeouts_closes(fake_redis, nginx):
     wait_until(lambda: n.get("/checkout", cookies={"cid": "h"}).loyalty
                == ok, 5, 0.05, "a read on a new connection")
     assert fake.accepted == 2
+
+
+# --------------------------------------------------------------------------
+# issue #13: worker_shutdown_timeout closes the Redis connection too
+
+
+@pytest.mark.timing
+def test_shutdown_timeout_closes_the_redis_connection(fake_redis, nginx):
+    """At worker_shutdown_timeout nginx sets c->close on every connection
+    and calls its read handler.  The Redis connection, with a credit on it
+    that Redis answers only much later, closes then: the old worker exits
+    at the shutdown timeout (not when the reply comes), its credit in the
+    journal, and nothing is logged at alert."""
+    stall = 6.0
+    fake = fake_redis
+    fake.seed("c", points=5, lifetime=5, orders=1, first_order=1,
+              last_order=2)
+    n = nginx(edge_conf(loc="loyalty_redis_timeout 8s; "
+                            "loyalty_journal {prefix}/loyalty.journal;"),
+              redis_port=fake.port, main="worker_shutdown_timeout 1s;")
+
+    def credit_calls(oid):
+        return [a for a in fake.calls("EVALSHA") + fake.calls("EVAL")
+                if len(a) > 11 and a[11] == oid.encode()]
+
+    assert order(n, "c", "1", "warm").header("X-Loyalty-Earned") == "1"
+    wait_until(lambda: credit_calls("warm"), 5, 0.02, "the first credit")
+    fake.queue("EVALSHA", lambda args: [("sleep", stall),
+                                        fake.default_reply(args)])
+    r = order(n, "c", "2", "stuck")
+    assert r.status == 200 and r.header("X-Loyalty-Earned") == "2", r
+    wait_until(lambda: credit_calls("stuck"), 5, 0.02, "the stuck credit")
+
+    t0 = time.monotonic()
+    n.reload()                      # returns once the old worker is gone
+    took = time.monotonic() - t0
+    print("old worker gone %.2f s after the reload" % took)
+    assert took < stall / 2, \
+        "the old worker exited %.1f s after the reload" % took
+    journal = read_journal(os.path.join(n.prefix, "loyalty.journal"))
+    assert [(e["order"], e["reason"]) for e in journal] == [
+        ("stuck", "worker exiting")], journal
+    assert order(n, "c", "3", "after").header("X-Loyalty-Earned") == "3"
+    wait_until(lambda: credit_calls("after"), 5, 0.02, "a new credit")
