@@ -132,6 +132,13 @@ typedef struct {
 } ngx_http_loyalty_server_t;
 
 
+/* a warning that anyone can cause at any rate: at most one a second */
+typedef struct {
+    time_t                     logged;
+    ngx_uint_t                 suppressed;
+} ngx_http_loyalty_log_limit_t;
+
+
 typedef struct {
     ngx_array_t                servers;   /* ngx_http_loyalty_server_t * */
     ngx_str_t                  script;
@@ -142,9 +149,9 @@ typedef struct {
     ngx_http_loyalty_shctx_t  *sh;
     ngx_array_t                offers;   /* ngx_http_loyalty_offer_t * */
 
-    /* per worker: warnings about invalid ids, at most one a second */
-    time_t                     invalid_logged;
-    ngx_uint_t                 invalid_suppressed;
+    /* per worker: warnings about invalid ids and Redis error replies */
+    ngx_http_loyalty_log_limit_t  invalid_log;
+    ngx_http_loyalty_log_limit_t  error_reply_log;
 } ngx_http_loyalty_main_conf_t;
 
 
@@ -258,6 +265,8 @@ ngx_int_t ngx_http_loyalty_handler(ngx_http_request_t *r);
 ngx_int_t ngx_http_loyalty_lookup(ngx_http_request_t *r, ngx_uint_t content);
 uint64_t ngx_http_loyalty_usec(void);
 ngx_http_loyalty_ctx_t *ngx_http_loyalty_get_ctx(ngx_http_request_t *r);
+ngx_int_t ngx_http_loyalty_log_limit(ngx_http_loyalty_log_limit_t *limit,
+    ngx_uint_t *suppressed);
 ngx_int_t ngx_http_loyalty_filter_init(ngx_conf_t *cf);
 
 

@@ -1360,6 +1360,39 @@ def test_fake_redis_auth_select_replies(fake_redis, nginx, answer, drops):
                               '"ERR invalid password"', ("error",))
 
 
+def test_fake_redis_error_replies_rate_limited(fake_redis, nginx):
+    """Every read answered -LOADING (a Redis loading its dataset): each is
+    unavailable, but the warning is logged at most once a second per
+    worker, with the count of those not logged, as for invalid ids."""
+    fake = fake_redis
+    fake.seed("h", **GOOD)
+    n = fake_nginx(nginx, fake)
+    workers = n.workers()
+    assert n.get("/checkout", cookies={"cid": "h"}).loyalty == GOOD_OK
+    count = 60
+    fake.queue("HMGET", *[b"-LOADING Redis is loading the dataset in "
+                          b"memory\r\n"] * count)
+    t0 = time.monotonic()
+    for i in range(count):
+        if i == count - 1:
+            time.sleep(1.1)             # the next second logs again
+        r = n.get("/checkout", cookies={"cid": "h"})
+        assert r.status == 200 and r.loyalty == expected("unavailable"), r
+    seconds = time.monotonic() - t0
+    lines = [message_of(l) for l in level_lines(
+        n, "redis error reading customer", ("warn",))]
+    assert 2 <= len(lines) <= seconds + 2, "\n".join(lines)
+    assert all('"h": "LOADING Redis is loading' in l for l in lines), lines
+    more = [int(m.group(1)) for m in
+            (re.search(r"\((\d+) more not logged\)$", l) for l in lines)
+            if m]
+    assert more, lines
+    assert len(lines) + sum(more) == count, (lines, more)
+    assert fake.accepted == 1, "an error reply cost the connection"
+    recovered(n, fake)
+    assert_alive(n, workers)
+
+
 def vm_hwm(pid):
     """Peak resident set size of a process, in bytes."""
     with open("/proc/%d/status" % pid) as f:
