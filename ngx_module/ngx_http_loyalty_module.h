@@ -75,11 +75,20 @@ typedef struct ngx_http_loyalty_credits_s ngx_http_loyalty_credits_t;
 #define NGX_HTTP_LOYALTY_NFIELDS       5
 
 
+/*
+ * The gauges of one process, in the slot of ngx_processes[] it runs in:
+ * written by that process only, summed over the live ones when read.
+ */
+typedef struct {
+    ngx_pid_t                  pid;
+    ngx_atomic_t               connections;     /* ready ones */
+} ngx_http_loyalty_process_t;
+
+
 typedef struct {
     ngx_atomic_t               requests[NGX_HTTP_LOYALTY_UNAVAILABLE + 1];
     ngx_atomic_t               credits[NGX_HTTP_LOYALTY_CREDIT_RESULTS];
     ngx_atomic_t               shortfall;
-    ngx_atomic_t               connections;
     ngx_atomic_t               latency[NGX_HTTP_LOYALTY_BUCKETS + 1];
     ngx_atomic_t               latency_sum;     /* microseconds */
 
@@ -90,6 +99,8 @@ typedef struct {
         ngx_atomic_t           shown;
         ngx_atomic_t           converted;
     }                          offers[NGX_HTTP_LOYALTY_OFFERS_MAX];
+
+    ngx_http_loyalty_process_t processes[NGX_MAX_PROCESSES];
 } ngx_http_loyalty_shctx_t;
 
 
@@ -330,6 +341,9 @@ ngx_int_t ngx_http_loyalty_value(ngx_http_request_t *r,
 /* ngx_http_loyalty_status.c */
 ngx_int_t ngx_http_loyalty_status_zone(ngx_conf_t *cf,
     ngx_http_loyalty_main_conf_t *lmcf);
+void ngx_http_loyalty_status_init_process(ngx_http_loyalty_main_conf_t *lmcf);
+void ngx_http_loyalty_count_connection(ngx_http_loyalty_shctx_t *sh,
+    ngx_int_t n);
 #if !(NGX_HTTP_LOYALTY_NO_COUNTERS)
 void ngx_http_loyalty_count_latency(ngx_http_loyalty_main_conf_t *lmcf,
     ngx_uint_t usec);

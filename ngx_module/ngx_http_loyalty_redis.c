@@ -728,8 +728,7 @@ ngx_http_loyalty_redis_handshake_reply(ngx_http_loyalty_conn_t *conn,
 static void
 ngx_http_loyalty_redis_ready(ngx_http_loyalty_conn_t *conn)
 {
-    ngx_connection_t          *c;
-    ngx_http_loyalty_shctx_t  *sh;
+    ngx_connection_t  *c;
 
     c = conn->connection;
 
@@ -746,13 +745,7 @@ ngx_http_loyalty_redis_ready(ngx_http_loyalty_conn_t *conn)
     conn->delay = 0;
     conn->heard = ngx_current_msec;
 
-    /* not ngx_http_loyalty_count(): paired with the decrement on close */
-
-    sh = *conn->server->sh;
-
-    if (sh) {
-        (void) ngx_atomic_fetch_add(&sh->connections, 1);
-    }
+    ngx_http_loyalty_count_connection(*conn->server->sh, 1);
 
     c->read->handler = ngx_http_loyalty_redis_read_handler;
     c->write->handler = ngx_http_loyalty_redis_write_handler;
@@ -1172,12 +1165,8 @@ ngx_http_loyalty_redis_backoff_handler(ngx_event_t *ev)
 static void
 ngx_http_loyalty_redis_close(ngx_http_loyalty_conn_t *conn)
 {
-    ngx_http_loyalty_shctx_t  *sh;
-
-    sh = *conn->server->sh;
-
-    if (conn->state == ngx_http_loyalty_conn_ready && sh) {
-        (void) ngx_atomic_fetch_add(&sh->connections, (ngx_atomic_int_t) -1);
+    if (conn->state == ngx_http_loyalty_conn_ready) {
+        ngx_http_loyalty_count_connection(*conn->server->sh, -1);
     }
 
     if (conn->connection) {
