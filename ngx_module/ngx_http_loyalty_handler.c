@@ -318,31 +318,52 @@ ngx_http_loyalty_identify(ngx_http_request_t *r,
 static void
 ngx_http_loyalty_invalid(ngx_http_request_t *r, const char *why)
 {
-    time_t                         now;
+    ngx_uint_t                     more;
     ngx_http_loyalty_main_conf_t  *lmcf;
 
     lmcf = ngx_http_get_module_main_conf(r, ngx_http_loyalty_module);
 
-    now = ngx_time();
-
-    if (lmcf->invalid_logged == now) {
-        lmcf->invalid_suppressed++;
+    if (ngx_http_loyalty_log_limit(&lmcf->invalid_log, &more) != NGX_OK) {
         return;
     }
 
-    lmcf->invalid_logged = now;
-
-    if (lmcf->invalid_suppressed) {
+    if (more) {
         ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
                       "loyalty: %s, treated as anonymous (%ui more not "
-                      "logged)", why, lmcf->invalid_suppressed);
-
-        lmcf->invalid_suppressed = 0;
+                      "logged)", why, more);
         return;
     }
 
     ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
                   "loyalty: %s, treated as anonymous", why);
+}
+
+
+/*
+ * NGX_OK when a warning of this kind may be logged now, at most once a
+ * second per worker: "suppressed" is then how many were not logged since
+ * the last one.
+ */
+
+ngx_int_t
+ngx_http_loyalty_log_limit(ngx_http_loyalty_log_limit_t *limit,
+    ngx_uint_t *suppressed)
+{
+    time_t  now;
+
+    now = ngx_time();
+
+    if (limit->logged == now) {
+        limit->suppressed++;
+        return NGX_DECLINED;
+    }
+
+    limit->logged = now;
+
+    *suppressed = limit->suppressed;
+    limit->suppressed = 0;
+
+    return NGX_OK;
 }
 
 
@@ -447,13 +468,34 @@ static ngx_uint_t
 ngx_http_loyalty_parse_record(ngx_http_request_t *r,
     ngx_http_loyalty_ctx_t *ctx, ngx_http_loyalty_reply_t *reply)
 {
-    ngx_int_t   rc;
-    ngx_uint_t  i, bad;
+    ngx_int_t                      rc;
+    ngx_uint_t                     i, bad, more;
+    ngx_http_loyalty_main_conf_t  *lmcf;
 
     if (reply->type == NGX_HTTP_LOYALTY_REPLY_ERROR) {
-        ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
-                      "loyalty: redis error reading customer \"%V\": \"%V\"",
-                      &ctx->customer, &reply->str);
+
+        /* -LOADING, -NOAUTH, -BUSY: every read gets one */
+
+        lmcf = ngx_http_get_module_main_conf(r, ngx_http_loyalty_module);
+
+        if (ngx_http_loyalty_log_limit(&lmcf->error_reply_log, &more)
+            != NGX_OK)
+        {
+            return NGX_HTTP_LOYALTY_UNAVAILABLE;
+        }
+
+        if (more) {
+            ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
+                          "loyalty: redis error reading customer \"%V\": "
+                          "\"%V\" (%ui more not logged)",
+                          &ctx->customer, &reply->str, more);
+
+        } else {
+            ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
+                          "loyalty: redis error reading customer \"%V\": "
+                          "\"%V\"", &ctx->customer, &reply->str);
+        }
+
         return NGX_HTTP_LOYALTY_UNAVAILABLE;
     }
 

@@ -1222,6 +1222,8 @@ ngx_http_loyalty_init_process(ngx_cycle_t *cycle)
         return NGX_OK;
     }
 
+    ngx_http_loyalty_status_init_process(lmcf);
+
     server = lmcf->servers.elts;
 
     for (i = 0; i < lmcf->servers.nelts; i++) {

@@ -75,11 +75,20 @@ typedef struct ngx_http_loyalty_credits_s ngx_http_loyalty_credits_t;
 #define NGX_HTTP_LOYALTY_NFIELDS       5
 
 
+/*
+ * The gauges of one process, in the slot of ngx_processes[] it runs in:
+ * written by that process only, summed over the live ones when read.
+ */
+typedef struct {
+    ngx_pid_t                  pid;
+    ngx_atomic_t               connections;     /* ready ones */
+} ngx_http_loyalty_process_t;
+
+
 typedef struct {
     ngx_atomic_t               requests[NGX_HTTP_LOYALTY_UNAVAILABLE + 1];
     ngx_atomic_t               credits[NGX_HTTP_LOYALTY_CREDIT_RESULTS];
     ngx_atomic_t               shortfall;
-    ngx_atomic_t               connections;
     ngx_atomic_t               latency[NGX_HTTP_LOYALTY_BUCKETS + 1];
     ngx_atomic_t               latency_sum;     /* microseconds */
 
@@ -90,6 +99,8 @@ typedef struct {
         ngx_atomic_t           shown;
         ngx_atomic_t           converted;
     }                          offers[NGX_HTTP_LOYALTY_OFFERS_MAX];
+
+    ngx_http_loyalty_process_t processes[NGX_MAX_PROCESSES];
 } ngx_http_loyalty_shctx_t;
 
 
@@ -132,6 +143,13 @@ typedef struct {
 } ngx_http_loyalty_server_t;
 
 
+/* a warning that anyone can cause at any rate: at most one a second */
+typedef struct {
+    time_t                     logged;
+    ngx_uint_t                 suppressed;
+} ngx_http_loyalty_log_limit_t;
+
+
 typedef struct {
     ngx_array_t                servers;   /* ngx_http_loyalty_server_t * */
     ngx_str_t                  script;
@@ -143,9 +161,9 @@ typedef struct {
     ngx_array_t                offers;   /* ngx_http_loyalty_offer_t * */
     ngx_array_t                header_vars; /* indexes, $http_x_loyalty_* */
 
-    /* per worker: warnings about invalid ids, at most one a second */
-    time_t                     invalid_logged;
-    ngx_uint_t                 invalid_suppressed;
+    /* per worker: warnings about invalid ids and Redis error replies */
+    ngx_http_loyalty_log_limit_t  invalid_log;
+    ngx_http_loyalty_log_limit_t  error_reply_log;
 } ngx_http_loyalty_main_conf_t;
 
 
@@ -267,6 +285,7 @@ struct ngx_http_loyalty_cmd_s {
     void                      *data;       /* NULL once the owner is gone */
     ngx_msec_t                 deadline;
     unsigned                   exiting:1;  /* failed by the worker's exit */
+    unsigned                   timedout:1; /* failed, its reply awaited */
 };
 
 
@@ -281,6 +300,8 @@ ngx_int_t ngx_http_loyalty_handler(ngx_http_request_t *r);
 ngx_int_t ngx_http_loyalty_lookup(ngx_http_request_t *r, ngx_uint_t content);
 uint64_t ngx_http_loyalty_usec(void);
 ngx_http_loyalty_ctx_t *ngx_http_loyalty_get_ctx(ngx_http_request_t *r);
+ngx_int_t ngx_http_loyalty_log_limit(ngx_http_loyalty_log_limit_t *limit,
+    ngx_uint_t *suppressed);
 ngx_int_t ngx_http_loyalty_filter_init(ngx_conf_t *cf);
 
 
@@ -346,6 +367,9 @@ ngx_int_t ngx_http_loyalty_value(ngx_http_request_t *r,
 /* ngx_http_loyalty_status.c */
 ngx_int_t ngx_http_loyalty_status_zone(ngx_conf_t *cf,
     ngx_http_loyalty_main_conf_t *lmcf);
+void ngx_http_loyalty_status_init_process(ngx_http_loyalty_main_conf_t *lmcf);
+void ngx_http_loyalty_count_connection(ngx_http_loyalty_shctx_t *sh,
+    ngx_int_t n);
 #if !(NGX_HTTP_LOYALTY_NO_COUNTERS)
 void ngx_http_loyalty_count_latency(ngx_http_loyalty_main_conf_t *lmcf,
     ngx_uint_t usec);

@@ -12,19 +12,34 @@
 
 /*
  * One connection per worker and Redis server, opened on first use and
- * kept.  Commands of concurrent requests are written back to back into
- * one output buffer, flushed once per event loop iteration, and replies
- * are matched to them in order.  A connection that fails (refused, reset,
- * a reply deadline missed, a protocol error) is closed, every command on
- * it fails at once, and the server stays "down" until a reconnect
- * succeeds: meanwhile commands fail at once instead of waiting.
+ * kept.  Its life is a series of states, each with its own event handler,
+ * as ngx_mail_proxy_module walks a backend through its greeting and AUTH:
+ *
+ *     closed -> connecting -> auth -> select -> script -> ready
+ *                                \_____________________/
+ *                                       handshake
+ *
+ * and "down" after a failure, until the backoff timer reconnects.  AUTH
+ * (with a password) and SELECT (with a database) are sent only when a
+ * connection opens, together with SCRIPT LOAD, and their replies are
+ * checked in that order; a TLS handshake would be one more state between
+ * connecting and auth.  Only "ready" counts as up: commands queued before
+ * wait for it, and the backoff starts again from its minimum only there, so
+ * that a Redis that accepts connections and then refuses AUTH, or never
+ * answers, is backed off like one that refuses the connection.
+ *
+ * Commands of concurrent requests are written back to back into one output
+ * buffer, flushed once per event loop iteration, and replies are matched to
+ * them in order.  A command whose deadline passes fails alone: its request
+ * goes on as "unavailable", and the command stays in the queue until its
+ * late reply comes, which is read and dropped.  A connection that fails
+ * (refused, reset, a handshake refused or unanswered, a protocol error, or
+ * no reply at all for 10 times the timeout, at least a second, while
+ * replies are due) is closed, every command on it fails at once, and the
+ * server stays "down" until a reconnect succeeds: meanwhile commands fail
+ * at once instead of waiting.
  */
 
-
-#define NGX_HTTP_LOYALTY_CLOSED      0
-#define NGX_HTTP_LOYALTY_CONNECTING  1
-#define NGX_HTTP_LOYALTY_CONNECTED   2
-#define NGX_HTTP_LOYALTY_DOWN        3
 
 #define NGX_HTTP_LOYALTY_OUT_SIZE    65536
 #define NGX_HTTP_LOYALTY_IN_SIZE     16384
@@ -32,6 +47,19 @@
 
 #define NGX_HTTP_LOYALTY_BACKOFF_MIN 100
 #define NGX_HTTP_LOYALTY_BACKOFF_MAX 2000
+
+#define NGX_HTTP_LOYALTY_DEAD_MIN    1000
+
+
+typedef enum {
+    ngx_http_loyalty_conn_closed = 0,
+    ngx_http_loyalty_conn_connecting,
+    ngx_http_loyalty_conn_auth,
+    ngx_http_loyalty_conn_select,
+    ngx_http_loyalty_conn_script,
+    ngx_http_loyalty_conn_ready,
+    ngx_http_loyalty_conn_down
+} ngx_http_loyalty_conn_state_e;
 
 
 struct ngx_http_loyalty_conn_s {
@@ -43,33 +71,41 @@ struct ngx_http_loyalty_conn_s {
     ngx_pool_t                 *reply_pool;
     ngx_http_loyalty_reader_t   reader;
 
+    ngx_str_t                   handshake;      /* AUTH, SELECT, SCRIPT LOAD */
     ngx_buf_t                  *out;
     u_char                     *in;
 
-    ngx_queue_t                 pending;
+    ngx_queue_t                 pending;        /* in order, timed out too */
     ngx_queue_t                 free;
-    ngx_uint_t                  npending;
+    ngx_uint_t                  waiting;        /* pending, not timed out */
     ngx_uint_t                  ncmds;
 
     ngx_event_t                 deadline;
     ngx_event_t                 backoff;
     ngx_msec_t                  delay;
+    ngx_msec_t                  dead;           /* silence that fails it */
+    ngx_msec_t                  heard;          /* last reply, or first due */
 
     ngx_log_t                   log;
 
-    ngx_uint_t                  state;
+    ngx_uint_t                  state;          /* ngx_http_loyalty_conn_* */
     time_t                      full_logged;
+    time_t                      late_logged;
     unsigned                    failed:1;
 };
 
 
+static ngx_int_t ngx_http_loyalty_redis_handshake_init(
+    ngx_http_loyalty_conn_t *conn);
 static ngx_int_t ngx_http_loyalty_redis_connect(
     ngx_http_loyalty_conn_t *conn);
+static void ngx_http_loyalty_redis_connect_handler(ngx_event_t *ev);
+static ngx_int_t ngx_http_loyalty_redis_test_connect(ngx_connection_t *c);
 static void ngx_http_loyalty_redis_handshake(ngx_http_loyalty_conn_t *conn);
-static void ngx_http_loyalty_redis_handshake_handler(
-    ngx_http_loyalty_cmd_t *cmd, ngx_http_loyalty_reply_t *reply);
-static void ngx_http_loyalty_redis_script_handler(
-    ngx_http_loyalty_cmd_t *cmd, ngx_http_loyalty_reply_t *reply);
+static void ngx_http_loyalty_redis_handshake_handler(ngx_event_t *rev);
+static ngx_int_t ngx_http_loyalty_redis_handshake_reply(
+    ngx_http_loyalty_conn_t *conn, ngx_http_loyalty_reply_t *reply);
+static void ngx_http_loyalty_redis_ready(ngx_http_loyalty_conn_t *conn);
 static ngx_http_loyalty_cmd_t *ngx_http_loyalty_redis_queue(
     ngx_http_loyalty_conn_t *conn, ngx_uint_t argc, ngx_str_t *argv,
     ngx_msec_t timeout, ngx_http_loyalty_reply_pt handler, void *data);
@@ -77,11 +113,12 @@ static void ngx_http_loyalty_redis_write_handler(ngx_event_t *wev);
 static void ngx_http_loyalty_redis_read_handler(ngx_event_t *rev);
 static ngx_int_t ngx_http_loyalty_redis_process(
     ngx_http_loyalty_conn_t *conn);
-static ngx_int_t ngx_http_loyalty_redis_test_connect(ngx_connection_t *c);
+static void ngx_http_loyalty_redis_dummy_handler(ngx_event_t *ev);
 static void ngx_http_loyalty_redis_deadline_handler(ngx_event_t *ev);
 static void ngx_http_loyalty_redis_backoff_handler(ngx_event_t *ev);
 static void ngx_http_loyalty_redis_close(ngx_http_loyalty_conn_t *conn);
 static void ngx_http_loyalty_redis_fail(ngx_http_loyalty_conn_t *conn);
+static void ngx_http_loyalty_redis_exit(ngx_http_loyalty_conn_t *conn);
 static u_char *ngx_http_loyalty_redis_log_error(ngx_log_t *log, u_char *buf,
     size_t len);
 
@@ -113,6 +150,12 @@ ngx_http_loyalty_redis_init_process(ngx_cycle_t *cycle,
     }
 
     conn->server = server;
+    conn->dead = ngx_max(10 * server->connect_timeout,
+                         NGX_HTTP_LOYALTY_DEAD_MIN);
+
+    if (ngx_http_loyalty_redis_handshake_init(conn) != NGX_OK) {
+        return NGX_ERROR;
+    }
 
     ngx_queue_init(&conn->pending);
     ngx_queue_init(&conn->free);
@@ -137,11 +180,80 @@ ngx_http_loyalty_redis_init_process(ngx_cycle_t *cycle,
 }
 
 
+/*
+ * What every new connection sends first, built once: AUTH and SELECT when
+ * configured, then SCRIPT LOAD (credits name the script by its SHA1).
+ */
+
+static ngx_int_t
+ngx_http_loyalty_redis_handshake_init(ngx_http_loyalty_conn_t *conn)
+{
+    u_char                     *p;
+    size_t                      len;
+    ngx_str_t                   auth[3], select[2], script[3];
+    ngx_uint_t                  nauth;
+    ngx_http_loyalty_server_t  *server;
+    u_char                      db[NGX_INT_T_LEN];
+
+    server = conn->server;
+
+    nauth = 0;
+
+    if (server->password.len) {
+        ngx_str_set(&auth[nauth], "AUTH");
+        nauth++;
+
+        if (server->user.len) {
+            auth[nauth++] = server->user;
+        }
+
+        auth[nauth++] = server->password;
+    }
+
+    ngx_str_set(&select[0], "SELECT");
+    select[1].data = db;
+    select[1].len = ngx_sprintf(db, "%ui", server->db) - db;
+
+    ngx_str_set(&script[0], "SCRIPT");
+    ngx_str_set(&script[1], "LOAD");
+    script[2] = *server->script;
+
+    len = ngx_http_loyalty_command_len(3, script);
+
+    if (nauth) {
+        len += ngx_http_loyalty_command_len(nauth, auth);
+    }
+
+    if (server->db) {
+        len += ngx_http_loyalty_command_len(2, select);
+    }
+
+    p = ngx_pnalloc(conn->pool, len);
+    if (p == NULL) {
+        return NGX_ERROR;
+    }
+
+    conn->handshake.data = p;
+
+    if (nauth) {
+        p = ngx_http_loyalty_command_write(p, nauth, auth);
+    }
+
+    if (server->db) {
+        p = ngx_http_loyalty_command_write(p, 2, select);
+    }
+
+    p = ngx_http_loyalty_command_write(p, 3, script);
+
+    conn->handshake.len = p - conn->handshake.data;
+
+    return NGX_OK;
+}
+
+
 void
 ngx_http_loyalty_redis_exit_process(ngx_http_loyalty_server_t *server)
 {
-    ngx_queue_t              *q;
-    ngx_http_loyalty_cmd_t   *cmd;
     ngx_http_loyalty_conn_t  *conn;
 
     conn = server->conn;
@@ -150,27 +262,7 @@ ngx_http_loyalty_redis_exit_process(ngx_http_loyalty_server_t *server)
         return;
     }
 
-    ngx_http_loyalty_redis_close(conn);
-
-    /*
-     * Requests are gone with the worker; credits go to the journal: the
-     * handlers see cmd->exiting.
-     */
-
-    while (!ngx_queue_empty(&conn->pending)) {
-        q = ngx_queue_head(&conn->pending);
-        ngx_queue_remove(q);
-
-        cmd = ngx_queue_data(q, ngx_http_loyalty_cmd_t, queue);
-        cmd->exiting = 1;
-        cmd->handler(cmd, NULL);
-    }
-
-    conn->npending = 0;
-
-    if (conn->backoff.timer_set) {
-        ngx_del_timer(&conn->backoff);
-    }
+    ngx_http_loyalty_redis_exit(conn);
 
     ngx_destroy_pool(conn->pool);
 
@@ -199,17 +291,13 @@ ngx_http_loyalty_redis_send(ngx_http_loyalty_server_t *server,
 
     switch (conn->state) {
 
-    case NGX_HTTP_LOYALTY_DOWN:
-        return NULL;
-
-    case NGX_HTTP_LOYALTY_CONNECTING:
-        if (conn->failed) {
-            return NULL;
-        }
-
+    case ngx_http_loyalty_conn_ready:
         break;
 
-    case NGX_HTTP_LOYALTY_CLOSED:
+    case ngx_http_loyalty_conn_down:
+        return NULL;
+
+    case ngx_http_loyalty_conn_closed:
         if (ngx_http_loyalty_redis_connect(conn) != NGX_OK) {
             ngx_http_loyalty_redis_fail(conn);
             return NULL;
@@ -217,7 +305,14 @@ ngx_http_loyalty_redis_send(ngx_http_loyalty_server_t *server,
 
         break;
 
-    default: /* NGX_HTTP_LOYALTY_CONNECTED */
+    default: /* connecting or in the handshake */
+
+        /* a reconnect after a failure is not waited for */
+
+        if (conn->failed) {
+            return NULL;
+        }
+
         break;
     }
 
@@ -314,116 +409,364 @@ ngx_http_loyalty_redis_connect(ngx_http_loyalty_conn_t *conn)
     c->log = &conn->log;
     c->read->log = c->log;
     c->write->log = c->log;
-    c->read->handler = ngx_http_loyalty_redis_read_handler;
-    c->write->handler = ngx_http_loyalty_redis_write_handler;
+    c->read->handler = ngx_http_loyalty_redis_connect_handler;
+    c->write->handler = ngx_http_loyalty_redis_connect_handler;
 
-    ngx_http_loyalty_redis_handshake(conn);
+    conn->state = ngx_http_loyalty_conn_connecting;
 
     if (rc == NGX_AGAIN) {
-        conn->state = NGX_HTTP_LOYALTY_CONNECTING;
         ngx_add_timer(c->write, server->connect_timeout);
         return NGX_OK;
     }
 
     /* a unix socket may connect at once */
 
-    conn->state = NGX_HTTP_LOYALTY_CONNECTING;
     ngx_post_event(c->write, &ngx_posted_events);
 
     return NGX_OK;
 }
 
 
-/* AUTH and SELECT go first on every new connection */
+/* connecting: both events learn how the connect went */
+
+static void
+ngx_http_loyalty_redis_connect_handler(ngx_event_t *ev)
+{
+    ngx_connection_t         *c;
+    ngx_http_loyalty_conn_t  *conn;
+
+    c = ev->data;
+    conn = c->data;
+
+    ngx_log_debug0(NGX_LOG_DEBUG_HTTP, ev->log, 0,
+                   "loyalty redis connect handler");
+
+    if (c->close) {
+        ngx_http_loyalty_redis_exit(conn);
+        return;
+    }
+
+    if (ev->timedout) {
+        ngx_log_error(NGX_LOG_WARN, c->log, NGX_ETIMEDOUT,
+                      "loyalty: redis connect timed out");
+        ngx_http_loyalty_redis_fail(conn);
+        return;
+    }
+
+    if (c->write->timer_set) {
+        ngx_del_timer(c->write);
+    }
+
+    if (ngx_http_loyalty_redis_test_connect(c) != NGX_OK) {
+        ngx_http_loyalty_redis_fail(conn);
+        return;
+    }
+
+    /* a TLS handshake would start here, and go on to the one below */
+
+    ngx_http_loyalty_redis_handshake(conn);
+}
+
+
+static ngx_int_t
+ngx_http_loyalty_redis_test_connect(ngx_connection_t *c)
+{
+    int                       err;
+    socklen_t                 len;
+    ngx_uint_t                level;
+    ngx_http_loyalty_conn_t  *conn;
+
+    err = 0;
+    len = sizeof(int);
+
+    if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, (void *) &err, &len) == -1) {
+        err = ngx_socket_errno;
+    }
+
+    if (err) {
+        conn = c->data;
+        level = conn->failed ? NGX_LOG_INFO : NGX_LOG_WARN;
+
+        ngx_log_error(level, c->log, err,
+                      "loyalty: connect() to redis failed");
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
+
+
+/*
+ * Connected: AUTH, SELECT and SCRIPT LOAD go out in one write, and each
+ * reply must come within the connect timeout.
+ */
 
 static void
 ngx_http_loyalty_redis_handshake(ngx_http_loyalty_conn_t *conn)
 {
-    u_char                     *p;
-    ngx_str_t                   argv[3];
-    ngx_uint_t                  argc;
+    ssize_t                     n;
+    ngx_connection_t           *c;
     ngx_http_loyalty_server_t  *server;
-    u_char                      db[NGX_INT_T_LEN];
 
+    c = conn->connection;
     server = conn->server;
 
-    if (server->password.len) {
-        ngx_str_set(&argv[0], "AUTH");
-        argc = 1;
+    n = c->send(c, conn->handshake.data, conn->handshake.len);
 
-        if (server->user.len) {
-            argv[argc++] = server->user;
-        }
-
-        argv[argc++] = server->password;
-
-        (void) ngx_http_loyalty_redis_queue(conn, argc, argv,
-                                     server->connect_timeout,
-                                     ngx_http_loyalty_redis_handshake_handler,
-                                     conn);
-    }
-
-    if (server->db) {
-        p = ngx_sprintf(db, "%ui", server->db);
-
-        ngx_str_set(&argv[0], "SELECT");
-        argv[1].data = db;
-        argv[1].len = p - db;
-
-        (void) ngx_http_loyalty_redis_queue(conn, 2, argv,
-                                     server->connect_timeout,
-                                     ngx_http_loyalty_redis_handshake_handler,
-                                     conn);
-    }
-
-    /* credits name the script by its SHA1: load it before any of them */
-
-    ngx_str_set(&argv[0], "SCRIPT");
-    ngx_str_set(&argv[1], "LOAD");
-    argv[2] = *server->script;
-
-    (void) ngx_http_loyalty_redis_queue(conn, 3, argv,
-                                        server->connect_timeout,
-                                        ngx_http_loyalty_redis_script_handler,
-                                        conn);
-}
-
-
-static void
-ngx_http_loyalty_redis_handshake_handler(ngx_http_loyalty_cmd_t *cmd,
-    ngx_http_loyalty_reply_t *reply)
-{
-    ngx_http_loyalty_conn_t  *conn;
-
-    conn = cmd->data;
-
-    if (conn == NULL || reply == NULL) {
+    if (n != (ssize_t) conn->handshake.len) {
+        /*
+         * an incomplete write is an error too: a new socket takes a few
+         * kilobytes at once
+         */
+        ngx_http_loyalty_redis_fail(conn);
         return;
     }
 
-    if (reply->type == NGX_HTTP_LOYALTY_REPLY_ERROR) {
-        ngx_log_error(NGX_LOG_ERR, &conn->log, 0,
-                      "loyalty: redis refused AUTH or SELECT: \"%V\"",
-                      &reply->str);
+    if (server->password.len) {
+        conn->state = ngx_http_loyalty_conn_auth;
 
+    } else if (server->db) {
+        conn->state = ngx_http_loyalty_conn_select;
+
+    } else {
+        conn->state = ngx_http_loyalty_conn_script;
+    }
+
+    c->read->handler = ngx_http_loyalty_redis_handshake_handler;
+    c->write->handler = ngx_http_loyalty_redis_dummy_handler;
+
+    ngx_add_timer(c->read, server->connect_timeout);
+
+    if (ngx_handle_read_event(c->read, 0) != NGX_OK) {
         ngx_http_loyalty_redis_fail(conn);
     }
 }
 
 
+/* auth, select, script: the replies to the handshake, in order */
+
 static void
-ngx_http_loyalty_redis_script_handler(ngx_http_loyalty_cmd_t *cmd,
+ngx_http_loyalty_redis_handshake_handler(ngx_event_t *rev)
+{
+    ssize_t                    n;
+    ngx_int_t                  rc;
+    ngx_str_t                  err;
+    ngx_uint_t                 state;
+    ngx_connection_t          *c;
+    ngx_http_loyalty_conn_t   *conn;
+    ngx_http_loyalty_reply_t  *reply;
+
+    c = rev->data;
+    conn = c->data;
+
+    ngx_log_debug1(NGX_LOG_DEBUG_HTTP, rev->log, 0,
+                   "loyalty redis handshake handler, state: %d",
+                   conn->state);
+
+    if (c->close) {
+        ngx_http_loyalty_redis_exit(conn);
+        return;
+    }
+
+    if (rev->timedout) {
+        ngx_log_error(NGX_LOG_WARN, c->log, NGX_ETIMEDOUT,
+                      "loyalty: redis did not answer the handshake in time");
+        ngx_http_loyalty_redis_fail(conn);
+        return;
+    }
+
+    state = conn->state;
+
+    for ( ;; ) {
+        n = c->recv(c, conn->in, NGX_HTTP_LOYALTY_IN_SIZE);
+
+        if (n == NGX_AGAIN) {
+            break;
+        }
+
+        if (n == 0) {
+            ngx_log_error(NGX_LOG_WARN, c->log, 0,
+                          "loyalty: redis closed the connection");
+            ngx_http_loyalty_redis_fail(conn);
+            return;
+        }
+
+        if (n == NGX_ERROR) {
+            ngx_http_loyalty_redis_fail(conn);
+            return;
+        }
+
+        if (ngx_http_loyalty_reader_feed(conn->reader, conn->in, n)
+            != NGX_OK)
+        {
+            ngx_log_error(NGX_LOG_ERR, c->log, 0,
+                          "loyalty: redis reader failed");
+            ngx_http_loyalty_redis_fail(conn);
+            return;
+        }
+
+        for ( ;; ) {
+            rc = ngx_http_loyalty_reader_next(conn->reader, &reply, &err);
+
+            if (rc == NGX_AGAIN) {
+                break;
+            }
+
+            if (rc == NGX_ERROR) {
+                ngx_log_error(NGX_LOG_ERR, c->log, 0,
+                              "loyalty: redis protocol error: %V", &err);
+                ngx_http_loyalty_redis_fail(conn);
+                return;
+            }
+
+            if (conn->state == ngx_http_loyalty_conn_ready) {
+                /* nothing but the handshake has been sent yet */
+                ngx_log_error(NGX_LOG_ERR, c->log, 0,
+                              "loyalty: unexpected reply from redis");
+                ngx_http_loyalty_redis_fail(conn);
+                return;
+            }
+
+            if (ngx_http_loyalty_redis_handshake_reply(conn, reply)
+                != NGX_OK)
+            {
+                ngx_http_loyalty_redis_fail(conn);
+                return;
+            }
+        }
+
+        if (ngx_http_loyalty_reader_idle(conn->reader) == NGX_OK) {
+            ngx_reset_pool(conn->reply_pool);
+        }
+    }
+
+    if (conn->state == ngx_http_loyalty_conn_ready) {
+        ngx_http_loyalty_redis_ready(conn);
+        return;
+    }
+
+    /* each reply within the timeout */
+
+    if (conn->state != state) {
+        ngx_add_timer(rev, conn->server->connect_timeout);
+    }
+
+    if (ngx_handle_read_event(rev, 0) != NGX_OK) {
+        ngx_http_loyalty_redis_fail(conn);
+    }
+}
+
+
+/*
+ * Moves the handshake on by one reply.  An error reply to AUTH or SELECT
+ * fails the connection; one to SCRIPT LOAD does so only when Redis serves
+ * nothing yet (still loading its data, or wanting AUTH): otherwise credits
+ * send the script itself after NOSCRIPT.
+ */
+
+static ngx_int_t
+ngx_http_loyalty_redis_handshake_reply(ngx_http_loyalty_conn_t *conn,
     ngx_http_loyalty_reply_t *reply)
 {
-    ngx_http_loyalty_conn_t  *conn;
+    ngx_uint_t  error;
 
-    conn = cmd->data;
+    error = (reply->type == NGX_HTTP_LOYALTY_REPLY_ERROR);
 
-    if (reply && reply->type == NGX_HTTP_LOYALTY_REPLY_ERROR) {
-        /* credits will send the script itself after NOSCRIPT */
-        ngx_log_error(NGX_LOG_WARN, &conn->log, 0,
-                      "loyalty: redis refused SCRIPT LOAD: \"%V\"",
-                      &reply->str);
+    switch (conn->state) {
+
+    case ngx_http_loyalty_conn_auth:
+
+        if (error) {
+            ngx_log_error(NGX_LOG_ERR, &conn->log, 0,
+                          "loyalty: redis refused AUTH: \"%V\"", &reply->str);
+            return NGX_ERROR;
+        }
+
+        conn->state = conn->server->db ? ngx_http_loyalty_conn_select
+                                       : ngx_http_loyalty_conn_script;
+        return NGX_OK;
+
+    case ngx_http_loyalty_conn_select:
+
+        if (error) {
+            ngx_log_error(NGX_LOG_ERR, &conn->log, 0,
+                          "loyalty: redis refused SELECT: \"%V\"",
+                          &reply->str);
+            return NGX_ERROR;
+        }
+
+        conn->state = ngx_http_loyalty_conn_script;
+        return NGX_OK;
+
+    default: /* ngx_http_loyalty_conn_script */
+
+        if (error) {
+            ngx_log_error(NGX_LOG_WARN, &conn->log, 0,
+                          "loyalty: redis refused SCRIPT LOAD: \"%V\"",
+                          &reply->str);
+
+            if ((reply->str.len >= sizeof("LOADING") - 1
+                 && ngx_strncmp(reply->str.data, "LOADING",
+                                sizeof("LOADING") - 1)
+                    == 0)
+                || (reply->str.len >= sizeof("NOAUTH") - 1
+                    && ngx_strncmp(reply->str.data, "NOAUTH",
+                                   sizeof("NOAUTH") - 1)
+                       == 0))
+            {
+                return NGX_ERROR;
+            }
+        }
+
+        conn->state = ngx_http_loyalty_conn_ready;
+        return NGX_OK;
+    }
+}
+
+
+/* the handshake is answered: the connection is up */
+
+static void
+ngx_http_loyalty_redis_ready(ngx_http_loyalty_conn_t *conn)
+{
+    ngx_connection_t  *c;
+
+    c = conn->connection;
+
+    if (c->read->timer_set) {
+        ngx_del_timer(c->read);
+    }
+
+    if (conn->failed) {
+        ngx_log_error(NGX_LOG_INFO, c->log, 0,
+                      "loyalty: redis connection restored");
+    }
+
+    conn->failed = 0;
+    conn->delay = 0;
+    conn->heard = ngx_current_msec;
+
+    ngx_http_loyalty_count_connection(*conn->server->sh, 1);
+
+    c->read->handler = ngx_http_loyalty_redis_read_handler;
+    c->write->handler = ngx_http_loyalty_redis_write_handler;
+
+    /*
+     * what was queued meanwhile goes out now, and replies are due: also
+     * those of commands already failed at their deadlines
+     */
+
+    if (conn->out->pos < conn->out->last) {
+        ngx_post_event(c->write, &ngx_posted_events);
+    }
+
+    if (!ngx_queue_empty(&conn->pending) && !conn->deadline.timer_set) {
+        conn->deadline.cancelable = 1;
+        ngx_add_timer(&conn->deadline, conn->dead);
+    }
+
+    if (ngx_handle_read_event(c->read, 0) != NGX_OK) {
+        ngx_http_loyalty_redis_fail(conn);
     }
 }
 
@@ -478,9 +821,19 @@ ngx_http_loyalty_redis_queue(ngx_http_loyalty_conn_t *conn, ngx_uint_t argc,
     cmd->data = data;
     cmd->deadline = ngx_current_msec + timeout;
     cmd->exiting = 0;
+    cmd->timedout = 0;
+
+    if (ngx_queue_empty(&conn->pending)) {
+        /* silence counts from the first reply due */
+        conn->heard = ngx_current_msec;
+    }
 
     ngx_queue_insert_tail(&conn->pending, &cmd->queue);
-    conn->npending++;
+    conn->waiting++;
+
+    /* a graceful shutdown waits for the replies of live commands */
+
+    conn->deadline.cancelable = 0;
 
     /* the deadline timer never fires later than the earliest deadline */
 
@@ -496,7 +849,7 @@ ngx_http_loyalty_redis_queue(ngx_http_loyalty_conn_t *conn, ngx_uint_t argc,
         ngx_add_timer(&conn->deadline, timeout);
     }
 
-    if (conn->state == NGX_HTTP_LOYALTY_CONNECTED
+    if (conn->state == ngx_http_loyalty_conn_ready
         && !conn->connection->write->posted)
     {
         ngx_post_event(conn->connection->write, &ngx_posted_events);
@@ -509,50 +862,13 @@ ngx_http_loyalty_redis_queue(ngx_http_loyalty_conn_t *conn, ngx_uint_t argc,
 static void
 ngx_http_loyalty_redis_write_handler(ngx_event_t *wev)
 {
-    ssize_t                    n;
-    ngx_buf_t                 *b;
-    ngx_connection_t          *c;
-    ngx_http_loyalty_conn_t   *conn;
-    ngx_http_loyalty_shctx_t  *sh;
+    ssize_t                   n;
+    ngx_buf_t                *b;
+    ngx_connection_t         *c;
+    ngx_http_loyalty_conn_t  *conn;
 
     c = wev->data;
     conn = c->data;
-
-    if (wev->timedout) {
-        ngx_log_error(NGX_LOG_WARN, c->log, NGX_ETIMEDOUT,
-                      "loyalty: redis connect timed out");
-        ngx_http_loyalty_redis_fail(conn);
-        return;
-    }
-
-    if (conn->state == NGX_HTTP_LOYALTY_CONNECTING) {
-
-        if (wev->timer_set) {
-            ngx_del_timer(wev);
-        }
-
-        if (ngx_http_loyalty_redis_test_connect(c) != NGX_OK) {
-            ngx_http_loyalty_redis_fail(conn);
-            return;
-        }
-
-        if (conn->failed) {
-            ngx_log_error(NGX_LOG_INFO, c->log, 0,
-                          "loyalty: redis connection restored");
-        }
-
-        conn->state = NGX_HTTP_LOYALTY_CONNECTED;
-        conn->failed = 0;
-        conn->delay = 0;
-
-        /* not ngx_http_loyalty_count(): paired with the decrement on close */
-
-        sh = *conn->server->sh;
-
-        if (sh) {
-            (void) ngx_atomic_fetch_add(&sh->connections, 1);
-        }
-    }
 
     b = conn->out;
 
@@ -592,8 +908,10 @@ ngx_http_loyalty_redis_read_handler(ngx_event_t *rev)
     c = rev->data;
     conn = c->data;
 
-    if (conn->state != NGX_HTTP_LOYALTY_CONNECTED) {
-        /* the write handler learns how the connect went */
+    /* worker_shutdown_timeout: nginx closes every connection this way */
+
+    if (c->close) {
+        ngx_http_loyalty_redis_exit(conn);
         return;
     }
 
@@ -686,11 +1004,19 @@ ngx_http_loyalty_redis_process(ngx_http_loyalty_conn_t *conn)
 
         q = ngx_queue_head(&conn->pending);
         ngx_queue_remove(q);
-        conn->npending--;
+
+        conn->heard = ngx_current_msec;
 
         cmd = ngx_queue_data(q, ngx_http_loyalty_cmd_t, queue);
 
-        cmd->handler(cmd, reply);
+        if (cmd->timedout) {
+            ngx_log_debug0(NGX_LOG_DEBUG_HTTP, c->log, 0,
+                           "loyalty redis late reply dropped");
+
+        } else {
+            conn->waiting--;
+            cmd->handler(cmd, reply);
+        }
 
         ngx_queue_insert_head(&conn->free, &cmd->queue);
 
@@ -704,59 +1030,69 @@ ngx_http_loyalty_redis_process(ngx_http_loyalty_conn_t *conn)
         ngx_reset_pool(conn->reply_pool);
     }
 
-    if (ngx_queue_empty(&conn->pending) && conn->deadline.timer_set) {
-        ngx_del_timer(&conn->deadline);
+    if (ngx_queue_empty(&conn->pending)) {
+        if (conn->deadline.timer_set) {
+            ngx_del_timer(&conn->deadline);
+        }
+
+    } else {
+        conn->deadline.cancelable = (conn->waiting == 0);
     }
 
     return NGX_OK;
 }
 
 
-static ngx_int_t
-ngx_http_loyalty_redis_test_connect(ngx_connection_t *c)
+static void
+ngx_http_loyalty_redis_dummy_handler(ngx_event_t *ev)
 {
-    int                       err;
-    socklen_t                 len;
-    ngx_uint_t                level;
-    ngx_http_loyalty_conn_t  *conn;
-
-    err = 0;
-    len = sizeof(int);
-
-    if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, (void *) &err, &len) == -1) {
-        err = ngx_socket_errno;
-    }
-
-    if (err) {
-        conn = c->data;
-        level = conn->failed ? NGX_LOG_INFO : NGX_LOG_WARN;
-
-        ngx_log_error(level, c->log, err,
-                      "loyalty: connect() to redis failed");
-        return NGX_ERROR;
-    }
-
-    return NGX_OK;
+    ngx_log_debug0(NGX_LOG_DEBUG_HTTP, ev->log, 0,
+                   "loyalty redis dummy handler");
 }
 
 
 /*
- * The timer is armed no later than the earliest deadline of the queued
- * commands; when it fires, a missed deadline takes the connection down,
- * which keeps a late reply from ever reaching the wrong command.
+ * The timer is armed no later than the earliest deadline of the live
+ * commands, nor than the moment the connection counts as dead.  A command
+ * past its deadline fails alone and stays queued for its late reply; the
+ * connection fails only when no reply at all has come for conn->dead
+ * while replies are due (bytes that never make a reply do not count).
  */
 
 static void
 ngx_http_loyalty_redis_deadline_handler(ngx_event_t *ev)
 {
+    ngx_uint_t                late;
     ngx_queue_t              *q;
     ngx_msec_int_t            left, next;
+    ngx_connection_t         *c;
     ngx_http_loyalty_cmd_t   *cmd;
     ngx_http_loyalty_conn_t  *conn;
 
     conn = ev->data;
+    c = conn->connection;
+
+    if (ngx_queue_empty(&conn->pending)) {
+        return;
+    }
 
     next = -1;
+
+    if (conn->state == ngx_http_loyalty_conn_ready) {
+        left = (ngx_msec_int_t) (conn->heard + conn->dead - ngx_current_msec);
+
+        if (left <= 0) {
+            ngx_log_error(NGX_LOG_WARN, &conn->log, NGX_ETIMEDOUT,
+                          "loyalty: no reply from redis for %M ms, "
+                          "closing the connection", conn->dead);
+            ngx_http_loyalty_redis_fail(conn);
+            return;
+        }
+
+        next = left;
+    }
+
+    late = 0;
 
     for (q = ngx_queue_head(&conn->pending);
          q != ngx_queue_sentinel(&conn->pending);
@@ -764,21 +1100,43 @@ ngx_http_loyalty_redis_deadline_handler(ngx_event_t *ev)
     {
         cmd = ngx_queue_data(q, ngx_http_loyalty_cmd_t, queue);
 
-        left = (ngx_msec_int_t) (cmd->deadline - ngx_current_msec);
-
-        if (left <= 0) {
-            ngx_log_error(NGX_LOG_WARN, &conn->log, NGX_ETIMEDOUT,
-                          "loyalty: redis did not answer in time");
-            ngx_http_loyalty_redis_fail(conn);
-            return;
+        if (cmd->timedout) {
+            continue;
         }
 
-        if (next == -1 || left < next) {
-            next = left;
+        left = (ngx_msec_int_t) (cmd->deadline - ngx_current_msec);
+
+        if (left > 0) {
+            if (next == -1 || left < next) {
+                next = left;
+            }
+
+            continue;
+        }
+
+        cmd->timedout = 1;
+        conn->waiting--;
+        late++;
+
+        cmd->handler(cmd, NULL);
+
+        if (conn->connection != c) {
+            /* the handler failed the connection */
+            return;
         }
     }
 
+    /* a slow Redis times out many commands: one line a second */
+
+    if (late && conn->late_logged != ngx_time()) {
+        conn->late_logged = ngx_time();
+
+        ngx_log_error(NGX_LOG_WARN, &conn->log, NGX_ETIMEDOUT,
+                      "loyalty: redis did not answer in time");
+    }
+
     if (next != -1) {
+        ev->cancelable = (conn->waiting == 0);
         ngx_add_timer(ev, (ngx_msec_t) next);
     }
 }
@@ -791,12 +1149,13 @@ ngx_http_loyalty_redis_backoff_handler(ngx_event_t *ev)
 
     conn = ev->data;
 
-    if (conn->state != NGX_HTTP_LOYALTY_DOWN || ngx_exiting || ngx_terminate)
+    if (conn->state != ngx_http_loyalty_conn_down
+        || ngx_exiting || ngx_terminate)
     {
         return;
     }
 
-    conn->state = NGX_HTTP_LOYALTY_CLOSED;
+    conn->state = ngx_http_loyalty_conn_closed;
 
     if (ngx_http_loyalty_redis_connect(conn) != NGX_OK) {
         ngx_http_loyalty_redis_fail(conn);
@@ -807,12 +1166,8 @@ ngx_http_loyalty_redis_backoff_handler(ngx_event_t *ev)
 static void
 ngx_http_loyalty_redis_close(ngx_http_loyalty_conn_t *conn)
 {
-    ngx_http_loyalty_shctx_t  *sh;
-
-    sh = *conn->server->sh;
-
-    if (conn->state == NGX_HTTP_LOYALTY_CONNECTED && sh) {
-        (void) ngx_atomic_fetch_add(&sh->connections, (ngx_atomic_int_t) -1);
+    if (conn->state == ngx_http_loyalty_conn_ready) {
+        ngx_http_loyalty_count_connection(*conn->server->sh, -1);
     }
 
     if (conn->connection) {
@@ -834,14 +1189,15 @@ ngx_http_loyalty_redis_close(ngx_http_loyalty_conn_t *conn)
     conn->out->pos = conn->out->start;
     conn->out->last = conn->out->start;
 
-    conn->state = NGX_HTTP_LOYALTY_CLOSED;
+    conn->state = ngx_http_loyalty_conn_closed;
 }
 
 
 /*
  * Closes the connection, schedules a reconnect (about 100ms doubling to
  * at most 2s, less up to a quarter at random so that workers do not
- * reconnect in step), then fails every queued command.
+ * reconnect in step), then fails every queued command.  Only a connection
+ * that gets ready starts the backoff again from 100ms.
  */
 
 static void
@@ -859,7 +1215,7 @@ ngx_http_loyalty_redis_fail(ngx_http_loyalty_conn_t *conn)
                       "\"unavailable\" until it is back");
     }
 
-    conn->state = NGX_HTTP_LOYALTY_DOWN;
+    conn->state = ngx_http_loyalty_conn_down;
     conn->failed = 1;
 
     if (conn->delay == 0) {
@@ -886,7 +1242,7 @@ ngx_http_loyalty_redis_fail(ngx_http_loyalty_conn_t *conn)
     pending.prev->next = &pending;
 
     ngx_queue_init(&conn->pending);
-    conn->npending = 0;
+    conn->waiting = 0;
 
     while (!ngx_queue_empty(&pending)) {
         q = ngx_queue_head(&pending);
@@ -894,10 +1250,56 @@ ngx_http_loyalty_redis_fail(ngx_http_loyalty_conn_t *conn)
 
         cmd = ngx_queue_data(q, ngx_http_loyalty_cmd_t, queue);
 
-        cmd->handler(cmd, NULL);
+        if (!cmd->timedout) {
+            cmd->handler(cmd, NULL);
+        }
 
         ngx_queue_insert_head(&conn->free, &cmd->queue);
     }
+}
+
+
+/*
+ * The worker exits, or nginx closes its connections at the end of
+ * worker_shutdown_timeout: no reconnect.  Requests are gone with the
+ * worker; credits go to the journal: the handlers see cmd->exiting.
+ */
+
+static void
+ngx_http_loyalty_redis_exit(ngx_http_loyalty_conn_t *conn)
+{
+    ngx_queue_t             *q;
+    ngx_http_loyalty_cmd_t  *cmd;
+
+    if (conn->waiting) {
+        ngx_log_error(NGX_LOG_INFO, &conn->log, 0,
+                      "loyalty: worker exiting, %ui redis replies not "
+                      "waited for", conn->waiting);
+    }
+
+    ngx_http_loyalty_redis_close(conn);
+
+    conn->state = ngx_http_loyalty_conn_down;
+
+    if (conn->backoff.timer_set) {
+        ngx_del_timer(&conn->backoff);
+    }
+
+    while (!ngx_queue_empty(&conn->pending)) {
+        q = ngx_queue_head(&conn->pending);
+        ngx_queue_remove(q);
+
+        cmd = ngx_queue_data(q, ngx_http_loyalty_cmd_t, queue);
+
+        if (!cmd->timedout) {
+            cmd->exiting = 1;
+            cmd->handler(cmd, NULL);
+        }
+
+        ngx_queue_insert_head(&conn->free, &cmd->queue);
+    }
+
+    conn->waiting = 0;
 }
 
 

@@ -27,6 +27,7 @@ typedef struct {
 
 static ngx_int_t ngx_http_loyalty_init_zone(ngx_shm_zone_t *shm_zone,
     void *data);
+static ngx_uint_t ngx_http_loyalty_connections(ngx_http_loyalty_shctx_t *sh);
 static ngx_int_t ngx_http_loyalty_status_handler(ngx_http_request_t *r);
 static ngx_int_t ngx_http_loyalty_balance_handler(ngx_http_request_t *r);
 
@@ -155,6 +156,43 @@ ngx_http_loyalty_init_zone(ngx_shm_zone_t *shm_zone, void *data)
 }
 
 
+/*
+ * A process takes over the gauges of its slot in ngx_processes[]: the
+ * worker that ran there before (and may have died with connections open)
+ * counts no more.  Slots, not ngx_worker numbers: after a reload the old
+ * workers, still running, keep theirs.
+ */
+
+void
+ngx_http_loyalty_status_init_process(ngx_http_loyalty_main_conf_t *lmcf)
+{
+    ngx_http_loyalty_process_t  *slot;
+
+    if (lmcf->sh == NULL) {
+        return;
+    }
+
+    slot = &lmcf->sh->processes[ngx_process_slot];
+
+    slot->connections = 0;
+    slot->pid = ngx_pid;
+}
+
+
+/*
+ * Not ngx_http_loyalty_count(): a gauge, paired with the decrement on
+ * close, and written only by the process that owns the slot.
+ */
+
+void
+ngx_http_loyalty_count_connection(ngx_http_loyalty_shctx_t *sh, ngx_int_t n)
+{
+    if (sh) {
+        sh->processes[ngx_process_slot].connections += n;
+    }
+}
+
+
 #if !(NGX_HTTP_LOYALTY_NO_COUNTERS)
 
 void
@@ -229,7 +267,7 @@ ngx_http_loyalty_status_handler(ngx_http_request_t *r)
     u_char                        *p;
     ngx_int_t                      rc;
     ngx_buf_t                     *b;
-    ngx_uint_t                     i, n, cumulative;
+    ngx_uint_t                     i, n, cumulative, connections;
     ngx_chain_t                    out;
     ngx_http_loyalty_shctx_t      *sh;
     ngx_http_loyalty_main_conf_t  *lmcf;
@@ -276,16 +314,18 @@ ngx_http_loyalty_status_handler(ngx_http_request_t *r)
                         ngx_http_loyalty_status_name(i), sh->requests[i]);
     }
 
+    connections = ngx_http_loyalty_connections(sh);
+
     p = ngx_sprintf(p,
             "# HELP loyalty_redis_connections Open Redis connections, "
             "all workers.\n"
             "# TYPE loyalty_redis_connections gauge\n"
-            "loyalty_redis_connections %uA\n"
+            "loyalty_redis_connections %ui\n"
             "# HELP loyalty_redis_up 1 when at least one Redis connection "
             "is open.\n"
             "# TYPE loyalty_redis_up gauge\n"
             "loyalty_redis_up %d\n",
-            sh->connections, sh->connections ? 1 : 0);
+            connections, connections ? 1 : 0);
 
     p = ngx_sprintf(p,
             "# HELP loyalty_redis_latency_seconds Time from sending a read "
@@ -371,6 +411,41 @@ ngx_http_loyalty_status_handler(ngx_http_request_t *r)
     out.next = NULL;
 
     return ngx_http_output_filter(r, &out);
+}
+
+
+/*
+ * The ready connections of the live processes.  A worker that died still
+ * has its count in its slot until the master starts another process
+ * there; kill(pid, 0) tells that it is gone meanwhile.
+ */
+
+static ngx_uint_t
+ngx_http_loyalty_connections(ngx_http_loyalty_shctx_t *sh)
+{
+    ngx_uint_t                   i, n;
+    ngx_http_loyalty_process_t  *slot;
+
+    n = 0;
+
+    for (i = 0; i < NGX_MAX_PROCESSES; i++) {
+        slot = &sh->processes[i];
+
+        if (slot->connections == 0 || slot->pid <= 0) {
+            continue;
+        }
+
+        if (slot->pid != ngx_pid
+            && kill(slot->pid, 0) == -1
+            && ngx_errno == NGX_ESRCH)
+        {
+            continue;
+        }
+
+        n += slot->connections;
+    }
+
+    return n;
 }
 
 

@@ -2,12 +2,17 @@
 accepting but never answering, loyalty_fail reject, and a worker that keeps
 serving other locations while the loyalty location waits."""
 
+import os
 import threading
 import time
 
 import pytest
+import redis as redis_lib
 
-from conftest import SPOOF, checkout_conf, expected, free_port, wait_until
+from conftest import (SPOOF, checkout_conf, expected, free_port, log_lines,
+                      wait_until)
+from credit_support import edge_conf, order, read_journal
+from fake_redis import FakeRedis
 
 
 UNAVAILABLE = expected("unavailable")
@@ -338,3 +343,218 @@ def test_connect_timeout(blackhole_port, nginx):
         assert r.elapsed < 1.0, r.elapsed
         assert n.get("/plain").elapsed < 0.3
         time.sleep(0.1)
+
+
+# --------------------------------------------------------------------------
+# issue #13: a connection is up only once its handshake is answered
+
+
+WINDOW = 5.0        # seconds; SPEC §7: at most about 8 connections in 5 s
+
+
+def within_window(n, path="/checkout"):
+    """One read opens the connection; then nothing but the module's own
+    reconnects for WINDOW seconds, counted from that read."""
+    t0 = time.monotonic()
+    r = n.get(path, cookies={"cid": "c1"})
+    assert r.status == 200 and r.loyalty == UNAVAILABLE, r
+    time.sleep(max(0.0, WINDOW - (time.monotonic() - t0)))
+
+
+@pytest.mark.timing
+def test_unanswered_handshake_is_backed_off(silent_redis, nginx):
+    """A Redis that accepts connections and never answers is down, like
+    one that refuses them: the reconnects of one worker back off (they
+    used to come every 200 ms, the backoff reset by each TCP connect)."""
+    n = nginx(checkout_conf(), redis_port=silent_redis.port, workers=1)
+    within_window(n)
+    accepted = silent_redis.accepted
+    print("%d connections in %.0f s" % (accepted, WINDOW))
+    assert 2 <= accepted <= 8, \
+        "%d connections in %.0f s (the first, then backed-off retries)" % (
+            accepted, WINDOW)
+    assert "did not answer the handshake in time" in n.error_log()
+
+
+@pytest.mark.timing
+def test_refused_auth_is_backed_off(redis_factory, nginx):
+    """A wrong password: each connection is refused at AUTH; the worker
+    backs off instead of reconnecting (and logging an error) at once."""
+    r = redis_factory(password="right")
+    n = nginx(checkout_conf(redis="127.0.0.1:{redis_port} password=wrong"),
+              redis_port=r.port, workers=1)
+
+    def received():
+        # the test's own client keeps the one connection it has open
+        return int(r.client.info("stats")["total_connections_received"])
+
+    before = received()
+    within_window(n)
+    connections = received() - before
+    refused = [l for l in log_lines(n.error_log(), "error")
+               if "redis refused AUTH" in l]
+    print("%d connections, %d refused in %.0f s" % (connections, len(refused),
+                                                   WINDOW))
+    assert 2 <= connections <= 8, \
+        "%d connections in %.0f s" % (connections, WINDOW)
+    assert 2 <= len(refused) <= 8, "\n".join(refused)
+    assert abs(len(refused) - connections) <= 1, (len(refused), connections)
+
+
+@pytest.mark.timing
+def test_fail_fast_while_reconnecting(silent_redis, nginx):
+    """While a Redis that never answers is retried, requests get
+    `unavailable` at once, between the reconnects and during them: none
+    waits for loyalty_redis_timeout again."""
+    timeout = 1.0
+    n = nginx(checkout_conf("loyalty_redis_timeout %dms;" % (timeout * 1000)),
+              redis_port=silent_redis.port, workers=1)
+    r = n.get("/checkout", cookies={"cid": "c1"})
+    assert r.loyalty == UNAVAILABLE
+    assert r.elapsed >= timeout / 2, "the first read did not wait: %r" % r
+    first = silent_redis.accepted
+    t0 = time.monotonic()
+    follow = []
+    while time.monotonic() - t0 < 4 * timeout:
+        follow.append(n.get("/checkout", cookies={"cid": "c1"}))
+        time.sleep(0.05)
+    assert all(f.status == 200 and f.loyalty == UNAVAILABLE for f in follow)
+    assert silent_redis.accepted > first, "no reconnect during the window"
+    slow = sorted(f.elapsed for f in follow if f.elapsed >= timeout / 2)
+    assert not slow, "%d of %d requests waited: %r" % (len(slow),
+                                                        len(follow), slow)
+
+
+# --------------------------------------------------------------------------
+# issue #13: a slow reply is not a dead connection
+
+
+@pytest.fixture
+def fake_redis():
+    f = FakeRedis()
+    yield f
+    f.stop()
+    assert not f.errors, f.errors
+
+
+@pytest.mark.timing
+def test_slow_reply_keeps_the_connection(redis, nginx):
+    """Redis stalls for 1 s (DEBUG SLEEP on another client, as a fork or a
+    slow command would): the reads waiting on it get `unavailable` at
+    their deadline, the connection is kept, the late replies are read and
+    dropped, and the reads after the stall get their own records at once,
+    without a reconnect."""
+    timeout = 0.2
+    n = nginx(checkout_conf("loyalty_redis_timeout 200ms;"),
+              redis_port=redis.port, workers=1)
+    for i in range(6):
+        redis.seed("s%d" % i, points=i, lifetime=10 + i, orders=1)
+    assert n.get("/checkout", cookies={"cid": "s0"}).loyalty == \
+        expected("ok", "s0", 0, 10, 1)
+    sleeper = redis_lib.Redis(host="127.0.0.1", port=redis.port,
+                              socket_timeout=10)
+    sleeper.ping()
+
+    def received():
+        return int(redis.client.info("stats")["total_connections_received"])
+
+    before = received()
+    stall = threading.Thread(target=sleeper.execute_command,
+                             args=("DEBUG", "SLEEP", "1"), daemon=True)
+    stall.start()
+    time.sleep(0.1)
+    slow = [n.get("/checkout", cookies={"cid": "s1"}) for _ in range(2)]
+    stall.join(10)
+    assert not stall.is_alive()
+    sleeper.close()
+    after = [n.get("/checkout", cookies={"cid": "s%d" % i})
+             for i in range(2, 6)]
+
+    for r in slow:
+        assert r.status == 200 and r.loyalty == UNAVAILABLE, r
+        assert r.elapsed >= timeout / 2, \
+            "failed at once: the connection was dropped (%r)" % r
+    for i, r in enumerate(after, 2):
+        assert r.loyalty == expected("ok", "s%d" % i, i, 10 + i, 1), \
+            (i, r.loyalty)
+        assert r.elapsed < 5 * timeout, r
+    assert received() == before, "the module reconnected"
+    log = n.error_log()
+    assert "did not answer in time" in log
+    assert "redis unavailable" not in log, log
+
+
+@pytest.mark.timing
+def test_no_reply_for_ten_timeouts_closes(fake_redis, nginx):
+    """A Redis that stops answering is slow until no reply at all has come
+    for 10 x loyalty_redis_timeout (at least 1 s): only then is the
+    connection closed, and a new one is used."""
+    timeout = 0.3
+    fake = fake_redis
+    fake.seed("h", points=1, lifetime=2, orders=3, first_order=4,
+              last_order=5)
+    n = nginx(checkout_conf("loyalty_redis_timeout 300ms;"),
+              redis_port=fake.port, workers=1)
+    ok = expected("ok", "h", 1, 2, 3)
+    assert n.get("/checkout", cookies={"cid": "h"}).loyalty == ok
+    fake.queue("HMGET", [("sleep", 4.5)])      # this connection goes mute
+    t0 = time.monotonic()
+    waited = [n.get("/checkout", cookies={"cid": "h"}) for _ in range(3)]
+    for r in waited:
+        assert r.status == 200 and r.loyalty == UNAVAILABLE, r
+        assert r.elapsed >= timeout / 2, \
+            "failed at once: the connection was dropped (%r)" % r
+    assert fake.accepted == 1
+    needle = "no reply from redis for 3000 ms"
+    wait_until(lambda: needle in n.error_log(), 10 * timeout + 3, 0.02,
+               "the connection to be given up")
+    closed = time.monotonic() - t0
+    assert closed >= 10 * timeout * 0.6, \
+        "closed %.2f s after the first missed deadline" % closed
+    wait_until(lambda: n.get("/checkout", cookies={"cid": "h"}).loyalty
+               == ok, 5, 0.05, "a read on a new connection")
+    assert fake.accepted == 2
+
+
+# --------------------------------------------------------------------------
+# issue #13: worker_shutdown_timeout closes the Redis connection too
+
+
+@pytest.mark.timing
+def test_shutdown_timeout_closes_the_redis_connection(fake_redis, nginx):
+    """At worker_shutdown_timeout nginx sets c->close on every connection
+    and calls its read handler.  The Redis connection, with a credit on it
+    that Redis answers only much later, closes then: the old worker exits
+    at the shutdown timeout (not when the reply comes), its credit in the
+    journal, and nothing is logged at alert."""
+    stall = 6.0
+    fake = fake_redis
+    fake.seed("c", points=5, lifetime=5, orders=1, first_order=1,
+              last_order=2)
+    n = nginx(edge_conf(loc="loyalty_redis_timeout 8s; "
+                            "loyalty_journal {prefix}/loyalty.journal;"),
+              redis_port=fake.port, main="worker_shutdown_timeout 1s;")
+
+    def credit_calls(oid):
+        return [a for a in fake.calls("EVALSHA") + fake.calls("EVAL")
+                if len(a) > 11 and a[11] == oid.encode()]
+
+    assert order(n, "c", "1", "warm").header("X-Loyalty-Earned") == "1"
+    wait_until(lambda: credit_calls("warm"), 5, 0.02, "the first credit")
+    fake.queue("EVALSHA", lambda args: [("sleep", stall),
+                                        fake.default_reply(args)])
+    r = order(n, "c", "2", "stuck")
+    assert r.status == 200 and r.header("X-Loyalty-Earned") == "2", r
+    wait_until(lambda: credit_calls("stuck"), 5, 0.02, "the stuck credit")
+
+    t0 = time.monotonic()
+    n.reload()                      # returns once the old worker is gone
+    took = time.monotonic() - t0
+    print("old worker gone %.2f s after the reload" % took)
+    assert took < stall / 2, \
+        "the old worker exited %.1f s after the reload" % took
+    journal = read_journal(os.path.join(n.prefix, "loyalty.journal"))
+    assert [(e["order"], e["reason"]) for e in journal] == [
+        ("stuck", "worker exiting")], journal
+    assert order(n, "c", "3", "after").header("X-Loyalty-Earned") == "3"
+    wait_until(lambda: credit_calls("after"), 5, 0.02, "a new credit")

@@ -144,3 +144,24 @@ def test_teardown_detects_alerts(nginx):
     # leave the log clean for this test's own teardown check
     with open(n.prefix + "/error.log", "w") as f:
         f.write("")
+
+
+def test_allow_log_line_is_narrow(nginx):
+    """allow_log_line() lets a test expect one [alert] line: that one, not
+    a neighbour (another pid, another message)."""
+    import os
+    n = nginx(STOCK, load_module=False)
+    lines = ["2026/01/01 00:00:00 [alert] 1#1: worker process %s" % tail
+             for tail in ("123 exited on signal 9", "1234 exited on signal 9",
+                          "123 exited on signal 9 and more")]
+    with open(os.path.join(n.prefix, "error.log"), "a") as f:
+        f.write("".join(line + "\n" for line in lines))
+    assert n.bad_log_lines() == lines
+    n.allow_log_line(r"\[alert\] \d+#\d+: worker process 123 exited on "
+                     r"signal 9")
+    assert n.bad_log_lines() == lines[1:]
+    # the teardown checks the log too
+    n.allow_log_line(r"\[alert\] \d+#\d+: worker process 123 .*")
+    assert n.bad_log_lines() == lines[1:2]
+    n.allow_log_line(r"\[alert\] \d+#\d+: worker process 1234 .*")
+    assert n.bad_log_lines() == []

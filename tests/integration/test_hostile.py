@@ -1262,7 +1262,9 @@ def test_fake_redis_read_reply(fake_redis, nginx, case):
             if v == 0:
                 assert level_lines(n, 'has an invalid "%s" field' % f,
                                    ("warn",)), n.error_log()[-2000:]
-    recovered(n, fake)
+    # a reply that never ends costs the connection only once nothing has
+    # come for 10 x loyalty_redis_timeout (10 s here)
+    recovered(n, fake, timeout=15)
     assert_alive(n, workers, "after the %s reply" % label)
     if command == "SCRIPT":
         # connection 1 was dropped on purpose, connection 2 met the answer
@@ -1418,8 +1420,41 @@ def test_fake_redis_auth_select_replies(fake_redis, nginx, answer, drops):
         assert fake.connection_commands(no)[:3] == ["AUTH", "SELECT",
                                                     "SCRIPT"]
     if answer.startswith(b"-"):
-        assert level_lines(n, 'redis refused AUTH or SELECT: '
+        assert level_lines(n, 'redis refused AUTH: '
                               '"ERR invalid password"', ("error",))
+
+
+def test_fake_redis_error_replies_rate_limited(fake_redis, nginx):
+    """Every read answered -LOADING (a Redis loading its dataset): each is
+    unavailable, but the warning is logged at most once a second per
+    worker, with the count of those not logged, as for invalid ids."""
+    fake = fake_redis
+    fake.seed("h", **GOOD)
+    n = fake_nginx(nginx, fake)
+    workers = n.workers()
+    assert n.get("/checkout", cookies={"cid": "h"}).loyalty == GOOD_OK
+    count = 60
+    fake.queue("HMGET", *[b"-LOADING Redis is loading the dataset in "
+                          b"memory\r\n"] * count)
+    t0 = time.monotonic()
+    for i in range(count):
+        if i == count - 1:
+            time.sleep(1.1)             # the next second logs again
+        r = n.get("/checkout", cookies={"cid": "h"})
+        assert r.status == 200 and r.loyalty == expected("unavailable"), r
+    seconds = time.monotonic() - t0
+    lines = [message_of(l) for l in level_lines(
+        n, "redis error reading customer", ("warn",))]
+    assert 2 <= len(lines) <= seconds + 2, "\n".join(lines)
+    assert all('"h": "LOADING Redis is loading' in l for l in lines), lines
+    more = [int(m.group(1)) for m in
+            (re.search(r"\((\d+) more not logged\)$", l) for l in lines)
+            if m]
+    assert more, lines
+    assert len(lines) + sum(more) == count, (lines, more)
+    assert fake.accepted == 1, "an error reply cost the connection"
+    recovered(n, fake)
+    assert_alive(n, workers)
 
 
 def vm_hwm(pid):

@@ -20,12 +20,15 @@ histogram buckets; the tests then check the values.
 
 import json
 import math
+import os
+import re
+import signal
 import threading
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import http_request, run_parallel, wait_until
-from credit_support import (TIERS, edge_conf, order, record,
+from credit_support import (TIERS, HeldShop, edge_conf, order, record,
                             stop_redis_keeping_data, wait_marker)
 
 
@@ -447,6 +450,129 @@ def test_redis_gauges_and_credits_through_an_outage(redis, nginx):
     assert (c["duplicate"], c["journaled"]) == (c0["duplicate"],
                                                 c0["journaled"]), (c0, c)
     assert c["retried"] >= c0["retried"] + 1, (c0, c)
+
+
+def redis_sockets(pid, port):
+    """The established TCP connections of process pid to port, as /proc
+    has them: what a worker really holds open."""
+    inodes = set()
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        try:
+            m = re.match(r"socket:\[(\d+)\]$",
+                         os.readlink("/proc/%d/fd/%s" % (pid, fd)))
+        except OSError:
+            continue
+        if m:
+            inodes.add(m.group(1))
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                remote, state, inode = fields[2], fields[3], fields[9]
+                if (state == "01" and int(remote.split(":")[1], 16) == port
+                        and inode in inodes):
+                    count += 1
+    return count
+
+
+def test_redis_gauges_after_a_worker_dies(redis, nginx):
+    """Issue #13: a worker killed with its Redis connection open counts no
+    more.  The gauges equal the connections the live workers hold, before
+    the kill, after the master has started a new worker, and once that one
+    has opened its own."""
+    n = start(nginx, redis, ops_conf(), workers=2)
+    redis.seed("bob", points=5, lifetime=50, orders=1)
+
+    def open_connections():
+        return sum(redis_sockets(pid, redis.port) for pid in n.workers())
+
+    def read_on_every_worker():
+        pids = set()
+
+        def one():
+            r = order(n, "bob")
+            assert r.header("X-Loyalty-Status") == "ok", r
+            pids.add(int(r.header("X-Edge-Pid")))
+            return set(n.workers()) <= pids
+        wait_until(one, 10, 0, "a read on every worker")
+
+    read_on_every_worker()
+    assert open_connections() == 2
+    assert gauges(scrape(n)) == (2, 1)
+
+    victim = n.workers()[0]
+    n.allow_log_line(r"\[alert\] \d+#\d+: worker process %d exited on "
+                     r"signal 9" % victim)
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: len(n.workers()) == 2 and victim not in n.workers(),
+               10, 0.02, "the master to start a new worker")
+    wait_until(lambda: open_connections() == 1, 5, 0.02,
+               "the killed worker's connection to be gone")
+    for _ in range(4):                  # whichever worker answers
+        m = scrape(n)
+        assert gauges(m) == (1, 1), \
+            "gauges %r, connections open %d" % (gauges(m), open_connections())
+
+    read_on_every_worker()
+    assert open_connections() == 2
+    assert gauges(scrape(n)) == (2, 1)
+
+
+HELD_LOCATION = """
+    location /held/ {
+        loyalty on;
+        proxy_pass http://127.0.0.1:{held_port};
+    }
+"""
+
+
+def test_redis_gauges_after_an_old_worker_dies(redis, nginx):
+    """A worker of the previous configuration, kept by a request after a
+    reload, is killed: the master starts no worker in its place, and its
+    connection counts no more all the same."""
+    held = HeldShop()
+    try:
+        n = nginx(ops_conf(locations=HELD_LOCATION), workers=1,
+                  redis_port=redis.port, held_port=held.port)
+        redis.seed("bob", points=5, lifetime=50, orders=1)
+        old = n.workers()[0]
+        result = []
+
+        def held_order():
+            try:
+                result.append(http_request(n.port, "/held/buy",
+                                           headers={"X-Customer": "bob"},
+                                           timeout=20))
+            except Exception as e:      # the worker serving it was killed
+                result.append(e)
+        t = threading.Thread(target=held_order, daemon=True)
+        t.start()
+        wait_until(lambda: held.held == 1, 5, 0.02, "the order to be held")
+        assert redis_sockets(old, redis.port) == 1
+
+        n.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: len(n.workers()) == 2, 10, 0.02,
+                   "a new worker beside the old one")
+        new = [pid for pid in n.workers() if pid != old]
+        wait_until(lambda: gauges(scrape(n)) == (1, 1), 5, 0.05,
+                   "the old worker's connection counted")
+
+        n.allow_log_line(r"\[alert\] \d+#\d+: worker process %d exited "
+                         r"on signal 9" % old)
+        os.kill(old, signal.SIGKILL)
+        wait_until(lambda: n.workers() == new, 10, 0.02,
+                   "the old worker to be gone")
+        assert redis_sockets(new[0], redis.port) == 0
+        # the master reaps it at once; until then kill(pid, 0) finds it
+        wait_scrape(n, lambda m: gauges(m) == (0, 0),
+                    "connections 0 and up 0 without the old worker", 5)
+        t.join(20)
+        assert len(result) == 1 and isinstance(result[0], Exception), result
+    finally:
+        held.release()
+        held.stop()
 
 
 # --------------------------------------------------------------------------
