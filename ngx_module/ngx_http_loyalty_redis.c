@@ -596,7 +596,7 @@ ngx_http_loyalty_redis_handshake_handler(ngx_event_t *rev)
             return;
         }
 
-        if (ngx_http_loyalty_reader_feed(conn->reader, conn->in, n)
+        if (ngx_http_loyalty_reader_feed(&conn->reader, conn->in, n)
             != NGX_OK)
         {
             ngx_log_error(NGX_LOG_ERR, c->log, 0,
@@ -606,7 +606,7 @@ ngx_http_loyalty_redis_handshake_handler(ngx_event_t *rev)
         }
 
         for ( ;; ) {
-            rc = ngx_http_loyalty_reader_next(conn->reader, &reply, &err);
+            rc = ngx_http_loyalty_reader_next(&conn->reader, &reply, &err);
 
             if (rc == NGX_AGAIN) {
                 break;
@@ -635,7 +635,7 @@ ngx_http_loyalty_redis_handshake_handler(ngx_event_t *rev)
             }
         }
 
-        if (ngx_http_loyalty_reader_idle(conn->reader) == NGX_OK) {
+        if (ngx_http_loyalty_reader_idle(&conn->reader) == NGX_OK) {
             ngx_reset_pool(conn->reply_pool);
         }
     }
