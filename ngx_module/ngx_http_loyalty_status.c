@@ -30,6 +30,8 @@ static ngx_int_t ngx_http_loyalty_init_zone(ngx_shm_zone_t *shm_zone,
 static ngx_uint_t ngx_http_loyalty_connections(ngx_http_loyalty_shctx_t *sh);
 static ngx_int_t ngx_http_loyalty_status_handler(ngx_http_request_t *r);
 static ngx_int_t ngx_http_loyalty_balance_handler(ngx_http_request_t *r);
+static ngx_int_t ngx_http_loyalty_balance_send(ngx_http_request_t *r,
+    ngx_http_loyalty_ctx_t *ctx);
 
 
 /* the latency buckets: loopback to LAN, up to 1 s */
@@ -476,11 +478,11 @@ ngx_http_loyalty_balance_handler(ngx_http_request_t *r)
         return ngx_http_loyalty_balance_send(r, ctx);
     }
 
-    return ngx_http_loyalty_lookup(r, 1);
+    return ngx_http_loyalty_lookup(r, ngx_http_loyalty_balance_send);
 }
 
 
-ngx_int_t
+static ngx_int_t
 ngx_http_loyalty_balance_send(ngx_http_request_t *r,
     ngx_http_loyalty_ctx_t *ctx)
 {
