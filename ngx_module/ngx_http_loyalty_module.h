@@ -384,6 +384,9 @@ void ngx_http_loyalty_count_latency(ngx_http_loyalty_main_conf_t *lmcf,
 #endif
 char *ngx_http_loyalty_status(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+
+
+/* ngx_http_loyalty_balance.c */
 char *ngx_http_loyalty_balance(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 
