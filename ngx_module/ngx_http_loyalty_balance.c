@@ -18,9 +18,35 @@
  */
 
 
+typedef struct {
+    ngx_str_t                  name;
+    ngx_uint_t                 var;
+    ngx_uint_t                 quote;           /* a string, not a number */
+} ngx_http_loyalty_balance_field_t;
+
+
 static ngx_int_t ngx_http_loyalty_balance_handler(ngx_http_request_t *r);
 static ngx_int_t ngx_http_loyalty_balance_send(ngx_http_request_t *r,
     ngx_http_loyalty_ctx_t *ctx);
+static ngx_int_t ngx_http_loyalty_balance_json(ngx_http_request_t *r,
+    ngx_http_loyalty_ctx_t *ctx, ngx_uint_t known, ngx_str_t *json);
+static ngx_int_t ngx_http_loyalty_balance_no_store(ngx_http_request_t *r);
+
+
+/* a known customer's fields after "status" and "customer" */
+static ngx_http_loyalty_balance_field_t  ngx_http_loyalty_balance_fields[] = {
+    { ngx_string("points"), NGX_HTTP_LOYALTY_VAR_POINTS, 0 },
+    { ngx_string("lifetime"), NGX_HTTP_LOYALTY_VAR_LIFETIME, 0 },
+    { ngx_string("orders"), NGX_HTTP_LOYALTY_VAR_ORDERS, 0 },
+    { ngx_string("tier"), NGX_HTTP_LOYALTY_VAR_TIER, 1 },
+    { ngx_string("offer"), NGX_HTTP_LOYALTY_VAR_OFFER, 1 },
+    { ngx_string("offer_code"), NGX_HTTP_LOYALTY_VAR_OFFER_CODE, 1 },
+    { ngx_null_string, 0, 0 }
+};
+
+
+static ngx_str_t  ngx_http_loyalty_balance_type =
+    ngx_string("application/json");
 
 
 char *
@@ -76,45 +102,57 @@ ngx_http_loyalty_balance_handler(ngx_http_request_t *r)
 }
 
 
+/*
+ * 200 with the record for a known or a new customer, 503 with the status
+ * alone when Redis is unavailable, 401 for an anonymous or invalid one.
+ */
+
 static ngx_int_t
 ngx_http_loyalty_balance_send(ngx_http_request_t *r,
     ngx_http_loyalty_ctx_t *ctx)
 {
-    size_t            size;
-    u_char           *p;
-    ngx_int_t         rc;
-    ngx_buf_t        *b;
-    ngx_str_t         value, name;
-    ngx_uint_t        i, known;
-    ngx_chain_t       out;
-    ngx_table_elt_t  *h;
-#if (nginx_version < 1023000)
-    ngx_table_elt_t **cc;
-#endif
-
-    static ngx_uint_t  vars[] = {
-        NGX_HTTP_LOYALTY_VAR_POINTS,
-        NGX_HTTP_LOYALTY_VAR_LIFETIME,
-        NGX_HTTP_LOYALTY_VAR_ORDERS,
-        NGX_HTTP_LOYALTY_VAR_TIER,
-        NGX_HTTP_LOYALTY_VAR_OFFER,
-        NGX_HTTP_LOYALTY_VAR_OFFER_CODE
-    };
-
-    static ngx_str_t   names[] = {
-        ngx_string("points"),
-        ngx_string("lifetime"),
-        ngx_string("orders"),
-        ngx_string("tier"),
-        ngx_string("offer"),
-        ngx_string("offer_code")
-    };
+    ngx_uint_t                status, known;
+    ngx_http_complex_value_t  cv;
 
     /* not an order's response: the header filter leaves it alone */
     ctx->balance = 1;
 
     known = (ctx->status == NGX_HTTP_LOYALTY_OK
              || ctx->status == NGX_HTTP_LOYALTY_NEW);
+
+    ngx_memzero(&cv, sizeof(ngx_http_complex_value_t));
+
+    if (ngx_http_loyalty_balance_json(r, ctx, known, &cv.value) != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    if (known) {
+        status = NGX_HTTP_OK;
+
+    } else if (ctx->status == NGX_HTTP_LOYALTY_UNAVAILABLE) {
+        status = NGX_HTTP_SERVICE_UNAVAILABLE;
+
+    } else {
+        status = NGX_HTTP_UNAUTHORIZED;
+    }
+
+    if (ngx_http_loyalty_balance_no_store(r) != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    return ngx_http_send_response(r, status, &ngx_http_loyalty_balance_type,
+                                  &cv);
+}
+
+
+static ngx_int_t
+ngx_http_loyalty_balance_json(ngx_http_request_t *r,
+    ngx_http_loyalty_ctx_t *ctx, ngx_uint_t known, ngx_str_t *json)
+{
+    size_t                             size;
+    u_char                            *p;
+    ngx_str_t                          name, value;
+    ngx_http_loyalty_balance_field_t  *f;
 
     /* the strings, escaped, then field names and numbers */
 
@@ -134,12 +172,13 @@ ngx_http_loyalty_balance_send(ngx_http_request_t *r,
 
     size = size * NGX_HTTP_LOYALTY_JSON_ESCAPE + 256 + 3 * NGX_INT64_LEN;
 
-    b = ngx_create_temp_buf(r->pool, size);
-    if (b == NULL) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    p = ngx_pnalloc(r->pool, size);
+    if (p == NULL) {
+        return NGX_ERROR;
     }
 
-    p = b->last;
+    json->data = p;
+
     *p++ = '{';
 
     ngx_str_set(&name, "status");
@@ -152,48 +191,47 @@ ngx_http_loyalty_balance_send(ngx_http_request_t *r,
         *p++ = ',';
         p = ngx_http_loyalty_json_field(p, &name, &ctx->customer, 1);
 
-        for (i = 0; i < sizeof(vars) / sizeof(vars[0]); i++) {
-            if (ngx_http_loyalty_value(r, ctx, vars[i], &value) != NGX_OK) {
-                return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        for (f = ngx_http_loyalty_balance_fields; f->name.len; f++) {
+            if (ngx_http_loyalty_value(r, ctx, f->var, &value) != NGX_OK) {
+                return NGX_ERROR;
             }
 
             *p++ = ',';
 
             if (value.len == 0) {
-                p = ngx_sprintf(p, "\"%V\":null", &names[i]);
+                p = ngx_sprintf(p, "\"%V\":null", &f->name);
                 continue;
             }
 
-            p = ngx_http_loyalty_json_field(p, &names[i], &value,
-                                            i >= 3 ? 1 : 0);
+            p = ngx_http_loyalty_json_field(p, &f->name, &value, f->quote);
         }
     }
 
     *p++ = '}';
     *p++ = LF;
 
-    b->last = p;
-    b->last_buf = (r == r->main) ? 1 : 0;
-    b->last_in_chain = 1;
+    json->len = p - json->data;
 
-    if (known) {
-        r->headers_out.status = NGX_HTTP_OK;
+    return NGX_OK;
+}
 
-    } else if (ctx->status == NGX_HTTP_LOYALTY_UNAVAILABLE) {
-        r->headers_out.status = NGX_HTTP_SERVICE_UNAVAILABLE;
 
-    } else {
-        r->headers_out.status = NGX_HTTP_UNAUTHORIZED;
-    }
+/*
+ * A customer's own data: no cache, shared or private, keeps it, unless
+ * "expires" in the location says otherwise (it replaces this header).
+ */
 
-    /*
-     * a customer's own data: no cache, shared or private, keeps it, unless
-     * "expires" in the location says otherwise (it replaces this header)
-     */
+static ngx_int_t
+ngx_http_loyalty_balance_no_store(ngx_http_request_t *r)
+{
+    ngx_table_elt_t   *h;
+#if (nginx_version < 1023000)
+    ngx_table_elt_t  **cc;
+#endif
 
     h = ngx_list_push(&r->headers_out.headers);
     if (h == NULL) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        return NGX_ERROR;
     }
 
     h->hash = 1;
@@ -209,29 +247,16 @@ ngx_http_loyalty_balance_send(ngx_http_request_t *r,
                           sizeof(ngx_table_elt_t *))
            != NGX_OK)
     {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        return NGX_ERROR;
     }
 
     cc = ngx_array_push(&r->headers_out.cache_control);
     if (cc == NULL) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        return NGX_ERROR;
     }
 
     *cc = h;
 #endif
 
-    r->headers_out.content_length_n = b->last - b->pos;
-    ngx_str_set(&r->headers_out.content_type, "application/json");
-    r->headers_out.content_type_len = r->headers_out.content_type.len;
-
-    rc = ngx_http_send_header(r);
-
-    if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) {
-        return rc;
-    }
-
-    out.buf = b;
-    out.next = NULL;
-
-    return ngx_http_output_filter(r, &out);
+    return NGX_OK;
 }
