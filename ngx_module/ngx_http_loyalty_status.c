@@ -29,6 +29,18 @@ static ngx_int_t ngx_http_loyalty_init_zone(ngx_shm_zone_t *shm_zone,
     void *data);
 static ngx_uint_t ngx_http_loyalty_connections(ngx_http_loyalty_shctx_t *sh);
 static ngx_int_t ngx_http_loyalty_status_handler(ngx_http_request_t *r);
+static u_char *ngx_http_loyalty_status_requests(u_char *p,
+    ngx_http_loyalty_shctx_t *sh);
+static u_char *ngx_http_loyalty_status_redis(u_char *p,
+    ngx_http_loyalty_shctx_t *sh);
+static u_char *ngx_http_loyalty_status_latency(u_char *p,
+    ngx_http_loyalty_shctx_t *sh);
+static u_char *ngx_http_loyalty_status_credits(u_char *p,
+    ngx_http_loyalty_shctx_t *sh);
+static u_char *ngx_http_loyalty_status_offers(u_char *p,
+    ngx_http_loyalty_shctx_t *sh, ngx_uint_t n);
+static u_char *ngx_http_loyalty_status_offer(u_char *p, char *metric,
+    u_char *name, size_t len, ngx_atomic_uint_t value);
 
 
 /* the latency buckets: loopback to LAN, up to 1 s */
@@ -57,6 +69,10 @@ static ngx_str_t  ngx_http_loyalty_credit_results[] = {
     ngx_string("retried"),
     ngx_string("journaled")
 };
+
+
+static ngx_str_t  ngx_http_loyalty_status_type =
+    ngx_string("text/plain; version=0.0.4; charset=utf-8");
 
 
 ngx_int_t
@@ -237,26 +253,23 @@ ngx_http_loyalty_status(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 }
 
 
+/*
+ * The counters in the Prometheus text format, one family after another:
+ * requests, Redis connections and latency, credits, offers.
+ */
+
 static ngx_int_t
 ngx_http_loyalty_status_handler(ngx_http_request_t *r)
 {
     size_t                         size;
-    u_char                        *p;
-    ngx_int_t                      rc;
-    ngx_buf_t                     *b;
-    ngx_uint_t                     i, n, cumulative, connections;
-    ngx_chain_t                    out;
+    u_char                        *p, *last;
+    ngx_uint_t                     n;
+    ngx_http_complex_value_t       cv;
     ngx_http_loyalty_shctx_t      *sh;
     ngx_http_loyalty_main_conf_t  *lmcf;
 
     if (!(r->method & (NGX_HTTP_GET|NGX_HTTP_HEAD))) {
         return NGX_HTTP_NOT_ALLOWED;
-    }
-
-    rc = ngx_http_discard_request_body(r);
-
-    if (rc != NGX_OK) {
-        return rc;
     }
 
     lmcf = ngx_http_get_module_main_conf(r, ngx_http_loyalty_module);
@@ -266,18 +279,39 @@ ngx_http_loyalty_status_handler(ngx_http_request_t *r)
         return NGX_HTTP_SERVICE_UNAVAILABLE;
     }
 
+    /* a reload may add offers meanwhile: the buffer is sized for these */
+
     n = sh->noffers;
 
     size = 4096 + (NGX_HTTP_LOYALTY_BUCKETS + 1) * 80
            + n * 2 * (NGX_HTTP_LOYALTY_NAME_MAX * NGX_HTTP_LOYALTY_LABEL_ESCAPE
                       + 80);
 
-    b = ngx_create_temp_buf(r->pool, size);
-    if (b == NULL) {
+    p = ngx_pnalloc(r->pool, size);
+    if (p == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
-    p = b->last;
+    last = ngx_http_loyalty_status_requests(p, sh);
+    last = ngx_http_loyalty_status_redis(last, sh);
+    last = ngx_http_loyalty_status_latency(last, sh);
+    last = ngx_http_loyalty_status_credits(last, sh);
+    last = ngx_http_loyalty_status_offers(last, sh, n);
+
+    ngx_memzero(&cv, sizeof(ngx_http_complex_value_t));
+
+    cv.value.data = p;
+    cv.value.len = last - p;
+
+    return ngx_http_send_response(r, NGX_HTTP_OK,
+                                  &ngx_http_loyalty_status_type, &cv);
+}
+
+
+static u_char *
+ngx_http_loyalty_status_requests(u_char *p, ngx_http_loyalty_shctx_t *sh)
+{
+    ngx_uint_t  i;
 
     p = ngx_sprintf(p,
             "# HELP loyalty_requests_total Requests seen by the module, "
@@ -291,9 +325,18 @@ ngx_http_loyalty_status_handler(ngx_http_request_t *r)
                         ngx_http_loyalty_status_name(i), sh->requests[i]);
     }
 
+    return p;
+}
+
+
+static u_char *
+ngx_http_loyalty_status_redis(u_char *p, ngx_http_loyalty_shctx_t *sh)
+{
+    ngx_uint_t  connections;
+
     connections = ngx_http_loyalty_connections(sh);
 
-    p = ngx_sprintf(p,
+    return ngx_sprintf(p,
             "# HELP loyalty_redis_connections Open Redis connections, "
             "all workers.\n"
             "# TYPE loyalty_redis_connections gauge\n"
@@ -303,6 +346,15 @@ ngx_http_loyalty_status_handler(ngx_http_request_t *r)
             "# TYPE loyalty_redis_up gauge\n"
             "loyalty_redis_up %d\n",
             connections, connections ? 1 : 0);
+}
+
+
+/* a histogram over ngx_http_loyalty_buckets[], cumulative as Prometheus' */
+
+static u_char *
+ngx_http_loyalty_status_latency(u_char *p, ngx_http_loyalty_shctx_t *sh)
+{
+    ngx_uint_t  i, cumulative;
 
     p = ngx_sprintf(p,
             "# HELP loyalty_redis_latency_seconds Time from sending a read "
@@ -319,12 +371,19 @@ ngx_http_loyalty_status_handler(ngx_http_request_t *r)
 
     cumulative += sh->latency[NGX_HTTP_LOYALTY_BUCKETS];
 
-    p = ngx_sprintf(p,
-                    "loyalty_redis_latency_seconds_bucket{le=\"+Inf\"} %ui\n"
-                    "loyalty_redis_latency_seconds_sum %uA.%06uA\n"
-                    "loyalty_redis_latency_seconds_count %ui\n",
-                    cumulative, sh->latency_sum / 1000000,
-                    sh->latency_sum % 1000000, cumulative);
+    return ngx_sprintf(p,
+            "loyalty_redis_latency_seconds_bucket{le=\"+Inf\"} %ui\n"
+            "loyalty_redis_latency_seconds_sum %uA.%06uA\n"
+            "loyalty_redis_latency_seconds_count %ui\n",
+            cumulative, sh->latency_sum / 1000000,
+            sh->latency_sum % 1000000, cumulative);
+}
+
+
+static u_char *
+ngx_http_loyalty_status_credits(u_char *p, ngx_http_loyalty_shctx_t *sh)
+{
+    ngx_uint_t  i;
 
     p = ngx_sprintf(p,
             "# HELP loyalty_credits_total Credits of orders, by result.\n"
@@ -335,12 +394,22 @@ ngx_http_loyalty_status_handler(ngx_http_request_t *r)
                         &ngx_http_loyalty_credit_results[i], sh->credits[i]);
     }
 
-    p = ngx_sprintf(p,
+    return ngx_sprintf(p,
             "# HELP loyalty_redeem_shortfall_total Orders that redeemed "
             "more points than the balance.\n"
             "# TYPE loyalty_redeem_shortfall_total counter\n"
             "loyalty_redeem_shortfall_total %uA\n",
             sh->shortfall);
+}
+
+
+/* the first n offers of the zone */
+
+static u_char *
+ngx_http_loyalty_status_offers(u_char *p, ngx_http_loyalty_shctx_t *sh,
+    ngx_uint_t n)
+{
+    ngx_uint_t  i;
 
     p = ngx_sprintf(p,
             "# HELP loyalty_offers_shown_total Requests that carried the "
@@ -348,11 +417,10 @@ ngx_http_loyalty_status_handler(ngx_http_request_t *r)
             "# TYPE loyalty_offers_shown_total counter\n");
 
     for (i = 0; i < n; i++) {
-        p = ngx_cpymem(p, "loyalty_offers_shown_total{offer=\"",
-                       sizeof("loyalty_offers_shown_total{offer=\"") - 1);
-        p = ngx_http_loyalty_label_value(p, sh->offers[i].name,
-                                         sh->offers[i].len);
-        p = ngx_sprintf(p, "\"} %uA\n", sh->offers[i].shown);
+        p = ngx_http_loyalty_status_offer(p, "loyalty_offers_shown_total",
+                                          sh->offers[i].name,
+                                          sh->offers[i].len,
+                                          sh->offers[i].shown);
     }
 
     p = ngx_sprintf(p,
@@ -361,33 +429,24 @@ ngx_http_loyalty_status_handler(ngx_http_request_t *r)
             "# TYPE loyalty_offers_converted_total counter\n");
 
     for (i = 0; i < n; i++) {
-        p = ngx_cpymem(p, "loyalty_offers_converted_total{offer=\"",
-                       sizeof("loyalty_offers_converted_total{offer=\"") - 1);
-        p = ngx_http_loyalty_label_value(p, sh->offers[i].name,
-                                         sh->offers[i].len);
-        p = ngx_sprintf(p, "\"} %uA\n", sh->offers[i].converted);
+        p = ngx_http_loyalty_status_offer(p, "loyalty_offers_converted_total",
+                                          sh->offers[i].name,
+                                          sh->offers[i].len,
+                                          sh->offers[i].converted);
     }
 
-    b->last = p;
-    b->last_buf = (r == r->main) ? 1 : 0;
-    b->last_in_chain = 1;
+    return p;
+}
 
-    r->headers_out.status = NGX_HTTP_OK;
-    r->headers_out.content_length_n = b->last - b->pos;
-    ngx_str_set(&r->headers_out.content_type,
-                "text/plain; version=0.0.4; charset=utf-8");
-    r->headers_out.content_type_len = r->headers_out.content_type.len;
 
-    rc = ngx_http_send_header(r);
+static u_char *
+ngx_http_loyalty_status_offer(u_char *p, char *metric, u_char *name,
+    size_t len, ngx_atomic_uint_t value)
+{
+    p = ngx_sprintf(p, "%s{offer=\"", metric);
+    p = ngx_http_loyalty_label_value(p, name, len);
 
-    if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) {
-        return rc;
-    }
-
-    out.buf = b;
-    out.next = NULL;
-
-    return ngx_http_output_filter(r, &out);
+    return ngx_sprintf(p, "\"} %uA\n", value);
 }
 
 
