@@ -32,8 +32,8 @@ static char *ngx_http_loyalty_offer(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static ngx_int_t ngx_http_loyalty_count_offers(ngx_conf_t *cf,
     ngx_array_t *offers);
-static char *ngx_http_loyalty_fail(ngx_conf_t *cf, ngx_command_t *cmd,
-    void *conf);
+static char *ngx_http_loyalty_set_enum_slot(ngx_conf_t *cf,
+    ngx_command_t *cmd, void *conf);
 static char *ngx_http_loyalty_secret(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_http_loyalty_earn_rate(ngx_conf_t *cf, ngx_command_t *cmd,
@@ -45,6 +45,13 @@ static char *ngx_http_loyalty_ledger(ngx_conf_t *cf, ngx_command_t *cmd,
 static ngx_int_t ngx_http_loyalty_init_module(ngx_cycle_t *cycle);
 static ngx_int_t ngx_http_loyalty_init_process(ngx_cycle_t *cycle);
 static void ngx_http_loyalty_exit_process(ngx_cycle_t *cycle);
+
+
+static ngx_conf_enum_t  ngx_http_loyalty_fail_values[] = {
+    { ngx_string("pass"), NGX_HTTP_LOYALTY_FAIL_PASS },
+    { ngx_string("reject"), NGX_HTTP_LOYALTY_FAIL_REJECT },
+    { ngx_null_string, 0 }
+};
 
 
 static ngx_command_t  ngx_http_loyalty_commands[] = {
@@ -107,10 +114,10 @@ static ngx_command_t  ngx_http_loyalty_commands[] = {
 
     { ngx_string("loyalty_fail"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
-      ngx_http_loyalty_fail,
+      ngx_http_loyalty_set_enum_slot,
       NGX_HTTP_LOC_CONF_OFFSET,
-      0,
-      NULL },
+      offsetof(ngx_http_loyalty_loc_conf_t, fail),
+      &ngx_http_loyalty_fail_values },
 
     { ngx_string("loyalty_request_headers"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_FLAG,
@@ -994,33 +1001,34 @@ ngx_http_loyalty_count_offers(ngx_conf_t *cf, ngx_array_t *offers)
 }
 
 
+/*
+ * ngx_conf_set_enum_slot(), whose message for an unknown value names the
+ * value and the line but not the directive: such a value is refused here,
+ * with the directive's name.
+ */
+
 static char *
-ngx_http_loyalty_fail(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+ngx_http_loyalty_set_enum_slot(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf)
 {
-    ngx_http_loyalty_loc_conf_t *llcf = conf;
-
-    ngx_str_t  *value;
-
-    if (llcf->fail != NGX_CONF_UNSET_UINT) {
-        return "is duplicate";
-    }
+    ngx_str_t        *value;
+    ngx_conf_enum_t  *e;
 
     value = cf->args->elts;
 
-    if (ngx_strcmp(value[1].data, "pass") == 0) {
-        llcf->fail = NGX_HTTP_LOYALTY_FAIL_PASS;
-
-    } else if (ngx_strcmp(value[1].data, "reject") == 0) {
-        llcf->fail = NGX_HTTP_LOYALTY_FAIL_REJECT;
-
-    } else {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "invalid value \"%V\" in \"loyalty_fail\", "
-                           "it must be \"pass\" or \"reject\"", &value[1]);
-        return NGX_CONF_ERROR;
+    for (e = cmd->post; e->name.len; e++) {
+        if (e->name.len == value[1].len
+            && ngx_strcasecmp(e->name.data, value[1].data) == 0)
+        {
+            return ngx_conf_set_enum_slot(cf, cmd, conf);
+        }
     }
 
-    return NGX_CONF_OK;
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "invalid value \"%V\" in \"%V\" directive",
+                       &value[1], &cmd->name);
+
+    return NGX_CONF_ERROR;
 }
 
 
