@@ -377,8 +377,6 @@ ngx_http_loyalty_create_loc_conf(ngx_conf_t *cf)
      *     conf->earn = NULL;
      *     conf->redeem = NULL;
      *     conf->order_id = NULL;
-     *     conf->journal = NULL;
-     *     conf->journal_set = 0;
      *     conf->balance = 0;
      */
 
@@ -390,6 +388,7 @@ ngx_http_loyalty_create_loc_conf(ngx_conf_t *cf)
     conf->earn_rate = NGX_CONF_UNSET_UINT;
     conf->expire = NGX_CONF_UNSET;
     conf->ledger = NGX_CONF_UNSET;
+    conf->journal = NGX_CONF_UNSET_PTR;
 
     return conf;
 }
@@ -443,10 +442,7 @@ ngx_http_loyalty_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
         conf->redeem = prev->redeem;
     }
 
-    if (!conf->journal_set) {
-        conf->journal = prev->journal;
-        conf->journal_set = prev->journal_set;
-    }
+    ngx_conf_merge_ptr_value(conf->journal, prev->journal, NULL);
 
     if (conf->order_id == NULL) {
         conf->order_id = prev->order_id;

@@ -192,7 +192,6 @@ typedef struct {
     time_t                     expire;          /* 0: off */
     ngx_int_t                  ledger;          /* 0: off */
     ngx_open_file_t           *journal;         /* NULL: error log */
-    ngx_flag_t                 journal_set;
 
     unsigned                   balance:1;       /* loyalty_balance here */
 } ngx_http_loyalty_loc_conf_t;
