@@ -22,6 +22,10 @@ static void *ngx_http_loyalty_create_srv_conf(ngx_conf_t *cf);
 static void *ngx_http_loyalty_create_loc_conf(ngx_conf_t *cf);
 static char *ngx_http_loyalty_merge_loc_conf(ngx_conf_t *cf, void *parent,
     void *child);
+static ngx_int_t ngx_http_loyalty_merge_server(ngx_conf_t *cf,
+    ngx_http_loyalty_loc_conf_t *prev, ngx_http_loyalty_loc_conf_t *conf);
+static char *ngx_http_loyalty_merge_offers(ngx_conf_t *cf,
+    ngx_http_loyalty_loc_conf_t *conf);
 static char *ngx_http_loyalty_redis(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static ngx_http_loyalty_server_t *ngx_http_loyalty_add_server(ngx_conf_t *cf,
@@ -368,24 +372,24 @@ ngx_http_loyalty_create_loc_conf(ngx_conf_t *cf)
     /*
      * set by ngx_pcalloc():
      *
-     *     conf->customer = NULL;
      *     conf->secrets = NULL;
      *     conf->server = NULL;
      *     conf->prefix = { 0, NULL };
      *     conf->tiers = NULL;
      *     conf->offers = NULL;
-     *     conf->earn = NULL;
-     *     conf->redeem = NULL;
-     *     conf->order_id = NULL;
      *     conf->balance = 0;
      */
 
     conf->enable = NGX_CONF_UNSET;
+    conf->customer = NGX_CONF_UNSET_PTR;
     conf->timeout = NGX_CONF_UNSET_MSEC;
     conf->fail = NGX_CONF_UNSET_UINT;
     conf->request_headers = NGX_CONF_UNSET;
     conf->response_headers = NGX_CONF_UNSET;
+    conf->earn = NGX_CONF_UNSET_PTR;
     conf->earn_rate = NGX_CONF_UNSET_UINT;
+    conf->redeem = NGX_CONF_UNSET_PTR;
+    conf->order_id = NGX_CONF_UNSET_PTR;
     conf->expire = NGX_CONF_UNSET;
     conf->ledger = NGX_CONF_UNSET;
     conf->journal = NGX_CONF_UNSET_PTR;
@@ -400,10 +404,6 @@ ngx_http_loyalty_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_http_loyalty_loc_conf_t *prev = parent;
     ngx_http_loyalty_loc_conf_t *conf = child;
 
-    ngx_str_t                      name;
-    ngx_uint_t                     i, j;
-    ngx_http_loyalty_tier_t       *tier;
-    ngx_http_loyalty_offer_t      *offer;
     ngx_http_loyalty_srv_conf_t   *lscf;
     ngx_http_loyalty_main_conf_t  *lmcf;
 
@@ -434,29 +434,16 @@ ngx_http_loyalty_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
         return NGX_CONF_ERROR;
     }
 
-    if (conf->earn == NULL) {
-        conf->earn = prev->earn;
-    }
+    lmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_loyalty_module);
 
-    if (conf->redeem == NULL) {
-        conf->redeem = prev->redeem;
-    }
-
+    ngx_conf_merge_ptr_value(conf->customer, prev->customer, NULL);
+    ngx_conf_merge_ptr_value(conf->earn, prev->earn, NULL);
+    ngx_conf_merge_ptr_value(conf->redeem, prev->redeem, NULL);
+    ngx_conf_merge_ptr_value(conf->order_id, prev->order_id,
+                             &lmcf->request_id);
     ngx_conf_merge_ptr_value(conf->journal, prev->journal, NULL);
 
-    if (conf->order_id == NULL) {
-        conf->order_id = prev->order_id;
-    }
-
-    if (conf->order_id == NULL) {
-        lmcf = ngx_http_conf_get_module_main_conf(cf,
-                                                  ngx_http_loyalty_module);
-        conf->order_id = &lmcf->request_id;
-    }
-
-    if (conf->customer == NULL) {
-        conf->customer = prev->customer;
-    }
+    /* lists are inherited whole when a level has none */
 
     if (conf->secrets == NULL) {
         conf->secrets = prev->secrets;
@@ -470,30 +457,60 @@ ngx_http_loyalty_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
         conf->offers = prev->offers;
     }
 
+    if (ngx_http_loyalty_merge_server(cf, prev, conf) != NGX_OK) {
+        return NGX_CONF_ERROR;
+    }
+
+    return ngx_http_loyalty_merge_offers(cf, conf);
+}
+
+
+/*
+ * A location whose requests read a record has a Redis, the documented
+ * default when no level names one.  The parent is left as it is: what
+ * a location gets must not depend on the locations merged before it.
+ * An "if" block inherits the server of its location, which answers
+ * with loyalty_balance there too.
+ */
+
+static ngx_int_t
+ngx_http_loyalty_merge_server(ngx_conf_t *cf,
+    ngx_http_loyalty_loc_conf_t *prev, ngx_http_loyalty_loc_conf_t *conf)
+{
+    ngx_str_t  name;
+
     if (conf->server == NULL) {
         conf->server = prev->server;
     }
-
-    /*
-     * A location whose requests read a record has a Redis, the documented
-     * default when no level names one.  The parent is left as it is: what
-     * a location gets must not depend on the locations merged before it.
-     * An "if" block inherits the server of its location, which answers
-     * with loyalty_balance there too.
-     */
 
     if (conf->server == NULL && (conf->enable || conf->balance)) {
         ngx_str_set(&name, NGX_HTTP_LOYALTY_REDIS_DEFAULT);
 
         conf->server = ngx_http_loyalty_add_server(cf, &name, 0, NULL, NULL);
         if (conf->server == NULL) {
-            return NGX_CONF_ERROR;
+            return NGX_ERROR;
         }
     }
+
+    /* a server's connect deadline is the longest timeout of those using it */
 
     if (conf->server && conf->server->connect_timeout < conf->timeout) {
         conf->server->connect_timeout = conf->timeout;
     }
+
+    return NGX_OK;
+}
+
+
+/* the offers get their counters; a tier they name must be one of the level */
+
+static char *
+ngx_http_loyalty_merge_offers(ngx_conf_t *cf,
+    ngx_http_loyalty_loc_conf_t *conf)
+{
+    ngx_uint_t                 i, ntiers;
+    ngx_http_loyalty_tier_t   *tiers;
+    ngx_http_loyalty_offer_t  *offer;
 
     if (conf->offers == NULL) {
         return NGX_CONF_OK;
@@ -503,27 +520,17 @@ ngx_http_loyalty_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
         return NGX_CONF_ERROR;
     }
 
+    tiers = conf->tiers ? conf->tiers->elts : NULL;
+    ntiers = conf->tiers ? conf->tiers->nelts : 0;
+
     offer = conf->offers->elts;
 
     for (i = 0; i < conf->offers->nelts; i++) {
 
-        if (!offer[i].has_tier) {
-            continue;
-        }
-
-        tier = conf->tiers ? conf->tiers->elts : NULL;
-
-        for (j = 0; conf->tiers && j < conf->tiers->nelts; j++) {
-            if (tier[j].name.len == offer[i].tier.len
-                && ngx_strncmp(tier[j].name.data, offer[i].tier.data,
-                               offer[i].tier.len)
-                   == 0)
-            {
-                break;
-            }
-        }
-
-        if (conf->tiers == NULL || j == conf->tiers->nelts) {
+        if (offer[i].has_tier
+            && ngx_http_loyalty_find_tier(tiers, ntiers, &offer[i].tier)
+               == NULL)
+        {
             ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                                "\"loyalty_offer\" \"%V\" refers to "
                                "unknown tier \"%V\"",
@@ -765,18 +772,14 @@ ngx_http_loyalty_tier(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         }
     }
 
-    tier = llcf->tiers->elts;
-
-    for (i = 0; i < llcf->tiers->nelts; i++) {
-        if (tier[i].name.len == value[1].len
-            && ngx_strncmp(tier[i].name.data, value[1].data, value[1].len)
-               == 0)
-        {
-            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                               "duplicate tier \"%V\" in \"loyalty_tier\"",
-                               &value[1]);
-            return NGX_CONF_ERROR;
-        }
+    if (ngx_http_loyalty_find_tier(llcf->tiers->elts, llcf->tiers->nelts,
+                                   &value[1])
+        != NULL)
+    {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "duplicate tier \"%V\" in \"loyalty_tier\"",
+                           &value[1]);
+        return NGX_CONF_ERROR;
     }
 
     tier = ngx_array_push(llcf->tiers);
