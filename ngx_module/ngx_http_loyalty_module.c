@@ -34,6 +34,12 @@ static char *ngx_http_loyalty_tier(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_http_loyalty_offer(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+static char *ngx_http_loyalty_offer_inactive(ngx_http_loyalty_offer_t *offer,
+    ngx_str_t *param);
+static char *ngx_http_loyalty_offer_if(ngx_conf_t *cf,
+    ngx_http_loyalty_offer_t *offer, ngx_str_t *param);
+static void ngx_http_loyalty_offer_invalid(ngx_conf_t *cf, ngx_str_t *param,
+    char *err);
 static ngx_int_t ngx_http_loyalty_count_offers(ngx_conf_t *cf,
     ngx_array_t *offers);
 static char *ngx_http_loyalty_set_enum_slot(ngx_conf_t *cf,
@@ -834,13 +840,10 @@ ngx_http_loyalty_offer(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 {
     ngx_http_loyalty_loc_conf_t *llcf = conf;
 
-    char                              *err;
-    time_t                             t;
-    ngx_str_t                         *value, v;
-    ngx_uint_t                         i;
-    ngx_http_complex_value_t          *cv;
-    ngx_http_loyalty_offer_t          *offer;
-    ngx_http_compile_complex_value_t   ccv;
+    char                      *err;
+    ngx_str_t                 *value;
+    ngx_uint_t                 i;
+    ngx_http_loyalty_offer_t  *offer;
 
     value = cf->args->elts;
 
@@ -871,63 +874,22 @@ ngx_http_loyalty_offer(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     for (i = 2; i < cf->args->nelts; i++) {
 
         if (ngx_strncmp(value[i].data, "inactive=", 9) == 0) {
+            err = ngx_http_loyalty_offer_inactive(offer, &value[i]);
 
-            if (offer->has_inactive) {
-                err = "is duplicate";
-                goto invalid;
-            }
+        } else if (ngx_strncmp(value[i].data, "if=", 3) == 0) {
+            err = ngx_http_loyalty_offer_if(cf, offer, &value[i]);
 
-            v.data = value[i].data + 9;
-            v.len = value[i].len - 9;
-
-            t = ngx_parse_time(&v, 1);
-            if (t == (time_t) NGX_ERROR) {
-                err = "is not a valid time";
-                goto invalid;
-            }
-
-            offer->inactive = t;
-            offer->has_inactive = 1;
-            continue;
+        } else {
+            err = ngx_http_loyalty_offer_param(offer, &value[i]);
         }
 
-        if (ngx_strncmp(value[i].data, "if=", 3) == 0) {
-
-            if (offer->cond) {
-                err = "is duplicate";
-                goto invalid;
-            }
-
-            if (value[i].len < 5 || value[i].data[3] != '$') {
-                err = "must be a variable";
-                goto invalid;
-            }
-
-            cv = ngx_palloc(cf->pool, sizeof(ngx_http_complex_value_t));
-            if (cv == NULL) {
-                return NGX_CONF_ERROR;
-            }
-
-            v.data = value[i].data + 3;
-            v.len = value[i].len - 3;
-
-            ngx_memzero(&ccv, sizeof(ngx_http_compile_complex_value_t));
-
-            ccv.cf = cf;
-            ccv.value = &v;
-            ccv.complex_value = cv;
-
-            if (ngx_http_compile_complex_value(&ccv) != NGX_OK) {
-                return NGX_CONF_ERROR;
-            }
-
-            offer->cond = cv;
-            continue;
+        if (err == NGX_CONF_ERROR) {
+            return NGX_CONF_ERROR;
         }
 
-        err = ngx_http_loyalty_offer_param(offer, &value[i]);
         if (err) {
-            goto invalid;
+            ngx_http_loyalty_offer_invalid(cf, &value[i], err);
+            return NGX_CONF_ERROR;
         }
     }
 
@@ -940,12 +902,89 @@ ngx_http_loyalty_offer(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     }
 
     return NGX_CONF_OK;
+}
 
-invalid:
+
+/*
+ * The loyalty_offer parameters that need nginx to parse them, "inactive="
+ * and "if="; the others are ngx_http_loyalty_offer_param()'s, in rules.c.
+ * Each returns NULL when the parameter is accepted, or why not.
+ */
+
+static char *
+ngx_http_loyalty_offer_inactive(ngx_http_loyalty_offer_t *offer,
+    ngx_str_t *param)
+{
+    time_t     t;
+    ngx_str_t  v;
+
+    if (offer->has_inactive) {
+        return "is duplicate";
+    }
+
+    v.data = param->data + 9;
+    v.len = param->len - 9;
+
+    t = ngx_parse_time(&v, 1);
+    if (t == (time_t) NGX_ERROR) {
+        return "is not a valid time";
+    }
+
+    offer->inactive = t;
+    offer->has_inactive = 1;
+
+    return NULL;
+}
+
+
+static char *
+ngx_http_loyalty_offer_if(ngx_conf_t *cf, ngx_http_loyalty_offer_t *offer,
+    ngx_str_t *param)
+{
+    ngx_str_t                          v;
+    ngx_http_complex_value_t          *cv;
+    ngx_http_compile_complex_value_t   ccv;
+
+    if (offer->cond) {
+        return "is duplicate";
+    }
+
+    if (param->len < 5 || param->data[3] != '$') {
+        return "must be a variable";
+    }
+
+    cv = ngx_palloc(cf->pool, sizeof(ngx_http_complex_value_t));
+    if (cv == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    v.data = param->data + 3;
+    v.len = param->len - 3;
+
+    ngx_memzero(&ccv, sizeof(ngx_http_compile_complex_value_t));
+
+    ccv.cf = cf;
+    ccv.value = &v;
+    ccv.complex_value = cv;
+
+    if (ngx_http_compile_complex_value(&ccv) != NGX_OK) {
+        return NGX_CONF_ERROR;
+    }
+
+    offer->cond = cv;
+
+    return NULL;
+}
+
+
+static void
+ngx_http_loyalty_offer_invalid(ngx_conf_t *cf, ngx_str_t *param, char *err)
+{
+    ngx_str_t  v;
 
     /* up to a control character, which must not reach the log as is */
 
-    for (v = value[i]; v.len; v.len--) {
+    for (v = *param; v.len; v.len--) {
         if (ngx_http_loyalty_valid_text(v.data, v.len) == NGX_OK) {
             break;
         }
@@ -953,9 +992,7 @@ invalid:
 
     ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                        "invalid parameter \"%V%s\" in \"loyalty_offer\": %s",
-                       &v, v.len < value[i].len ? "..." : "", err);
-
-    return NGX_CONF_ERROR;
+                       &v, v.len < param->len ? "..." : "", err);
 }
 
 
