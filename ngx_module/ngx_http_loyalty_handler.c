@@ -112,7 +112,7 @@ ngx_http_loyalty_handler(ngx_http_request_t *r)
     ctx = ngx_http_loyalty_get_ctx(r);
 
     if (ctx == NULL || !ctx->started) {
-        return ngx_http_loyalty_lookup(r, 0);
+        return ngx_http_loyalty_lookup(r, NULL);
     }
 
     if (ctx->waiting) {
@@ -156,13 +156,15 @@ ngx_http_loyalty_create_ctx(ngx_http_request_t *r)
 
 
 /*
- * Identifies the customer and starts the read: for the precontent phase,
- * or for the loyalty_balance content handler ("content").  Returns what
- * the phase or the content handler returns; NGX_DONE while Redis reads.
+ * Identifies the customer and starts the read: for the precontent phase
+ * (content is NULL), or for a content handler, which "content" completes
+ * once the record is read.  Returns what the phase or the content handler
+ * returns; NGX_DONE while Redis reads.
  */
 
 ngx_int_t
-ngx_http_loyalty_lookup(ngx_http_request_t *r, ngx_uint_t content)
+ngx_http_loyalty_lookup(ngx_http_request_t *r,
+    ngx_http_loyalty_content_pt content)
 {
     ngx_int_t                     rc;
     ngx_http_loyalty_ctx_t       *ctx;
@@ -214,7 +216,7 @@ ngx_http_loyalty_lookup(ngx_http_request_t *r, ngx_uint_t content)
     ngx_http_loyalty_finish(r, ctx);
 
     if (content) {
-        return ngx_http_loyalty_balance_send(r, ctx);
+        return content(r, ctx);
     }
 
     rc = ctx->rc;
@@ -449,7 +451,7 @@ ngx_http_loyalty_read_handler(ngx_http_loyalty_cmd_t *cmd,
     ngx_http_loyalty_finish(r, ctx);
 
     if (ctx->content) {
-        ngx_http_finalize_request(r, ngx_http_loyalty_balance_send(r, ctx));
+        ngx_http_finalize_request(r, ctx->content(r, ctx));
         ngx_http_run_posted_requests(c);
         return;
     }
@@ -564,7 +566,7 @@ ngx_http_loyalty_finish(ngx_http_request_t *r, ngx_http_loyalty_ctx_t *ctx)
          * carries it to the shop is the one that may convert
          */
 
-        if (ctx->offer && ctx->offer->slot && !ctx->content) {
+        if (ctx->offer && ctx->offer->slot && ctx->content == NULL) {
             ngx_http_loyalty_count(sh, offers[ctx->offer->slot - 1].shown);
         }
     }

@@ -38,11 +38,9 @@ ngx_http_loyalty_journal_directive(ngx_conf_t *cf, ngx_command_t *cmd,
 
     ngx_str_t  *value;
 
-    if (llcf->journal_set) {
+    if (llcf->journal != NGX_CONF_UNSET_PTR) {
         return "is duplicate";
     }
-
-    llcf->journal_set = 1;
 
     value = cf->args->elts;
 

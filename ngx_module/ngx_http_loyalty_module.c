@@ -22,6 +22,10 @@ static void *ngx_http_loyalty_create_srv_conf(ngx_conf_t *cf);
 static void *ngx_http_loyalty_create_loc_conf(ngx_conf_t *cf);
 static char *ngx_http_loyalty_merge_loc_conf(ngx_conf_t *cf, void *parent,
     void *child);
+static ngx_int_t ngx_http_loyalty_merge_server(ngx_conf_t *cf,
+    ngx_http_loyalty_loc_conf_t *prev, ngx_http_loyalty_loc_conf_t *conf);
+static char *ngx_http_loyalty_merge_offers(ngx_conf_t *cf,
+    ngx_http_loyalty_loc_conf_t *conf);
 static char *ngx_http_loyalty_redis(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static ngx_http_loyalty_server_t *ngx_http_loyalty_add_server(ngx_conf_t *cf,
@@ -30,10 +34,16 @@ static char *ngx_http_loyalty_tier(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_http_loyalty_offer(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+static char *ngx_http_loyalty_offer_inactive(ngx_http_loyalty_offer_t *offer,
+    ngx_str_t *param);
+static char *ngx_http_loyalty_offer_if(ngx_conf_t *cf,
+    ngx_http_loyalty_offer_t *offer, ngx_str_t *param);
+static void ngx_http_loyalty_offer_invalid(ngx_conf_t *cf, ngx_str_t *param,
+    char *err);
 static ngx_int_t ngx_http_loyalty_count_offers(ngx_conf_t *cf,
     ngx_array_t *offers);
-static char *ngx_http_loyalty_fail(ngx_conf_t *cf, ngx_command_t *cmd,
-    void *conf);
+static char *ngx_http_loyalty_set_enum_slot(ngx_conf_t *cf,
+    ngx_command_t *cmd, void *conf);
 static char *ngx_http_loyalty_secret(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_http_loyalty_earn_rate(ngx_conf_t *cf, ngx_command_t *cmd,
@@ -45,6 +55,13 @@ static char *ngx_http_loyalty_ledger(ngx_conf_t *cf, ngx_command_t *cmd,
 static ngx_int_t ngx_http_loyalty_init_module(ngx_cycle_t *cycle);
 static ngx_int_t ngx_http_loyalty_init_process(ngx_cycle_t *cycle);
 static void ngx_http_loyalty_exit_process(ngx_cycle_t *cycle);
+
+
+static ngx_conf_enum_t  ngx_http_loyalty_fail_values[] = {
+    { ngx_string("pass"), NGX_HTTP_LOYALTY_FAIL_PASS },
+    { ngx_string("reject"), NGX_HTTP_LOYALTY_FAIL_REJECT },
+    { ngx_null_string, 0 }
+};
 
 
 static ngx_command_t  ngx_http_loyalty_commands[] = {
@@ -107,10 +124,10 @@ static ngx_command_t  ngx_http_loyalty_commands[] = {
 
     { ngx_string("loyalty_fail"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
-      ngx_http_loyalty_fail,
+      ngx_http_loyalty_set_enum_slot,
       NGX_HTTP_LOC_CONF_OFFSET,
-      0,
-      NULL },
+      offsetof(ngx_http_loyalty_loc_conf_t, fail),
+      &ngx_http_loyalty_fail_values },
 
     { ngx_string("loyalty_request_headers"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_FLAG,
@@ -361,28 +378,27 @@ ngx_http_loyalty_create_loc_conf(ngx_conf_t *cf)
     /*
      * set by ngx_pcalloc():
      *
-     *     conf->customer = NULL;
      *     conf->secrets = NULL;
      *     conf->server = NULL;
      *     conf->prefix = { 0, NULL };
      *     conf->tiers = NULL;
      *     conf->offers = NULL;
-     *     conf->earn = NULL;
-     *     conf->redeem = NULL;
-     *     conf->order_id = NULL;
-     *     conf->journal = NULL;
-     *     conf->journal_set = 0;
      *     conf->balance = 0;
      */
 
     conf->enable = NGX_CONF_UNSET;
+    conf->customer = NGX_CONF_UNSET_PTR;
     conf->timeout = NGX_CONF_UNSET_MSEC;
     conf->fail = NGX_CONF_UNSET_UINT;
     conf->request_headers = NGX_CONF_UNSET;
     conf->response_headers = NGX_CONF_UNSET;
+    conf->earn = NGX_CONF_UNSET_PTR;
     conf->earn_rate = NGX_CONF_UNSET_UINT;
+    conf->redeem = NGX_CONF_UNSET_PTR;
+    conf->order_id = NGX_CONF_UNSET_PTR;
     conf->expire = NGX_CONF_UNSET;
     conf->ledger = NGX_CONF_UNSET;
+    conf->journal = NGX_CONF_UNSET_PTR;
 
     return conf;
 }
@@ -394,10 +410,6 @@ ngx_http_loyalty_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_http_loyalty_loc_conf_t *prev = parent;
     ngx_http_loyalty_loc_conf_t *conf = child;
 
-    ngx_str_t                      name;
-    ngx_uint_t                     i, j;
-    ngx_http_loyalty_tier_t       *tier;
-    ngx_http_loyalty_offer_t      *offer;
     ngx_http_loyalty_srv_conf_t   *lscf;
     ngx_http_loyalty_main_conf_t  *lmcf;
 
@@ -428,32 +440,16 @@ ngx_http_loyalty_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
         return NGX_CONF_ERROR;
     }
 
-    if (conf->earn == NULL) {
-        conf->earn = prev->earn;
-    }
+    lmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_loyalty_module);
 
-    if (conf->redeem == NULL) {
-        conf->redeem = prev->redeem;
-    }
+    ngx_conf_merge_ptr_value(conf->customer, prev->customer, NULL);
+    ngx_conf_merge_ptr_value(conf->earn, prev->earn, NULL);
+    ngx_conf_merge_ptr_value(conf->redeem, prev->redeem, NULL);
+    ngx_conf_merge_ptr_value(conf->order_id, prev->order_id,
+                             &lmcf->request_id);
+    ngx_conf_merge_ptr_value(conf->journal, prev->journal, NULL);
 
-    if (!conf->journal_set) {
-        conf->journal = prev->journal;
-        conf->journal_set = prev->journal_set;
-    }
-
-    if (conf->order_id == NULL) {
-        conf->order_id = prev->order_id;
-    }
-
-    if (conf->order_id == NULL) {
-        lmcf = ngx_http_conf_get_module_main_conf(cf,
-                                                  ngx_http_loyalty_module);
-        conf->order_id = &lmcf->request_id;
-    }
-
-    if (conf->customer == NULL) {
-        conf->customer = prev->customer;
-    }
+    /* lists are inherited whole when a level has none */
 
     if (conf->secrets == NULL) {
         conf->secrets = prev->secrets;
@@ -467,30 +463,60 @@ ngx_http_loyalty_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
         conf->offers = prev->offers;
     }
 
+    if (ngx_http_loyalty_merge_server(cf, prev, conf) != NGX_OK) {
+        return NGX_CONF_ERROR;
+    }
+
+    return ngx_http_loyalty_merge_offers(cf, conf);
+}
+
+
+/*
+ * A location whose requests read a record has a Redis, the documented
+ * default when no level names one.  The parent is left as it is: what
+ * a location gets must not depend on the locations merged before it.
+ * An "if" block inherits the server of its location, which answers
+ * with loyalty_balance there too.
+ */
+
+static ngx_int_t
+ngx_http_loyalty_merge_server(ngx_conf_t *cf,
+    ngx_http_loyalty_loc_conf_t *prev, ngx_http_loyalty_loc_conf_t *conf)
+{
+    ngx_str_t  name;
+
     if (conf->server == NULL) {
         conf->server = prev->server;
     }
-
-    /*
-     * A location whose requests read a record has a Redis, the documented
-     * default when no level names one.  The parent is left as it is: what
-     * a location gets must not depend on the locations merged before it.
-     * An "if" block inherits the server of its location, which answers
-     * with loyalty_balance there too.
-     */
 
     if (conf->server == NULL && (conf->enable || conf->balance)) {
         ngx_str_set(&name, NGX_HTTP_LOYALTY_REDIS_DEFAULT);
 
         conf->server = ngx_http_loyalty_add_server(cf, &name, 0, NULL, NULL);
         if (conf->server == NULL) {
-            return NGX_CONF_ERROR;
+            return NGX_ERROR;
         }
     }
+
+    /* a server's connect deadline is the longest timeout of those using it */
 
     if (conf->server && conf->server->connect_timeout < conf->timeout) {
         conf->server->connect_timeout = conf->timeout;
     }
+
+    return NGX_OK;
+}
+
+
+/* the offers get their counters; a tier they name must be one of the level */
+
+static char *
+ngx_http_loyalty_merge_offers(ngx_conf_t *cf,
+    ngx_http_loyalty_loc_conf_t *conf)
+{
+    ngx_uint_t                 i, ntiers;
+    ngx_http_loyalty_tier_t   *tiers;
+    ngx_http_loyalty_offer_t  *offer;
 
     if (conf->offers == NULL) {
         return NGX_CONF_OK;
@@ -500,27 +526,17 @@ ngx_http_loyalty_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
         return NGX_CONF_ERROR;
     }
 
+    tiers = conf->tiers ? conf->tiers->elts : NULL;
+    ntiers = conf->tiers ? conf->tiers->nelts : 0;
+
     offer = conf->offers->elts;
 
     for (i = 0; i < conf->offers->nelts; i++) {
 
-        if (!offer[i].has_tier) {
-            continue;
-        }
-
-        tier = conf->tiers ? conf->tiers->elts : NULL;
-
-        for (j = 0; conf->tiers && j < conf->tiers->nelts; j++) {
-            if (tier[j].name.len == offer[i].tier.len
-                && ngx_strncmp(tier[j].name.data, offer[i].tier.data,
-                               offer[i].tier.len)
-                   == 0)
-            {
-                break;
-            }
-        }
-
-        if (conf->tiers == NULL || j == conf->tiers->nelts) {
+        if (offer[i].has_tier
+            && ngx_http_loyalty_find_tier(tiers, ntiers, &offer[i].tier)
+               == NULL)
+        {
             ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                                "\"loyalty_offer\" \"%V\" refers to "
                                "unknown tier \"%V\"",
@@ -762,18 +778,14 @@ ngx_http_loyalty_tier(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         }
     }
 
-    tier = llcf->tiers->elts;
-
-    for (i = 0; i < llcf->tiers->nelts; i++) {
-        if (tier[i].name.len == value[1].len
-            && ngx_strncmp(tier[i].name.data, value[1].data, value[1].len)
-               == 0)
-        {
-            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                               "duplicate tier \"%V\" in \"loyalty_tier\"",
-                               &value[1]);
-            return NGX_CONF_ERROR;
-        }
+    if (ngx_http_loyalty_find_tier(llcf->tiers->elts, llcf->tiers->nelts,
+                                   &value[1])
+        != NULL)
+    {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "duplicate tier \"%V\" in \"loyalty_tier\"",
+                           &value[1]);
+        return NGX_CONF_ERROR;
     }
 
     tier = ngx_array_push(llcf->tiers);
@@ -828,13 +840,10 @@ ngx_http_loyalty_offer(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 {
     ngx_http_loyalty_loc_conf_t *llcf = conf;
 
-    char                              *err;
-    time_t                             t;
-    ngx_str_t                         *value, v;
-    ngx_uint_t                         i;
-    ngx_http_complex_value_t          *cv;
-    ngx_http_loyalty_offer_t          *offer;
-    ngx_http_compile_complex_value_t   ccv;
+    char                      *err;
+    ngx_str_t                 *value;
+    ngx_uint_t                 i;
+    ngx_http_loyalty_offer_t  *offer;
 
     value = cf->args->elts;
 
@@ -865,63 +874,22 @@ ngx_http_loyalty_offer(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     for (i = 2; i < cf->args->nelts; i++) {
 
         if (ngx_strncmp(value[i].data, "inactive=", 9) == 0) {
+            err = ngx_http_loyalty_offer_inactive(offer, &value[i]);
 
-            if (offer->has_inactive) {
-                err = "is duplicate";
-                goto invalid;
-            }
+        } else if (ngx_strncmp(value[i].data, "if=", 3) == 0) {
+            err = ngx_http_loyalty_offer_if(cf, offer, &value[i]);
 
-            v.data = value[i].data + 9;
-            v.len = value[i].len - 9;
-
-            t = ngx_parse_time(&v, 1);
-            if (t == (time_t) NGX_ERROR) {
-                err = "is not a valid time";
-                goto invalid;
-            }
-
-            offer->inactive = t;
-            offer->has_inactive = 1;
-            continue;
+        } else {
+            err = ngx_http_loyalty_offer_param(offer, &value[i]);
         }
 
-        if (ngx_strncmp(value[i].data, "if=", 3) == 0) {
-
-            if (offer->cond) {
-                err = "is duplicate";
-                goto invalid;
-            }
-
-            if (value[i].len < 5 || value[i].data[3] != '$') {
-                err = "must be a variable";
-                goto invalid;
-            }
-
-            cv = ngx_palloc(cf->pool, sizeof(ngx_http_complex_value_t));
-            if (cv == NULL) {
-                return NGX_CONF_ERROR;
-            }
-
-            v.data = value[i].data + 3;
-            v.len = value[i].len - 3;
-
-            ngx_memzero(&ccv, sizeof(ngx_http_compile_complex_value_t));
-
-            ccv.cf = cf;
-            ccv.value = &v;
-            ccv.complex_value = cv;
-
-            if (ngx_http_compile_complex_value(&ccv) != NGX_OK) {
-                return NGX_CONF_ERROR;
-            }
-
-            offer->cond = cv;
-            continue;
+        if (err == NGX_CONF_ERROR) {
+            return NGX_CONF_ERROR;
         }
 
-        err = ngx_http_loyalty_offer_param(offer, &value[i]);
         if (err) {
-            goto invalid;
+            ngx_http_loyalty_offer_invalid(cf, &value[i], err);
+            return NGX_CONF_ERROR;
         }
     }
 
@@ -934,12 +902,89 @@ ngx_http_loyalty_offer(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     }
 
     return NGX_CONF_OK;
+}
 
-invalid:
+
+/*
+ * The loyalty_offer parameters that need nginx to parse them, "inactive="
+ * and "if="; the others are ngx_http_loyalty_offer_param()'s, in rules.c.
+ * Each returns NULL when the parameter is accepted, or why not.
+ */
+
+static char *
+ngx_http_loyalty_offer_inactive(ngx_http_loyalty_offer_t *offer,
+    ngx_str_t *param)
+{
+    time_t     t;
+    ngx_str_t  v;
+
+    if (offer->has_inactive) {
+        return "is duplicate";
+    }
+
+    v.data = param->data + 9;
+    v.len = param->len - 9;
+
+    t = ngx_parse_time(&v, 1);
+    if (t == (time_t) NGX_ERROR) {
+        return "is not a valid time";
+    }
+
+    offer->inactive = t;
+    offer->has_inactive = 1;
+
+    return NULL;
+}
+
+
+static char *
+ngx_http_loyalty_offer_if(ngx_conf_t *cf, ngx_http_loyalty_offer_t *offer,
+    ngx_str_t *param)
+{
+    ngx_str_t                          v;
+    ngx_http_complex_value_t          *cv;
+    ngx_http_compile_complex_value_t   ccv;
+
+    if (offer->cond) {
+        return "is duplicate";
+    }
+
+    if (param->len < 5 || param->data[3] != '$') {
+        return "must be a variable";
+    }
+
+    cv = ngx_palloc(cf->pool, sizeof(ngx_http_complex_value_t));
+    if (cv == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    v.data = param->data + 3;
+    v.len = param->len - 3;
+
+    ngx_memzero(&ccv, sizeof(ngx_http_compile_complex_value_t));
+
+    ccv.cf = cf;
+    ccv.value = &v;
+    ccv.complex_value = cv;
+
+    if (ngx_http_compile_complex_value(&ccv) != NGX_OK) {
+        return NGX_CONF_ERROR;
+    }
+
+    offer->cond = cv;
+
+    return NULL;
+}
+
+
+static void
+ngx_http_loyalty_offer_invalid(ngx_conf_t *cf, ngx_str_t *param, char *err)
+{
+    ngx_str_t  v;
 
     /* up to a control character, which must not reach the log as is */
 
-    for (v = value[i]; v.len; v.len--) {
+    for (v = *param; v.len; v.len--) {
         if (ngx_http_loyalty_valid_text(v.data, v.len) == NGX_OK) {
             break;
         }
@@ -947,9 +992,7 @@ invalid:
 
     ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                        "invalid parameter \"%V%s\" in \"loyalty_offer\": %s",
-                       &v, v.len < value[i].len ? "..." : "", err);
-
-    return NGX_CONF_ERROR;
+                       &v, v.len < param->len ? "..." : "", err);
 }
 
 
@@ -994,33 +1037,34 @@ ngx_http_loyalty_count_offers(ngx_conf_t *cf, ngx_array_t *offers)
 }
 
 
+/*
+ * ngx_conf_set_enum_slot(), whose message for an unknown value names the
+ * value and the line but not the directive: such a value is refused here,
+ * with the directive's name.
+ */
+
 static char *
-ngx_http_loyalty_fail(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+ngx_http_loyalty_set_enum_slot(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf)
 {
-    ngx_http_loyalty_loc_conf_t *llcf = conf;
-
-    ngx_str_t  *value;
-
-    if (llcf->fail != NGX_CONF_UNSET_UINT) {
-        return "is duplicate";
-    }
+    ngx_str_t        *value;
+    ngx_conf_enum_t  *e;
 
     value = cf->args->elts;
 
-    if (ngx_strcmp(value[1].data, "pass") == 0) {
-        llcf->fail = NGX_HTTP_LOYALTY_FAIL_PASS;
-
-    } else if (ngx_strcmp(value[1].data, "reject") == 0) {
-        llcf->fail = NGX_HTTP_LOYALTY_FAIL_REJECT;
-
-    } else {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "invalid value \"%V\" in \"loyalty_fail\", "
-                           "it must be \"pass\" or \"reject\"", &value[1]);
-        return NGX_CONF_ERROR;
+    for (e = cmd->post; e->name.len; e++) {
+        if (e->name.len == value[1].len
+            && ngx_strcasecmp(e->name.data, value[1].data) == 0)
+        {
+            return ngx_conf_set_enum_slot(cf, cmd, conf);
+        }
     }
 
-    return NGX_CONF_OK;
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "invalid value \"%V\" in \"%V\" directive",
+                       &value[1], &cmd->name);
+
+    return NGX_CONF_ERROR;
 }
 
 

@@ -192,10 +192,16 @@ typedef struct {
     time_t                     expire;          /* 0: off */
     ngx_int_t                  ledger;          /* 0: off */
     ngx_open_file_t           *journal;         /* NULL: error log */
-    ngx_flag_t                 journal_set;
 
     unsigned                   balance:1;       /* loyalty_balance here */
 } ngx_http_loyalty_loc_conf_t;
+
+
+typedef struct ngx_http_loyalty_ctx_s  ngx_http_loyalty_ctx_t;
+
+/* a content handler that answers once the record is read */
+typedef ngx_int_t (*ngx_http_loyalty_content_pt)(ngx_http_request_t *r,
+    ngx_http_loyalty_ctx_t *ctx);
 
 
 /*
@@ -203,7 +209,7 @@ typedef struct {
  * stays bound to the location where its read ran: "conf" is what its
  * credit and response headers use, wherever the request ends.
  */
-typedef struct {
+struct ngx_http_loyalty_ctx_s {
     ngx_http_loyalty_loc_conf_t  *conf;
     ngx_uint_t                    status;
     ngx_str_t                     customer;
@@ -214,6 +220,7 @@ typedef struct {
     ngx_http_request_t           *request;
     ngx_http_loyalty_cmd_t       *cmd;          /* while waiting */
     ngx_int_t                     rc;           /* for the phase handler */
+    ngx_http_loyalty_content_pt   content;      /* loyalty_balance */
 
     uint64_t                      earned;
     uint64_t                      redeemed;
@@ -223,11 +230,10 @@ typedef struct {
     unsigned                      started:1;
     unsigned                      waiting:1;
     unsigned                      done:1;
-    unsigned                      content:1;    /* loyalty_balance */
     unsigned                      balance:1;    /* it answers */
     unsigned                      filtered:1;
     unsigned                      credited:1;
-} ngx_http_loyalty_ctx_t;
+};
 
 
 /* a credit on its way to Redis; outlives its request */
@@ -297,7 +303,8 @@ extern ngx_module_t  ngx_http_loyalty_module;
 ngx_int_t ngx_http_loyalty_post_read_handler(ngx_http_request_t *r);
 ngx_int_t ngx_http_loyalty_server_rewrite_handler(ngx_http_request_t *r);
 ngx_int_t ngx_http_loyalty_handler(ngx_http_request_t *r);
-ngx_int_t ngx_http_loyalty_lookup(ngx_http_request_t *r, ngx_uint_t content);
+ngx_int_t ngx_http_loyalty_lookup(ngx_http_request_t *r,
+    ngx_http_loyalty_content_pt content);
 uint64_t ngx_http_loyalty_usec(void);
 ngx_http_loyalty_ctx_t *ngx_http_loyalty_get_ctx(ngx_http_request_t *r);
 ngx_int_t ngx_http_loyalty_log_limit(ngx_http_loyalty_log_limit_t *limit,
@@ -376,10 +383,11 @@ void ngx_http_loyalty_count_latency(ngx_http_loyalty_main_conf_t *lmcf,
 #endif
 char *ngx_http_loyalty_status(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+
+
+/* ngx_http_loyalty_balance.c */
 char *ngx_http_loyalty_balance(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
-ngx_int_t ngx_http_loyalty_balance_send(ngx_http_request_t *r,
-    ngx_http_loyalty_ctx_t *ctx);
 
 
 #endif /* _NGX_HTTP_LOYALTY_MODULE_H_INCLUDED_ */

@@ -480,6 +480,26 @@ ngx_http_loyalty_select_tier(ngx_http_loyalty_tier_t *tiers, ngx_uint_t n,
 }
 
 
+/* the tier of that name, NULL when there is none */
+
+ngx_http_loyalty_tier_t *
+ngx_http_loyalty_find_tier(ngx_http_loyalty_tier_t *tiers, ngx_uint_t n,
+    ngx_str_t *name)
+{
+    ngx_uint_t  i;
+
+    for (i = 0; i < n; i++) {
+        if (tiers[i].name.len == name->len
+            && ngx_strncmp(tiers[i].name.data, name->data, name->len) == 0)
+        {
+            return &tiers[i];
+        }
+    }
+
+    return NULL;
+}
+
+
 /* the first offer whose conditions all hold */
 
 ngx_http_loyalty_offer_t *

@@ -110,6 +110,8 @@ ngx_int_t ngx_http_loyalty_earned(uint64_t amount, uint64_t rate,
 
 ngx_http_loyalty_tier_t *ngx_http_loyalty_select_tier(
     ngx_http_loyalty_tier_t *tiers, ngx_uint_t n, uint64_t lifetime);
+ngx_http_loyalty_tier_t *ngx_http_loyalty_find_tier(
+    ngx_http_loyalty_tier_t *tiers, ngx_uint_t n, ngx_str_t *name);
 ngx_http_loyalty_offer_t *ngx_http_loyalty_select_offer(
     ngx_http_loyalty_offer_t *offers, ngx_uint_t n,
     ngx_http_loyalty_record_t *rec, ngx_http_loyalty_tier_t *tier,

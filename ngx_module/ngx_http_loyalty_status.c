@@ -11,8 +11,8 @@
 
 
 /*
- * Counters shared by all workers, and the two content handlers:
- * loyalty_status (Prometheus text) and loyalty_balance (JSON).
+ * Counters shared by all workers, and loyalty_status, the content handler
+ * that reports them as Prometheus text.
  */
 
 
@@ -29,7 +29,18 @@ static ngx_int_t ngx_http_loyalty_init_zone(ngx_shm_zone_t *shm_zone,
     void *data);
 static ngx_uint_t ngx_http_loyalty_connections(ngx_http_loyalty_shctx_t *sh);
 static ngx_int_t ngx_http_loyalty_status_handler(ngx_http_request_t *r);
-static ngx_int_t ngx_http_loyalty_balance_handler(ngx_http_request_t *r);
+static u_char *ngx_http_loyalty_status_requests(u_char *p,
+    ngx_http_loyalty_shctx_t *sh);
+static u_char *ngx_http_loyalty_status_redis(u_char *p,
+    ngx_http_loyalty_shctx_t *sh);
+static u_char *ngx_http_loyalty_status_latency(u_char *p,
+    ngx_http_loyalty_shctx_t *sh);
+static u_char *ngx_http_loyalty_status_credits(u_char *p,
+    ngx_http_loyalty_shctx_t *sh);
+static u_char *ngx_http_loyalty_status_offers(u_char *p,
+    ngx_http_loyalty_shctx_t *sh, ngx_uint_t n);
+static u_char *ngx_http_loyalty_status_offer(u_char *p, char *metric,
+    u_char *name, size_t len, ngx_atomic_uint_t value);
 
 
 /* the latency buckets: loopback to LAN, up to 1 s */
@@ -58,6 +69,10 @@ static ngx_str_t  ngx_http_loyalty_credit_results[] = {
     ngx_string("retried"),
     ngx_string("journaled")
 };
+
+
+static ngx_str_t  ngx_http_loyalty_status_type =
+    ngx_string("text/plain; version=0.0.4; charset=utf-8");
 
 
 ngx_int_t
@@ -238,48 +253,23 @@ ngx_http_loyalty_status(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 }
 
 
-char *
-ngx_http_loyalty_balance(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
-{
-    ngx_http_loyalty_loc_conf_t *llcf = conf;
-
-    ngx_http_core_loc_conf_t  *clcf;
-
-    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
-
-    if (clcf->handler) {
-        return "is duplicate";
-    }
-
-    clcf->handler = ngx_http_loyalty_balance_handler;
-
-    /* the merge gives the location a Redis: this handler reads one */
-    llcf->balance = 1;
-
-    return NGX_CONF_OK;
-}
-
+/*
+ * The counters in the Prometheus text format, one family after another:
+ * requests, Redis connections and latency, credits, offers.
+ */
 
 static ngx_int_t
 ngx_http_loyalty_status_handler(ngx_http_request_t *r)
 {
     size_t                         size;
-    u_char                        *p;
-    ngx_int_t                      rc;
-    ngx_buf_t                     *b;
-    ngx_uint_t                     i, n, cumulative, connections;
-    ngx_chain_t                    out;
+    u_char                        *p, *last;
+    ngx_uint_t                     n;
+    ngx_http_complex_value_t       cv;
     ngx_http_loyalty_shctx_t      *sh;
     ngx_http_loyalty_main_conf_t  *lmcf;
 
     if (!(r->method & (NGX_HTTP_GET|NGX_HTTP_HEAD))) {
         return NGX_HTTP_NOT_ALLOWED;
-    }
-
-    rc = ngx_http_discard_request_body(r);
-
-    if (rc != NGX_OK) {
-        return rc;
     }
 
     lmcf = ngx_http_get_module_main_conf(r, ngx_http_loyalty_module);
@@ -289,18 +279,39 @@ ngx_http_loyalty_status_handler(ngx_http_request_t *r)
         return NGX_HTTP_SERVICE_UNAVAILABLE;
     }
 
+    /* a reload may add offers meanwhile: the buffer is sized for these */
+
     n = sh->noffers;
 
     size = 4096 + (NGX_HTTP_LOYALTY_BUCKETS + 1) * 80
            + n * 2 * (NGX_HTTP_LOYALTY_NAME_MAX * NGX_HTTP_LOYALTY_LABEL_ESCAPE
                       + 80);
 
-    b = ngx_create_temp_buf(r->pool, size);
-    if (b == NULL) {
+    p = ngx_pnalloc(r->pool, size);
+    if (p == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
-    p = b->last;
+    last = ngx_http_loyalty_status_requests(p, sh);
+    last = ngx_http_loyalty_status_redis(last, sh);
+    last = ngx_http_loyalty_status_latency(last, sh);
+    last = ngx_http_loyalty_status_credits(last, sh);
+    last = ngx_http_loyalty_status_offers(last, sh, n);
+
+    ngx_memzero(&cv, sizeof(ngx_http_complex_value_t));
+
+    cv.value.data = p;
+    cv.value.len = last - p;
+
+    return ngx_http_send_response(r, NGX_HTTP_OK,
+                                  &ngx_http_loyalty_status_type, &cv);
+}
+
+
+static u_char *
+ngx_http_loyalty_status_requests(u_char *p, ngx_http_loyalty_shctx_t *sh)
+{
+    ngx_uint_t  i;
 
     p = ngx_sprintf(p,
             "# HELP loyalty_requests_total Requests seen by the module, "
@@ -314,9 +325,18 @@ ngx_http_loyalty_status_handler(ngx_http_request_t *r)
                         ngx_http_loyalty_status_name(i), sh->requests[i]);
     }
 
+    return p;
+}
+
+
+static u_char *
+ngx_http_loyalty_status_redis(u_char *p, ngx_http_loyalty_shctx_t *sh)
+{
+    ngx_uint_t  connections;
+
     connections = ngx_http_loyalty_connections(sh);
 
-    p = ngx_sprintf(p,
+    return ngx_sprintf(p,
             "# HELP loyalty_redis_connections Open Redis connections, "
             "all workers.\n"
             "# TYPE loyalty_redis_connections gauge\n"
@@ -326,6 +346,15 @@ ngx_http_loyalty_status_handler(ngx_http_request_t *r)
             "# TYPE loyalty_redis_up gauge\n"
             "loyalty_redis_up %d\n",
             connections, connections ? 1 : 0);
+}
+
+
+/* a histogram over ngx_http_loyalty_buckets[], cumulative as Prometheus' */
+
+static u_char *
+ngx_http_loyalty_status_latency(u_char *p, ngx_http_loyalty_shctx_t *sh)
+{
+    ngx_uint_t  i, cumulative;
 
     p = ngx_sprintf(p,
             "# HELP loyalty_redis_latency_seconds Time from sending a read "
@@ -342,12 +371,19 @@ ngx_http_loyalty_status_handler(ngx_http_request_t *r)
 
     cumulative += sh->latency[NGX_HTTP_LOYALTY_BUCKETS];
 
-    p = ngx_sprintf(p,
-                    "loyalty_redis_latency_seconds_bucket{le=\"+Inf\"} %ui\n"
-                    "loyalty_redis_latency_seconds_sum %uA.%06uA\n"
-                    "loyalty_redis_latency_seconds_count %ui\n",
-                    cumulative, sh->latency_sum / 1000000,
-                    sh->latency_sum % 1000000, cumulative);
+    return ngx_sprintf(p,
+            "loyalty_redis_latency_seconds_bucket{le=\"+Inf\"} %ui\n"
+            "loyalty_redis_latency_seconds_sum %uA.%06uA\n"
+            "loyalty_redis_latency_seconds_count %ui\n",
+            cumulative, sh->latency_sum / 1000000,
+            sh->latency_sum % 1000000, cumulative);
+}
+
+
+static u_char *
+ngx_http_loyalty_status_credits(u_char *p, ngx_http_loyalty_shctx_t *sh)
+{
+    ngx_uint_t  i;
 
     p = ngx_sprintf(p,
             "# HELP loyalty_credits_total Credits of orders, by result.\n"
@@ -358,12 +394,22 @@ ngx_http_loyalty_status_handler(ngx_http_request_t *r)
                         &ngx_http_loyalty_credit_results[i], sh->credits[i]);
     }
 
-    p = ngx_sprintf(p,
+    return ngx_sprintf(p,
             "# HELP loyalty_redeem_shortfall_total Orders that redeemed "
             "more points than the balance.\n"
             "# TYPE loyalty_redeem_shortfall_total counter\n"
             "loyalty_redeem_shortfall_total %uA\n",
             sh->shortfall);
+}
+
+
+/* the first n offers of the zone */
+
+static u_char *
+ngx_http_loyalty_status_offers(u_char *p, ngx_http_loyalty_shctx_t *sh,
+    ngx_uint_t n)
+{
+    ngx_uint_t  i;
 
     p = ngx_sprintf(p,
             "# HELP loyalty_offers_shown_total Requests that carried the "
@@ -371,11 +417,10 @@ ngx_http_loyalty_status_handler(ngx_http_request_t *r)
             "# TYPE loyalty_offers_shown_total counter\n");
 
     for (i = 0; i < n; i++) {
-        p = ngx_cpymem(p, "loyalty_offers_shown_total{offer=\"",
-                       sizeof("loyalty_offers_shown_total{offer=\"") - 1);
-        p = ngx_http_loyalty_label_value(p, sh->offers[i].name,
-                                         sh->offers[i].len);
-        p = ngx_sprintf(p, "\"} %uA\n", sh->offers[i].shown);
+        p = ngx_http_loyalty_status_offer(p, "loyalty_offers_shown_total",
+                                          sh->offers[i].name,
+                                          sh->offers[i].len,
+                                          sh->offers[i].shown);
     }
 
     p = ngx_sprintf(p,
@@ -384,33 +429,24 @@ ngx_http_loyalty_status_handler(ngx_http_request_t *r)
             "# TYPE loyalty_offers_converted_total counter\n");
 
     for (i = 0; i < n; i++) {
-        p = ngx_cpymem(p, "loyalty_offers_converted_total{offer=\"",
-                       sizeof("loyalty_offers_converted_total{offer=\"") - 1);
-        p = ngx_http_loyalty_label_value(p, sh->offers[i].name,
-                                         sh->offers[i].len);
-        p = ngx_sprintf(p, "\"} %uA\n", sh->offers[i].converted);
+        p = ngx_http_loyalty_status_offer(p, "loyalty_offers_converted_total",
+                                          sh->offers[i].name,
+                                          sh->offers[i].len,
+                                          sh->offers[i].converted);
     }
 
-    b->last = p;
-    b->last_buf = (r == r->main) ? 1 : 0;
-    b->last_in_chain = 1;
+    return p;
+}
 
-    r->headers_out.status = NGX_HTTP_OK;
-    r->headers_out.content_length_n = b->last - b->pos;
-    ngx_str_set(&r->headers_out.content_type,
-                "text/plain; version=0.0.4; charset=utf-8");
-    r->headers_out.content_type_len = r->headers_out.content_type.len;
 
-    rc = ngx_http_send_header(r);
+static u_char *
+ngx_http_loyalty_status_offer(u_char *p, char *metric, u_char *name,
+    size_t len, ngx_atomic_uint_t value)
+{
+    p = ngx_sprintf(p, "%s{offer=\"", metric);
+    p = ngx_http_loyalty_label_value(p, name, len);
 
-    if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) {
-        return rc;
-    }
-
-    out.buf = b;
-    out.next = NULL;
-
-    return ngx_http_output_filter(r, &out);
+    return ngx_sprintf(p, "\"} %uA\n", value);
 }
 
 
@@ -446,196 +482,4 @@ ngx_http_loyalty_connections(ngx_http_loyalty_shctx_t *sh)
     }
 
     return n;
-}
-
-
-/*
- * loyalty_balance: the record read by "loyalty on" in this request, or
- * read here, as JSON.
- */
-
-static ngx_int_t
-ngx_http_loyalty_balance_handler(ngx_http_request_t *r)
-{
-    ngx_int_t                rc;
-    ngx_http_loyalty_ctx_t  *ctx;
-
-    if (!(r->method & (NGX_HTTP_GET|NGX_HTTP_HEAD))) {
-        return NGX_HTTP_NOT_ALLOWED;
-    }
-
-    rc = ngx_http_discard_request_body(r);
-
-    if (rc != NGX_OK) {
-        return rc;
-    }
-
-    ctx = ngx_http_loyalty_get_ctx(r);
-
-    if (ctx && ctx->done) {
-        return ngx_http_loyalty_balance_send(r, ctx);
-    }
-
-    return ngx_http_loyalty_lookup(r, 1);
-}
-
-
-ngx_int_t
-ngx_http_loyalty_balance_send(ngx_http_request_t *r,
-    ngx_http_loyalty_ctx_t *ctx)
-{
-    size_t            size;
-    u_char           *p;
-    ngx_int_t         rc;
-    ngx_buf_t        *b;
-    ngx_str_t         value, name;
-    ngx_uint_t        i, known;
-    ngx_chain_t       out;
-    ngx_table_elt_t  *h;
-#if (nginx_version < 1023000)
-    ngx_table_elt_t **cc;
-#endif
-
-    static ngx_uint_t  vars[] = {
-        NGX_HTTP_LOYALTY_VAR_POINTS,
-        NGX_HTTP_LOYALTY_VAR_LIFETIME,
-        NGX_HTTP_LOYALTY_VAR_ORDERS,
-        NGX_HTTP_LOYALTY_VAR_TIER,
-        NGX_HTTP_LOYALTY_VAR_OFFER,
-        NGX_HTTP_LOYALTY_VAR_OFFER_CODE
-    };
-
-    static ngx_str_t   names[] = {
-        ngx_string("points"),
-        ngx_string("lifetime"),
-        ngx_string("orders"),
-        ngx_string("tier"),
-        ngx_string("offer"),
-        ngx_string("offer_code")
-    };
-
-    /* not an order's response: the header filter leaves it alone */
-    ctx->balance = 1;
-
-    known = (ctx->status == NGX_HTTP_LOYALTY_OK
-             || ctx->status == NGX_HTTP_LOYALTY_NEW);
-
-    /* the strings, escaped, then field names and numbers */
-
-    size = 0;
-
-    if (known) {
-        size = ctx->customer.len;
-
-        if (ctx->tier) {
-            size += ctx->tier->name.len;
-        }
-
-        if (ctx->offer) {
-            size += ctx->offer->name.len + ctx->offer->code.len;
-        }
-    }
-
-    size = size * NGX_HTTP_LOYALTY_JSON_ESCAPE + 256 + 3 * NGX_INT64_LEN;
-
-    b = ngx_create_temp_buf(r->pool, size);
-    if (b == NULL) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-
-    p = b->last;
-    *p++ = '{';
-
-    ngx_str_set(&name, "status");
-    p = ngx_http_loyalty_json_field(p, &name,
-                                    ngx_http_loyalty_status_name(ctx->status),
-                                    1);
-
-    if (known) {
-        ngx_str_set(&name, "customer");
-        *p++ = ',';
-        p = ngx_http_loyalty_json_field(p, &name, &ctx->customer, 1);
-
-        for (i = 0; i < sizeof(vars) / sizeof(vars[0]); i++) {
-            if (ngx_http_loyalty_value(r, ctx, vars[i], &value) != NGX_OK) {
-                return NGX_HTTP_INTERNAL_SERVER_ERROR;
-            }
-
-            *p++ = ',';
-
-            if (value.len == 0) {
-                p = ngx_sprintf(p, "\"%V\":null", &names[i]);
-                continue;
-            }
-
-            p = ngx_http_loyalty_json_field(p, &names[i], &value,
-                                            i >= 3 ? 1 : 0);
-        }
-    }
-
-    *p++ = '}';
-    *p++ = LF;
-
-    b->last = p;
-    b->last_buf = (r == r->main) ? 1 : 0;
-    b->last_in_chain = 1;
-
-    if (known) {
-        r->headers_out.status = NGX_HTTP_OK;
-
-    } else if (ctx->status == NGX_HTTP_LOYALTY_UNAVAILABLE) {
-        r->headers_out.status = NGX_HTTP_SERVICE_UNAVAILABLE;
-
-    } else {
-        r->headers_out.status = NGX_HTTP_UNAUTHORIZED;
-    }
-
-    /*
-     * a customer's own data: no cache, shared or private, keeps it, unless
-     * "expires" in the location says otherwise (it replaces this header)
-     */
-
-    h = ngx_list_push(&r->headers_out.headers);
-    if (h == NULL) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-
-    h->hash = 1;
-    ngx_str_set(&h->key, "Cache-Control");
-    ngx_str_set(&h->value, "no-store");
-
-#if (nginx_version >= 1023000)
-    h->next = NULL;
-    r->headers_out.cache_control = h;
-#else
-    if (r->headers_out.cache_control.elts == NULL
-        && ngx_array_init(&r->headers_out.cache_control, r->pool, 1,
-                          sizeof(ngx_table_elt_t *))
-           != NGX_OK)
-    {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-
-    cc = ngx_array_push(&r->headers_out.cache_control);
-    if (cc == NULL) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-
-    *cc = h;
-#endif
-
-    r->headers_out.content_length_n = b->last - b->pos;
-    ngx_str_set(&r->headers_out.content_type, "application/json");
-    r->headers_out.content_type_len = r->headers_out.content_type.len;
-
-    rc = ngx_http_send_header(r);
-
-    if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) {
-        return rc;
-    }
-
-    out.buf = b;
-    out.next = NULL;
-
-    return ngx_http_output_filter(r, &out);
 }

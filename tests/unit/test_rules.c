@@ -779,6 +779,42 @@ test_select_tier(void **state)
 }
 
 
+/* ngx_http_loyalty_find_tier(): the whole name, bytes as they are */
+
+static void
+test_find_tier(void **state)
+{
+    ngx_str_t  name;
+
+    static ngx_http_loyalty_tier_t  tiers[3] = {
+        { ngx_string("gold"), 0, 10000 },
+        { ngx_string("gold2"), 1000, 10000 },
+        { ngx_string("Silver"), 5000, 10000 },
+    };
+
+    ngx_str_set(&name, "gold");
+    assert_ptr_equal(ngx_http_loyalty_find_tier(tiers, 3, &name), &tiers[0]);
+
+    ngx_str_set(&name, "gold2");
+    assert_ptr_equal(ngx_http_loyalty_find_tier(tiers, 3, &name), &tiers[1]);
+
+    ngx_str_set(&name, "Silver");
+    assert_ptr_equal(ngx_http_loyalty_find_tier(tiers, 3, &name), &tiers[2]);
+
+    ngx_str_set(&name, "gol");
+    assert_null(ngx_http_loyalty_find_tier(tiers, 3, &name));
+
+    ngx_str_set(&name, "silver");
+    assert_null(ngx_http_loyalty_find_tier(tiers, 3, &name));
+
+    ngx_str_set(&name, "gold2");
+    assert_null(ngx_http_loyalty_find_tier(tiers, 1, &name));
+
+    ngx_str_set(&name, "gold");
+    assert_null(ngx_http_loyalty_find_tier(NULL, 0, &name));
+}
+
+
 /* ngx_http_loyalty_select_offer(): one condition at a time */
 
 static t_cond_case_t  t_cond_cases[] = {
@@ -1703,6 +1739,7 @@ main(void)
         cmocka_unit_test(test_sign),
         cmocka_unit_test(test_verify),
         cmocka_unit_test(test_select_tier),
+        cmocka_unit_test(test_find_tier),
         cmocka_unit_test(test_select_offer_conditions),
         cmocka_unit_test(test_select_offer_first),
         cmocka_unit_test(test_select_offer_callback),
