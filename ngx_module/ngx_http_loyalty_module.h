@@ -284,6 +284,7 @@ struct ngx_http_loyalty_cmd_s {
     ngx_http_loyalty_reply_pt  handler;
     void                      *data;       /* NULL once the owner is gone */
     ngx_msec_t                 deadline;
+    off_t                      end;        /* its last byte, queued */
     unsigned                   exiting:1;  /* failed by the worker's exit */
     unsigned                   timedout:1; /* failed, its reply awaited */
 };

@@ -73,6 +73,8 @@ struct ngx_http_loyalty_conn_s {
 
     ngx_str_t                   handshake;      /* AUTH, SELECT, SCRIPT LOAD */
     ngx_buf_t                  *out;
+    off_t                       queued;         /* bytes, since connected */
+    off_t                       written;
     u_char                     *in;
 
     ngx_queue_t                 pending;        /* in order, timed out too */
@@ -102,7 +104,6 @@ static ngx_int_t ngx_http_loyalty_redis_connect(
 static void ngx_http_loyalty_redis_connect_handler(ngx_event_t *ev);
 static ngx_int_t ngx_http_loyalty_redis_test_connect(ngx_connection_t *c);
 static void ngx_http_loyalty_redis_handshake(ngx_http_loyalty_conn_t *conn);
-static void ngx_http_loyalty_redis_handshake_handler(ngx_event_t *rev);
 static ngx_int_t ngx_http_loyalty_redis_handshake_reply(
     ngx_http_loyalty_conn_t *conn, ngx_http_loyalty_reply_t *reply);
 static void ngx_http_loyalty_redis_ready(ngx_http_loyalty_conn_t *conn);
@@ -113,6 +114,8 @@ static void ngx_http_loyalty_redis_write_handler(ngx_event_t *wev);
 static void ngx_http_loyalty_redis_read_handler(ngx_event_t *rev);
 static ngx_int_t ngx_http_loyalty_redis_process(
     ngx_http_loyalty_conn_t *conn);
+static ngx_int_t ngx_http_loyalty_redis_reply(ngx_http_loyalty_conn_t *conn,
+    ngx_http_loyalty_reply_t *reply);
 static void ngx_http_loyalty_redis_dummy_handler(ngx_event_t *ev);
 static void ngx_http_loyalty_redis_deadline_handler(ngx_event_t *ev);
 static void ngx_http_loyalty_redis_backoff_handler(ngx_event_t *ev);
@@ -372,6 +375,8 @@ ngx_http_loyalty_redis_connect(ngx_http_loyalty_conn_t *conn)
 
     conn->out->pos = conn->out->start;
     conn->out->last = conn->out->start;
+    conn->queued = 0;
+    conn->written = 0;
 
     /*
      * A unix socket fails at once, and nginx logs that at "error" or
@@ -532,7 +537,7 @@ ngx_http_loyalty_redis_handshake(ngx_http_loyalty_conn_t *conn)
         conn->state = ngx_http_loyalty_conn_script;
     }
 
-    c->read->handler = ngx_http_loyalty_redis_handshake_handler;
+    c->read->handler = ngx_http_loyalty_redis_read_handler;
     c->write->handler = ngx_http_loyalty_redis_dummy_handler;
 
     ngx_add_timer(c->read, server->connect_timeout);
@@ -543,125 +548,11 @@ ngx_http_loyalty_redis_handshake(ngx_http_loyalty_conn_t *conn)
 }
 
 
-/* auth, select, script: the replies to the handshake, in order */
-
-static void
-ngx_http_loyalty_redis_handshake_handler(ngx_event_t *rev)
-{
-    ssize_t                    n;
-    ngx_int_t                  rc;
-    ngx_str_t                  err;
-    ngx_uint_t                 state;
-    ngx_connection_t          *c;
-    ngx_http_loyalty_conn_t   *conn;
-    ngx_http_loyalty_reply_t  *reply;
-
-    c = rev->data;
-    conn = c->data;
-
-    ngx_log_debug1(NGX_LOG_DEBUG_HTTP, rev->log, 0,
-                   "loyalty redis handshake handler, state: %d",
-                   conn->state);
-
-    if (c->close) {
-        ngx_http_loyalty_redis_exit(conn);
-        return;
-    }
-
-    if (rev->timedout) {
-        ngx_log_error(NGX_LOG_WARN, c->log, NGX_ETIMEDOUT,
-                      "loyalty: redis did not answer the handshake in time");
-        ngx_http_loyalty_redis_fail(conn);
-        return;
-    }
-
-    state = conn->state;
-
-    for ( ;; ) {
-        n = c->recv(c, conn->in, NGX_HTTP_LOYALTY_IN_SIZE);
-
-        if (n == NGX_AGAIN) {
-            break;
-        }
-
-        if (n == 0) {
-            ngx_log_error(NGX_LOG_WARN, c->log, 0,
-                          "loyalty: redis closed the connection");
-            ngx_http_loyalty_redis_fail(conn);
-            return;
-        }
-
-        if (n == NGX_ERROR) {
-            ngx_http_loyalty_redis_fail(conn);
-            return;
-        }
-
-        if (ngx_http_loyalty_reader_feed(&conn->reader, conn->in, n)
-            != NGX_OK)
-        {
-            ngx_log_error(NGX_LOG_ERR, c->log, 0,
-                          "loyalty: redis reader failed");
-            ngx_http_loyalty_redis_fail(conn);
-            return;
-        }
-
-        for ( ;; ) {
-            rc = ngx_http_loyalty_reader_next(&conn->reader, &reply, &err);
-
-            if (rc == NGX_AGAIN) {
-                break;
-            }
-
-            if (rc == NGX_ERROR) {
-                ngx_log_error(NGX_LOG_ERR, c->log, 0,
-                              "loyalty: redis protocol error: %V", &err);
-                ngx_http_loyalty_redis_fail(conn);
-                return;
-            }
-
-            if (conn->state == ngx_http_loyalty_conn_ready) {
-                /* nothing but the handshake has been sent yet */
-                ngx_log_error(NGX_LOG_ERR, c->log, 0,
-                              "loyalty: unexpected reply from redis");
-                ngx_http_loyalty_redis_fail(conn);
-                return;
-            }
-
-            if (ngx_http_loyalty_redis_handshake_reply(conn, reply)
-                != NGX_OK)
-            {
-                ngx_http_loyalty_redis_fail(conn);
-                return;
-            }
-        }
-
-        if (ngx_http_loyalty_reader_idle(&conn->reader) == NGX_OK) {
-            ngx_reset_pool(conn->reply_pool);
-        }
-    }
-
-    if (conn->state == ngx_http_loyalty_conn_ready) {
-        ngx_http_loyalty_redis_ready(conn);
-        return;
-    }
-
-    /* each reply within the timeout */
-
-    if (conn->state != state) {
-        ngx_add_timer(rev, conn->server->connect_timeout);
-    }
-
-    if (ngx_handle_read_event(rev, 0) != NGX_OK) {
-        ngx_http_loyalty_redis_fail(conn);
-    }
-}
-
-
 /*
  * Moves the handshake on by one reply.  An error reply to AUTH or SELECT
  * fails the connection; one to SCRIPT LOAD does so only when Redis serves
  * nothing yet (still loading its data, or wanting AUTH): otherwise credits
- * send the script itself after NOSCRIPT.
+ * send the script itself after NOSCRIPT.  NGX_ERROR: the connection failed.
  */
 
 static ngx_int_t
@@ -679,12 +570,12 @@ ngx_http_loyalty_redis_handshake_reply(ngx_http_loyalty_conn_t *conn,
         if (error) {
             ngx_log_error(NGX_LOG_ERR, &conn->log, 0,
                           "loyalty: redis refused AUTH: \"%V\"", &reply->str);
-            return NGX_ERROR;
+            goto failed;
         }
 
         conn->state = conn->server->db ? ngx_http_loyalty_conn_select
                                        : ngx_http_loyalty_conn_script;
-        return NGX_OK;
+        break;
 
     case ngx_http_loyalty_conn_select:
 
@@ -692,11 +583,11 @@ ngx_http_loyalty_redis_handshake_reply(ngx_http_loyalty_conn_t *conn,
             ngx_log_error(NGX_LOG_ERR, &conn->log, 0,
                           "loyalty: redis refused SELECT: \"%V\"",
                           &reply->str);
-            return NGX_ERROR;
+            goto failed;
         }
 
         conn->state = ngx_http_loyalty_conn_script;
-        return NGX_OK;
+        break;
 
     default: /* ngx_http_loyalty_conn_script */
 
@@ -714,13 +605,25 @@ ngx_http_loyalty_redis_handshake_reply(ngx_http_loyalty_conn_t *conn,
                                    sizeof("NOAUTH") - 1)
                        == 0))
             {
-                return NGX_ERROR;
+                goto failed;
             }
         }
 
-        conn->state = ngx_http_loyalty_conn_ready;
+        ngx_http_loyalty_redis_ready(conn);
         return NGX_OK;
     }
+
+    /* each reply within the timeout */
+
+    ngx_add_timer(conn->connection->read, conn->server->connect_timeout);
+
+    return NGX_OK;
+
+failed:
+
+    ngx_http_loyalty_redis_fail(conn);
+
+    return NGX_ERROR;
 }
 
 
@@ -742,13 +645,13 @@ ngx_http_loyalty_redis_ready(ngx_http_loyalty_conn_t *conn)
                       "loyalty: redis connection restored");
     }
 
+    conn->state = ngx_http_loyalty_conn_ready;
     conn->failed = 0;
     conn->delay = 0;
     conn->heard = ngx_current_msec;
 
     ngx_http_loyalty_count_connection(*conn->server->sh, 1);
 
-    c->read->handler = ngx_http_loyalty_redis_read_handler;
     c->write->handler = ngx_http_loyalty_redis_write_handler;
 
     /*
@@ -764,10 +667,6 @@ ngx_http_loyalty_redis_ready(ngx_http_loyalty_conn_t *conn)
         conn->deadline.cancelable = 1;
         ngx_add_timer(&conn->deadline, conn->dead);
     }
-
-    if (ngx_handle_read_event(c->read, 0) != NGX_OK) {
-        ngx_http_loyalty_redis_fail(conn);
-    }
 }
 
 
@@ -776,6 +675,7 @@ ngx_http_loyalty_redis_queue(ngx_http_loyalty_conn_t *conn, ngx_uint_t argc,
     ngx_str_t *argv, ngx_msec_t timeout, ngx_http_loyalty_reply_pt handler,
     void *data)
 {
+    u_char                  *p;
     size_t                   len;
     ngx_buf_t               *b;
     ngx_queue_t             *q;
@@ -815,8 +715,12 @@ ngx_http_loyalty_redis_queue(ngx_http_loyalty_conn_t *conn, ngx_uint_t argc,
         conn->ncmds++;
     }
 
-    b->last = ngx_http_loyalty_command_write(b->last, argc, argv);
+    p = b->last;
+    b->last = ngx_http_loyalty_command_write(p, argc, argv);
 
+    conn->queued += b->last - p;
+
+    cmd->end = conn->queued;
     cmd->handler = handler;
     cmd->data = data;
     cmd->deadline = ngx_current_msec + timeout;
@@ -885,6 +789,7 @@ ngx_http_loyalty_redis_write_handler(ngx_event_t *wev)
         }
 
         b->pos += n;
+        conn->written += n;
     }
 
     if (b->pos == b->last) {
@@ -898,15 +803,24 @@ ngx_http_loyalty_redis_write_handler(ngx_event_t *wev)
 }
 
 
+/*
+ * One read path for the whole life of a connection: the replies go to the
+ * handshake while it lasts, then to the commands.
+ */
+
 static void
 ngx_http_loyalty_redis_read_handler(ngx_event_t *rev)
 {
     ssize_t                   n;
+    ngx_uint_t                state;
     ngx_connection_t         *c;
     ngx_http_loyalty_conn_t  *conn;
 
     c = rev->data;
     conn = c->data;
+
+    ngx_log_debug1(NGX_LOG_DEBUG_HTTP, rev->log, 0,
+                   "loyalty redis read handler, state: %ui", conn->state);
 
     /* worker_shutdown_timeout: nginx closes every connection this way */
 
@@ -914,6 +828,17 @@ ngx_http_loyalty_redis_read_handler(ngx_event_t *rev)
         ngx_http_loyalty_redis_exit(conn);
         return;
     }
+
+    /* only the handshake sets a read timer */
+
+    if (rev->timedout) {
+        ngx_log_error(NGX_LOG_WARN, c->log, NGX_ETIMEDOUT,
+                      "loyalty: redis did not answer the handshake in time");
+        ngx_http_loyalty_redis_fail(conn);
+        return;
+    }
+
+    state = conn->state;
 
     /*
      * Read until the socket is drained: with edge-triggered events,
@@ -928,7 +853,9 @@ ngx_http_loyalty_redis_read_handler(ngx_event_t *rev)
         }
 
         if (n == 0) {
-            if (ngx_queue_empty(&conn->pending)) {
+            if (state == ngx_http_loyalty_conn_ready
+                && ngx_queue_empty(&conn->pending))
+            {
                 /* an idle connection closed by the server's "timeout" */
                 ngx_log_error(NGX_LOG_INFO, c->log, 0,
                               "loyalty: redis closed an idle connection");
@@ -967,19 +894,18 @@ ngx_http_loyalty_redis_read_handler(ngx_event_t *rev)
 }
 
 
-/* hands every complete reply to the oldest command */
+/*
+ * Hands every complete reply on, as the connection's state says: to the
+ * step of the handshake, or to the oldest command.  NGX_ERROR: the
+ * connection failed.
+ */
 
 static ngx_int_t
 ngx_http_loyalty_redis_process(ngx_http_loyalty_conn_t *conn)
 {
     ngx_int_t                  rc;
     ngx_str_t                  err;
-    ngx_queue_t               *q;
-    ngx_connection_t          *c;
-    ngx_http_loyalty_cmd_t    *cmd;
     ngx_http_loyalty_reply_t  *reply;
-
-    c = conn->connection;
 
     for ( ;; ) {
         rc = ngx_http_loyalty_reader_next(&conn->reader, &reply, &err);
@@ -989,45 +915,30 @@ ngx_http_loyalty_redis_process(ngx_http_loyalty_conn_t *conn)
         }
 
         if (rc == NGX_ERROR) {
-            ngx_log_error(NGX_LOG_ERR, c->log, 0,
+            ngx_log_error(NGX_LOG_ERR, &conn->log, 0,
                           "loyalty: redis protocol error: %V", &err);
             ngx_http_loyalty_redis_fail(conn);
             return NGX_ERROR;
         }
 
-        if (ngx_queue_empty(&conn->pending)) {
-            ngx_log_error(NGX_LOG_ERR, c->log, 0,
-                          "loyalty: unexpected reply from redis");
-            ngx_http_loyalty_redis_fail(conn);
-            return NGX_ERROR;
-        }
-
-        q = ngx_queue_head(&conn->pending);
-        ngx_queue_remove(q);
-
-        conn->heard = ngx_current_msec;
-
-        cmd = ngx_queue_data(q, ngx_http_loyalty_cmd_t, queue);
-
-        if (cmd->timedout) {
-            ngx_log_debug0(NGX_LOG_DEBUG_HTTP, c->log, 0,
-                           "loyalty redis late reply dropped");
+        if (conn->state == ngx_http_loyalty_conn_ready) {
+            rc = ngx_http_loyalty_redis_reply(conn, reply);
 
         } else {
-            conn->waiting--;
-            cmd->handler(cmd, reply);
+            rc = ngx_http_loyalty_redis_handshake_reply(conn, reply);
         }
 
-        ngx_queue_insert_head(&conn->free, &cmd->queue);
-
-        if (conn->connection != c) {
-            /* the handler failed the connection */
+        if (rc != NGX_OK) {
             return NGX_ERROR;
         }
     }
 
     if (ngx_http_loyalty_reader_idle(&conn->reader) == NGX_OK) {
         ngx_reset_pool(conn->reply_pool);
+    }
+
+    if (conn->state != ngx_http_loyalty_conn_ready) {
+        return NGX_OK;
     }
 
     if (ngx_queue_empty(&conn->pending)) {
@@ -1040,6 +951,65 @@ ngx_http_loyalty_redis_process(ngx_http_loyalty_conn_t *conn)
     }
 
     return NGX_OK;
+}
+
+
+/*
+ * The reply of the oldest command, which must have gone out whole.
+ * NGX_ERROR: the connection failed.
+ */
+
+static ngx_int_t
+ngx_http_loyalty_redis_reply(ngx_http_loyalty_conn_t *conn,
+    ngx_http_loyalty_reply_t *reply)
+{
+    ngx_queue_t             *q;
+    ngx_connection_t        *c;
+    ngx_http_loyalty_cmd_t  *cmd;
+
+    c = conn->connection;
+
+    if (ngx_queue_empty(&conn->pending)) {
+        goto unexpected;
+    }
+
+    q = ngx_queue_head(&conn->pending);
+    cmd = ngx_queue_data(q, ngx_http_loyalty_cmd_t, queue);
+
+    if (cmd->end > conn->written) {
+        /* Redis answers only what it has read */
+        goto unexpected;
+    }
+
+    ngx_queue_remove(q);
+
+    conn->heard = ngx_current_msec;
+
+    if (cmd->timedout) {
+        ngx_log_debug0(NGX_LOG_DEBUG_HTTP, c->log, 0,
+                       "loyalty redis late reply dropped");
+
+    } else {
+        conn->waiting--;
+        cmd->handler(cmd, reply);
+    }
+
+    ngx_queue_insert_head(&conn->free, &cmd->queue);
+
+    if (conn->connection != c) {
+        /* the handler failed the connection */
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+
+unexpected:
+
+    ngx_log_error(NGX_LOG_ERR, c->log, 0,
+                  "loyalty: unexpected reply from redis");
+    ngx_http_loyalty_redis_fail(conn);
+
+    return NGX_ERROR;
 }
 
 
@@ -1188,6 +1158,8 @@ ngx_http_loyalty_redis_close(ngx_http_loyalty_conn_t *conn)
 
     conn->out->pos = conn->out->start;
     conn->out->last = conn->out->start;
+    conn->queued = 0;
+    conn->written = 0;
 
     conn->state = ngx_http_loyalty_conn_closed;
 }
