@@ -64,6 +64,8 @@ static void ngx_http_loyalty_credit_handler(ngx_http_loyalty_cmd_t *cmd,
     ngx_http_loyalty_reply_t *reply);
 static void ngx_http_loyalty_credit_retry(ngx_http_loyalty_credit_t *cr,
     const char *reason, ngx_log_t *log);
+static ngx_int_t ngx_http_loyalty_credit_loaded(
+    ngx_http_loyalty_reply_t *reply, void *data, ngx_log_t *log);
 static void ngx_http_loyalty_credit_timer(ngx_event_t *ev);
 static void ngx_http_loyalty_credit_flush(ngx_event_t *ev);
 static void ngx_http_loyalty_credit_journal_all(ngx_queue_t *queue,
@@ -541,6 +543,9 @@ ngx_int_t
 ngx_http_loyalty_credit_init_process(ngx_cycle_t *cycle,
     ngx_http_loyalty_main_conf_t *lmcf)
 {
+    ngx_str_t                    argv[3];
+    ngx_uint_t                   i;
+    ngx_http_loyalty_server_t  **server;
     ngx_http_loyalty_credits_t  *credits;
 
     credits = ngx_pcalloc(cycle->pool, sizeof(ngx_http_loyalty_credits_t));
@@ -570,6 +575,56 @@ ngx_http_loyalty_credit_init_process(ngx_cycle_t *cycle,
     credits->timer.cancelable = 1;
 
     lmcf->credits = credits;
+
+    /* every connection loads the script, which credits name by its SHA1 */
+
+    ngx_str_set(&argv[0], "SCRIPT");
+    ngx_str_set(&argv[1], "LOAD");
+    argv[2] = lmcf->script;
+
+    server = lmcf->servers.elts;
+
+    for (i = 0; i < lmcf->servers.nelts; i++) {
+        if (ngx_http_loyalty_redis_add_setup(server[i], cycle->pool, 3, argv,
+                                             ngx_http_loyalty_credit_loaded,
+                                             NULL)
+            != NGX_OK)
+        {
+            return NGX_ERROR;
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+/*
+ * The reply to SCRIPT LOAD in a connection's handshake.  An error reply
+ * fails the connection only when Redis serves nothing yet (still loading
+ * its data, or wanting AUTH): otherwise credits send the script itself
+ * after NOSCRIPT.
+ */
+
+static ngx_int_t
+ngx_http_loyalty_credit_loaded(ngx_http_loyalty_reply_t *reply,
+    void *data, ngx_log_t *log)
+{
+    if (reply->type != NGX_HTTP_LOYALTY_REPLY_ERROR) {
+        return NGX_OK;
+    }
+
+    ngx_log_error(NGX_LOG_WARN, log, 0,
+                  "loyalty: redis refused SCRIPT LOAD: \"%V\"", &reply->str);
+
+    if ((reply->str.len >= sizeof("LOADING") - 1
+         && ngx_strncmp(reply->str.data, "LOADING", sizeof("LOADING") - 1)
+            == 0)
+        || (reply->str.len >= sizeof("NOAUTH") - 1
+            && ngx_strncmp(reply->str.data, "NOAUTH", sizeof("NOAUTH") - 1)
+               == 0))
+    {
+        return NGX_ERROR;
+    }
 
     return NGX_OK;
 }

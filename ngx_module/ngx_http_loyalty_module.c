@@ -719,8 +719,6 @@ ngx_http_loyalty_add_server(ngx_conf_t *cf, ngx_str_t *name, ngx_uint_t db,
 
     server->name = *name;
     server->addr = u.addrs[0];
-    server->script = &lmcf->script;
-    server->sh = &lmcf->sh;
     server->db = db;
     server->user = *user;
     server->password = *password;

@@ -128,7 +128,34 @@ typedef struct {
 #endif
 
 
-/* a Redis server as configured: one connection per worker */
+/*
+ * A setup command's reply, in a connection's handshake: NGX_ERROR fails
+ * the connection.  The log names the server.
+ */
+typedef ngx_int_t (*ngx_http_loyalty_redis_setup_pt)(
+    ngx_http_loyalty_reply_t *reply, void *data, ngx_log_t *log);
+
+typedef struct {
+    ngx_str_t                        command;   /* encoded */
+    ngx_http_loyalty_redis_setup_pt  handler;
+    void                            *data;
+} ngx_http_loyalty_redis_setup_t;
+
+
+typedef void (*ngx_http_loyalty_redis_event_pt)(void *data);
+
+/* what a server's connections tell whoever keeps count of them */
+typedef struct {
+    ngx_http_loyalty_redis_event_pt  ready;     /* one got ready */
+    ngx_http_loyalty_redis_event_pt  close;     /* a ready one closed */
+    void                            *data;
+} ngx_http_loyalty_redis_events_t;
+
+
+/*
+ * A Redis server as configured: one connection per worker.  Its owners
+ * add setup commands and set events as the worker starts.
+ */
 typedef struct {
     ngx_str_t                  name;            /* as written, for logs */
     ngx_addr_t                 addr;
@@ -136,8 +163,9 @@ typedef struct {
     ngx_str_t                  user;
     ngx_str_t                  password;
     ngx_msec_t                 connect_timeout;
-    ngx_str_t                 *script;          /* loaded on connect */
-    ngx_http_loyalty_shctx_t **sh;
+
+    ngx_array_t                setup;   /* ngx_http_loyalty_redis_setup_t */
+    ngx_http_loyalty_redis_events_t  events;
 
     ngx_http_loyalty_conn_t   *conn;            /* per worker */
 } ngx_http_loyalty_server_t;
@@ -309,6 +337,9 @@ ngx_int_t ngx_http_loyalty_filter_init(ngx_conf_t *cf);
 /* ngx_http_loyalty_redis.c */
 ngx_int_t ngx_http_loyalty_redis_init_process(ngx_cycle_t *cycle,
     ngx_http_loyalty_server_t *server);
+ngx_int_t ngx_http_loyalty_redis_add_setup(ngx_http_loyalty_server_t *server,
+    ngx_pool_t *pool, ngx_uint_t argc, ngx_str_t *argv,
+    ngx_http_loyalty_redis_setup_pt handler, void *data);
 void ngx_http_loyalty_redis_exit_process(ngx_http_loyalty_server_t *server);
 ngx_http_loyalty_cmd_t *ngx_http_loyalty_redis_send(
     ngx_http_loyalty_server_t *server, ngx_uint_t argc, ngx_str_t *argv,
@@ -369,8 +400,6 @@ ngx_int_t ngx_http_loyalty_value(ngx_http_request_t *r,
 ngx_int_t ngx_http_loyalty_status_zone(ngx_conf_t *cf,
     ngx_http_loyalty_main_conf_t *lmcf);
 void ngx_http_loyalty_status_init_process(ngx_http_loyalty_main_conf_t *lmcf);
-void ngx_http_loyalty_count_connection(ngx_http_loyalty_shctx_t *sh,
-    ngx_int_t n);
 #if !(NGX_HTTP_LOYALTY_NO_COUNTERS)
 void ngx_http_loyalty_count_latency(ngx_http_loyalty_main_conf_t *lmcf,
     ngx_uint_t usec);

@@ -12,21 +12,25 @@
 
 /*
  * One connection per worker and Redis server, opened on first use and
- * kept.  Its life is a series of states, each with its own event handler,
- * as ngx_mail_proxy_module walks a backend through its greeting and AUTH:
+ * kept.  Its life is a series of states, as ngx_mail_proxy_module walks a
+ * backend through its greeting and AUTH:
  *
- *     closed -> connecting -> auth -> select -> script -> ready
- *                                \_____________________/
+ *     closed -> connecting -> auth -> select -> setup -> ready
+ *                                \____________________/
  *                                       handshake
  *
  * and "down" after a failure, until the backoff timer reconnects.  AUTH
  * (with a password) and SELECT (with a database) are sent only when a
- * connection opens, together with SCRIPT LOAD, and their replies are
- * checked in that order; a TLS handshake would be one more state between
- * connecting and auth.  Only "ready" counts as up: commands queued before
- * wait for it, and the backoff starts again from its minimum only there, so
- * that a Redis that accepts connections and then refuses AUTH, or never
- * answers, is backed off like one that refuses the connection.
+ * connection opens, together with the setup commands that the server's
+ * owners registered (ngx_http_loyalty_redis_add_setup(): the credits'
+ * SCRIPT LOAD), and their replies are checked in that order, one state
+ * each; a TLS handshake would be one more state between connecting and
+ * auth.  Only "ready" counts as up: commands queued before wait for it,
+ * and the backoff starts again from its minimum only there, so that a
+ * Redis that accepts connections and then refuses AUTH, or never answers,
+ * is backed off like one that refuses the connection.  The owners learn
+ * when a connection gets ready and when a ready one closes through the
+ * server's events.
  *
  * Commands of concurrent requests are written back to back into one output
  * buffer, flushed once per event loop iteration, and replies are matched to
@@ -56,7 +60,7 @@ typedef enum {
     ngx_http_loyalty_conn_connecting,
     ngx_http_loyalty_conn_auth,
     ngx_http_loyalty_conn_select,
-    ngx_http_loyalty_conn_script,
+    ngx_http_loyalty_conn_setup,
     ngx_http_loyalty_conn_ready,
     ngx_http_loyalty_conn_down
 } ngx_http_loyalty_conn_state_e;
@@ -71,7 +75,7 @@ struct ngx_http_loyalty_conn_s {
     ngx_pool_t                 *reply_pool;
     ngx_http_loyalty_reader_t   reader;
 
-    ngx_str_t                   handshake;      /* AUTH, SELECT, SCRIPT LOAD */
+    ngx_str_t                   handshake;      /* AUTH, SELECT, setup */
     ngx_buf_t                  *out;
     off_t                       queued;         /* bytes, since connected */
     off_t                       written;
@@ -91,6 +95,7 @@ struct ngx_http_loyalty_conn_s {
     ngx_log_t                   log;
 
     ngx_uint_t                  state;          /* ngx_http_loyalty_conn_* */
+    ngx_uint_t                  step;           /* setup reply awaited */
     time_t                      full_logged;
     time_t                      late_logged;
     unsigned                    failed:1;
@@ -104,6 +109,7 @@ static ngx_int_t ngx_http_loyalty_redis_connect(
 static void ngx_http_loyalty_redis_connect_handler(ngx_event_t *ev);
 static ngx_int_t ngx_http_loyalty_redis_test_connect(ngx_connection_t *c);
 static void ngx_http_loyalty_redis_handshake(ngx_http_loyalty_conn_t *conn);
+static void ngx_http_loyalty_redis_next_step(ngx_http_loyalty_conn_t *conn);
 static ngx_int_t ngx_http_loyalty_redis_handshake_reply(
     ngx_http_loyalty_conn_t *conn, ngx_http_loyalty_reply_t *reply);
 static void ngx_http_loyalty_redis_ready(ngx_http_loyalty_conn_t *conn);
@@ -156,10 +162,6 @@ ngx_http_loyalty_redis_init_process(ngx_cycle_t *cycle,
     conn->dead = ngx_max(10 * server->connect_timeout,
                          NGX_HTTP_LOYALTY_DEAD_MIN);
 
-    if (ngx_http_loyalty_redis_handshake_init(conn) != NGX_OK) {
-        return NGX_ERROR;
-    }
-
     ngx_queue_init(&conn->pending);
     ngx_queue_init(&conn->free);
 
@@ -184,19 +186,62 @@ ngx_http_loyalty_redis_init_process(ngx_cycle_t *cycle,
 
 
 /*
- * What every new connection sends first, built once: AUTH and SELECT when
- * configured, then SCRIPT LOAD (credits name the script by its SHA1).
+ * Commands that every new connection sends in its handshake, after AUTH
+ * and SELECT, in the order registered; registered as the worker starts,
+ * before a connection opens.  The handler, if any, judges the reply: an
+ * error fails the connection.
+ */
+
+ngx_int_t
+ngx_http_loyalty_redis_add_setup(ngx_http_loyalty_server_t *server,
+    ngx_pool_t *pool, ngx_uint_t argc, ngx_str_t *argv,
+    ngx_http_loyalty_redis_setup_pt handler, void *data)
+{
+    u_char                          *p;
+    ngx_http_loyalty_redis_setup_t  *setup;
+
+    if (server->setup.elts == NULL
+        && ngx_array_init(&server->setup, pool, 1,
+                          sizeof(ngx_http_loyalty_redis_setup_t))
+           != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    setup = ngx_array_push(&server->setup);
+    if (setup == NULL) {
+        return NGX_ERROR;
+    }
+
+    p = ngx_pnalloc(pool, ngx_http_loyalty_command_len(argc, argv));
+    if (p == NULL) {
+        return NGX_ERROR;
+    }
+
+    setup->command.data = p;
+    setup->command.len = ngx_http_loyalty_command_write(p, argc, argv) - p;
+    setup->handler = handler;
+    setup->data = data;
+
+    return NGX_OK;
+}
+
+
+/*
+ * What every new connection sends first, built on the first connect: AUTH
+ * and SELECT when configured, then the setup commands.
  */
 
 static ngx_int_t
 ngx_http_loyalty_redis_handshake_init(ngx_http_loyalty_conn_t *conn)
 {
-    u_char                     *p;
-    size_t                      len;
-    ngx_str_t                   auth[3], select[2], script[3];
-    ngx_uint_t                  nauth;
-    ngx_http_loyalty_server_t  *server;
-    u_char                      db[NGX_INT_T_LEN];
+    u_char                          *p;
+    size_t                           len;
+    ngx_str_t                        auth[3], select[2];
+    ngx_uint_t                       i, nauth;
+    ngx_http_loyalty_server_t       *server;
+    ngx_http_loyalty_redis_setup_t  *setup;
+    u_char                           db[NGX_INT_T_LEN];
 
     server = conn->server;
 
@@ -217,11 +262,13 @@ ngx_http_loyalty_redis_handshake_init(ngx_http_loyalty_conn_t *conn)
     select[1].data = db;
     select[1].len = ngx_sprintf(db, "%ui", server->db) - db;
 
-    ngx_str_set(&script[0], "SCRIPT");
-    ngx_str_set(&script[1], "LOAD");
-    script[2] = *server->script;
+    setup = server->setup.elts;
 
-    len = ngx_http_loyalty_command_len(3, script);
+    len = 0;
+
+    for (i = 0; i < server->setup.nelts; i++) {
+        len += setup[i].command.len;
+    }
 
     if (nauth) {
         len += ngx_http_loyalty_command_len(nauth, auth);
@@ -229,6 +276,11 @@ ngx_http_loyalty_redis_handshake_init(ngx_http_loyalty_conn_t *conn)
 
     if (server->db) {
         len += ngx_http_loyalty_command_len(2, select);
+    }
+
+    if (len == 0) {
+        ngx_str_set(&conn->handshake, "");
+        return NGX_OK;
     }
 
     p = ngx_pnalloc(conn->pool, len);
@@ -246,7 +298,9 @@ ngx_http_loyalty_redis_handshake_init(ngx_http_loyalty_conn_t *conn)
         p = ngx_http_loyalty_command_write(p, 2, select);
     }
 
-    p = ngx_http_loyalty_command_write(p, 3, script);
+    for (i = 0; i < server->setup.nelts; i++) {
+        p = ngx_cpymem(p, setup[i].command.data, setup[i].command.len);
+    }
 
     conn->handshake.len = p - conn->handshake.data;
 
@@ -361,6 +415,12 @@ ngx_http_loyalty_redis_connect(ngx_http_loyalty_conn_t *conn)
     pc->get = ngx_event_get_peer;
     pc->log = &conn->log;
     pc->log_error = NGX_ERROR_INFO;
+
+    if (conn->handshake.data == NULL
+        && ngx_http_loyalty_redis_handshake_init(conn) != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
 
     conn->reply_pool = ngx_create_pool(4096, &conn->log);
     if (conn->reply_pool == NULL) {
@@ -502,45 +562,43 @@ ngx_http_loyalty_redis_test_connect(ngx_connection_t *c)
 
 
 /*
- * Connected: AUTH, SELECT and SCRIPT LOAD go out in one write, and each
- * reply must come within the connect timeout.
+ * Connected: AUTH, SELECT and the setup commands go out in one write, and
+ * each reply must come within the connect timeout.
  */
 
 static void
 ngx_http_loyalty_redis_handshake(ngx_http_loyalty_conn_t *conn)
 {
-    ssize_t                     n;
-    ngx_connection_t           *c;
-    ngx_http_loyalty_server_t  *server;
+    ssize_t            n;
+    ngx_connection_t  *c;
 
     c = conn->connection;
-    server = conn->server;
 
-    n = c->send(c, conn->handshake.data, conn->handshake.len);
+    if (conn->handshake.len) {
+        n = c->send(c, conn->handshake.data, conn->handshake.len);
 
-    if (n != (ssize_t) conn->handshake.len) {
-        /*
-         * an incomplete write is an error too: a new socket takes a few
-         * kilobytes at once
-         */
-        ngx_http_loyalty_redis_fail(conn);
-        return;
-    }
-
-    if (server->password.len) {
-        conn->state = ngx_http_loyalty_conn_auth;
-
-    } else if (server->db) {
-        conn->state = ngx_http_loyalty_conn_select;
-
-    } else {
-        conn->state = ngx_http_loyalty_conn_script;
+        if (n != (ssize_t) conn->handshake.len) {
+            /*
+             * an incomplete write is an error too: a new socket takes a
+             * few kilobytes at once
+             */
+            ngx_http_loyalty_redis_fail(conn);
+            return;
+        }
     }
 
     c->read->handler = ngx_http_loyalty_redis_read_handler;
     c->write->handler = ngx_http_loyalty_redis_dummy_handler;
 
-    ngx_add_timer(c->read, server->connect_timeout);
+    ngx_http_loyalty_redis_next_step(conn);
+
+    if (conn->state == ngx_http_loyalty_conn_ready) {
+        /* nothing to wait for */
+        ngx_http_loyalty_redis_ready(conn);
+
+    } else {
+        ngx_add_timer(c->read, conn->server->connect_timeout);
+    }
 
     if (ngx_handle_read_event(c->read, 0) != NGX_OK) {
         ngx_http_loyalty_redis_fail(conn);
@@ -549,17 +607,65 @@ ngx_http_loyalty_redis_handshake(ngx_http_loyalty_conn_t *conn)
 
 
 /*
+ * The state after the one the connection is in: auth, select and each
+ * setup command when there are any, then ready.
+ */
+
+static void
+ngx_http_loyalty_redis_next_step(ngx_http_loyalty_conn_t *conn)
+{
+    ngx_http_loyalty_server_t  *server;
+
+    server = conn->server;
+
+    switch (conn->state) {
+
+    case ngx_http_loyalty_conn_connecting:
+
+        if (server->password.len) {
+            conn->state = ngx_http_loyalty_conn_auth;
+            return;
+        }
+
+        /* fall through */
+
+    case ngx_http_loyalty_conn_auth:
+
+        if (server->db) {
+            conn->state = ngx_http_loyalty_conn_select;
+            return;
+        }
+
+        /* fall through */
+
+    case ngx_http_loyalty_conn_select:
+
+        conn->step = 0;
+        break;
+
+    default: /* ngx_http_loyalty_conn_setup */
+
+        conn->step++;
+        break;
+    }
+
+    conn->state = (conn->step < server->setup.nelts)
+                  ? ngx_http_loyalty_conn_setup : ngx_http_loyalty_conn_ready;
+}
+
+
+/*
  * Moves the handshake on by one reply.  An error reply to AUTH or SELECT
- * fails the connection; one to SCRIPT LOAD does so only when Redis serves
- * nothing yet (still loading its data, or wanting AUTH): otherwise credits
- * send the script itself after NOSCRIPT.  NGX_ERROR: the connection failed.
+ * fails the connection; the reply to a setup command is its handler's to
+ * judge.  NGX_ERROR: the connection failed.
  */
 
 static ngx_int_t
 ngx_http_loyalty_redis_handshake_reply(ngx_http_loyalty_conn_t *conn,
     ngx_http_loyalty_reply_t *reply)
 {
-    ngx_uint_t  error;
+    ngx_uint_t                       error;
+    ngx_http_loyalty_redis_setup_t  *setup;
 
     error = (reply->type == NGX_HTTP_LOYALTY_REPLY_ERROR);
 
@@ -573,8 +679,6 @@ ngx_http_loyalty_redis_handshake_reply(ngx_http_loyalty_conn_t *conn,
             goto failed;
         }
 
-        conn->state = conn->server->db ? ngx_http_loyalty_conn_select
-                                       : ngx_http_loyalty_conn_script;
         break;
 
     case ngx_http_loyalty_conn_select:
@@ -586,29 +690,25 @@ ngx_http_loyalty_redis_handshake_reply(ngx_http_loyalty_conn_t *conn,
             goto failed;
         }
 
-        conn->state = ngx_http_loyalty_conn_script;
         break;
 
-    default: /* ngx_http_loyalty_conn_script */
+    default: /* ngx_http_loyalty_conn_setup */
 
-        if (error) {
-            ngx_log_error(NGX_LOG_WARN, &conn->log, 0,
-                          "loyalty: redis refused SCRIPT LOAD: \"%V\"",
-                          &reply->str);
+        setup = conn->server->setup.elts;
+        setup = &setup[conn->step];
 
-            if ((reply->str.len >= sizeof("LOADING") - 1
-                 && ngx_strncmp(reply->str.data, "LOADING",
-                                sizeof("LOADING") - 1)
-                    == 0)
-                || (reply->str.len >= sizeof("NOAUTH") - 1
-                    && ngx_strncmp(reply->str.data, "NOAUTH",
-                                   sizeof("NOAUTH") - 1)
-                       == 0))
-            {
-                goto failed;
-            }
+        if (setup->handler
+            && setup->handler(reply, setup->data, &conn->log) != NGX_OK)
+        {
+            goto failed;
         }
 
+        break;
+    }
+
+    ngx_http_loyalty_redis_next_step(conn);
+
+    if (conn->state == ngx_http_loyalty_conn_ready) {
         ngx_http_loyalty_redis_ready(conn);
         return NGX_OK;
     }
@@ -632,9 +732,11 @@ failed:
 static void
 ngx_http_loyalty_redis_ready(ngx_http_loyalty_conn_t *conn)
 {
-    ngx_connection_t  *c;
+    ngx_connection_t           *c;
+    ngx_http_loyalty_server_t  *server;
 
     c = conn->connection;
+    server = conn->server;
 
     if (c->read->timer_set) {
         ngx_del_timer(c->read);
@@ -645,12 +747,13 @@ ngx_http_loyalty_redis_ready(ngx_http_loyalty_conn_t *conn)
                       "loyalty: redis connection restored");
     }
 
-    conn->state = ngx_http_loyalty_conn_ready;
     conn->failed = 0;
     conn->delay = 0;
     conn->heard = ngx_current_msec;
 
-    ngx_http_loyalty_count_connection(*conn->server->sh, 1);
+    if (server->events.ready) {
+        server->events.ready(server->events.data);
+    }
 
     c->write->handler = ngx_http_loyalty_redis_write_handler;
 
@@ -1136,8 +1239,12 @@ ngx_http_loyalty_redis_backoff_handler(ngx_event_t *ev)
 static void
 ngx_http_loyalty_redis_close(ngx_http_loyalty_conn_t *conn)
 {
-    if (conn->state == ngx_http_loyalty_conn_ready) {
-        ngx_http_loyalty_count_connection(*conn->server->sh, -1);
+    ngx_http_loyalty_server_t  *server;
+
+    server = conn->server;
+
+    if (conn->state == ngx_http_loyalty_conn_ready && server->events.close) {
+        server->events.close(server->events.data);
     }
 
     if (conn->connection) {
