@@ -6,10 +6,9 @@
 
 #include <ngx_config.h>
 #include <ngx_core.h>
-#include <ngx_http.h>
 #include <ngx_sha1.h>
 #include <hiredis/read.h>
-#include "ngx_http_loyalty_module.h"
+#include "ngx_http_loyalty_redis.h"
 
 
 /*

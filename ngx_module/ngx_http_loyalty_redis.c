@@ -6,8 +6,9 @@
 
 #include <ngx_config.h>
 #include <ngx_core.h>
-#include <ngx_http.h>
-#include "ngx_http_loyalty_module.h"
+#include <ngx_event.h>
+#include <ngx_event_connect.h>
+#include "ngx_http_loyalty_redis.h"
 
 
 /*
