@@ -62,7 +62,7 @@ struct ngx_http_loyalty_credits_s {
 
 static ngx_int_t ngx_http_loyalty_credit_send(ngx_http_loyalty_credit_t *cr,
     ngx_log_t *log);
-static void ngx_http_loyalty_credit_handler(ngx_http_loyalty_cmd_t *cmd,
+static void ngx_http_loyalty_credit_handler(void *data, ngx_int_t rc,
     ngx_http_loyalty_reply_t *reply);
 static void ngx_http_loyalty_credit_retry(ngx_http_loyalty_credit_t *cr,
     const char *reason, ngx_log_t *log);
@@ -305,7 +305,7 @@ ngx_http_loyalty_credit_send(ngx_http_loyalty_credit_t *cr, ngx_log_t *log)
 
 
 static void
-ngx_http_loyalty_credit_handler(ngx_http_loyalty_cmd_t *cmd,
+ngx_http_loyalty_credit_handler(void *data, ngx_int_t rc,
     ngx_http_loyalty_reply_t *reply)
 {
     uint64_t                    redeemed;
@@ -314,16 +314,16 @@ ngx_http_loyalty_credit_handler(ngx_http_loyalty_cmd_t *cmd,
     ngx_http_loyalty_reply_t   *e;
     ngx_http_loyalty_credit_t  *cr;
 
-    cr = cmd->data;
+    cr = data;
     log = cr->credits->log;
 
-    if (cmd->exiting) {
+    if (rc == NGX_ABORT) {
         ngx_http_loyalty_journal(cr, "worker exiting", log);
         ngx_http_loyalty_credit_free(cr);
         return;
     }
 
-    if (reply == NULL) {
+    if (rc != NGX_OK) {
         ngx_http_loyalty_credit_retry(cr, "redis unavailable", log);
         return;
     }

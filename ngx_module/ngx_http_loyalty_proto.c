@@ -12,8 +12,8 @@
 
 
 /*
- * The Redis protocol.  Commands are encoded here, straight into the
- * connection's output buffer (hiredis' redisFormatCommand*() would malloc
+ * The Redis protocol.  Commands are encoded here, into buffers the
+ * connection keeps for them (hiredis' redisFormatCommand*() would malloc
  * a copy per command).  Replies are parsed by hiredis' redisReader, with
  * our own object functions: reply objects come from a pool that the
  * connection resets whenever no reply is half built.

@@ -33,9 +33,13 @@
  * when a connection gets ready and when a ready one closes through the
  * server's events.
  *
- * Commands of concurrent requests are written back to back into one output
+ * Commands of concurrent requests are copied back to back into one output
  * buffer, flushed once per event loop iteration, and replies are matched to
- * them in order.  A command whose deadline passes fails alone: its request
+ * them in order.  Each command keeps its own encoded bytes until it is
+ * answered, so that it can be sent again elsewhere (to the node a Redis
+ * Cluster redirects it to); its owner may cancel it
+ * (ngx_http_loyalty_redis_cancel()), and is told of its end once, through
+ * its handler.  A command whose deadline passes fails alone: its request
  * goes on as "unavailable", and the command stays in the queue until its
  * late reply comes, which is read and dropped.  A connection that fails
  * (refused, reset, a handshake refused or unanswered, a protocol error, or
@@ -49,11 +53,30 @@
 #define NGX_HTTP_LOYALTY_OUT_SIZE    65536
 #define NGX_HTTP_LOYALTY_IN_SIZE     16384
 #define NGX_HTTP_LOYALTY_MAX_CMDS    8192
+#define NGX_HTTP_LOYALTY_CMD_SIZE    512    /* a read, a credit by EVALSHA */
 
 #define NGX_HTTP_LOYALTY_BACKOFF_MIN 100
 #define NGX_HTTP_LOYALTY_BACKOFF_MAX 2000
 
 #define NGX_HTTP_LOYALTY_DEAD_MIN    1000
+
+
+/*
+ * A command keeps its encoded bytes until it is answered (or fails), so
+ * that it could be sent again elsewhere; commands, with their buffers,
+ * are reused from the connection's free list.
+ */
+
+struct ngx_http_loyalty_cmd_s {
+    ngx_queue_t                 queue;
+    ngx_str_t                   command;        /* encoded */
+    size_t                      size;           /* of command.data */
+    off_t                       end;            /* in the bytes queued */
+    ngx_msec_t                  deadline;
+    ngx_http_loyalty_reply_pt   handler;        /* NULL: cancelled or done */
+    void                       *data;
+    unsigned                    timedout:1;     /* failed, reply awaited */
+};
 
 
 typedef enum {
@@ -117,6 +140,10 @@ static void ngx_http_loyalty_redis_ready(ngx_http_loyalty_conn_t *conn);
 static ngx_http_loyalty_cmd_t *ngx_http_loyalty_redis_queue(
     ngx_http_loyalty_conn_t *conn, ngx_uint_t argc, ngx_str_t *argv,
     ngx_msec_t timeout, ngx_http_loyalty_reply_pt handler, void *data);
+static ngx_http_loyalty_cmd_t *ngx_http_loyalty_redis_alloc(
+    ngx_http_loyalty_conn_t *conn, size_t len);
+static void ngx_http_loyalty_redis_done(ngx_http_loyalty_cmd_t *cmd,
+    ngx_int_t rc, ngx_http_loyalty_reply_t *reply);
 static void ngx_http_loyalty_redis_write_handler(ngx_event_t *wev);
 static void ngx_http_loyalty_redis_read_handler(ngx_event_t *rev);
 static ngx_int_t ngx_http_loyalty_redis_process(
@@ -782,7 +809,6 @@ ngx_http_loyalty_redis_queue(ngx_http_loyalty_conn_t *conn, ngx_uint_t argc,
     u_char                  *p;
     size_t                   len;
     ngx_buf_t               *b;
-    ngx_queue_t             *q;
     ngx_msec_int_t           left;
     ngx_http_loyalty_cmd_t  *cmd;
 
@@ -801,34 +827,23 @@ ngx_http_loyalty_redis_queue(ngx_http_loyalty_conn_t *conn, ngx_uint_t argc,
         }
     }
 
-    if (!ngx_queue_empty(&conn->free)) {
-        q = ngx_queue_head(&conn->free);
-        ngx_queue_remove(q);
-        cmd = ngx_queue_data(q, ngx_http_loyalty_cmd_t, queue);
-
-    } else {
-        if (conn->ncmds == NGX_HTTP_LOYALTY_MAX_CMDS) {
-            return NULL;
-        }
-
-        cmd = ngx_palloc(conn->pool, sizeof(ngx_http_loyalty_cmd_t));
-        if (cmd == NULL) {
-            return NULL;
-        }
-
-        conn->ncmds++;
+    cmd = ngx_http_loyalty_redis_alloc(conn, len);
+    if (cmd == NULL) {
+        return NULL;
     }
 
-    p = b->last;
-    b->last = ngx_http_loyalty_command_write(p, argc, argv);
+    p = cmd->command.data;
+    cmd->command.len = ngx_http_loyalty_command_write(p, argc, argv) - p;
 
-    conn->queued += b->last - p;
+    /* what goes out is a copy: the command keeps its bytes until answered */
+
+    b->last = ngx_cpymem(b->last, p, cmd->command.len);
+    conn->queued += cmd->command.len;
 
     cmd->end = conn->queued;
     cmd->handler = handler;
     cmd->data = data;
     cmd->deadline = ngx_current_msec + timeout;
-    cmd->exiting = 0;
     cmd->timedout = 0;
 
     if (ngx_queue_empty(&conn->pending)) {
@@ -864,6 +879,95 @@ ngx_http_loyalty_redis_queue(ngx_http_loyalty_conn_t *conn, ngx_uint_t argc,
     }
 
     return cmd;
+}
+
+
+/*
+ * A command from the free list, or a new one, with room for len bytes.
+ * Commands keep their buffers on the free list: a buffer too small is
+ * replaced by one at least twice as large, so that most commands never
+ * outgrow their first.  A large old buffer (an EVAL with the whole
+ * script) goes back to the system; a small one stays in the pool, and all
+ * that a command leaves behind so is less than the buffer it ends with.
+ */
+
+static ngx_http_loyalty_cmd_t *
+ngx_http_loyalty_redis_alloc(ngx_http_loyalty_conn_t *conn, size_t len)
+{
+    u_char                  *p;
+    size_t                   size;
+    ngx_queue_t             *q;
+    ngx_http_loyalty_cmd_t  *cmd;
+
+    if (ngx_queue_empty(&conn->free)) {
+        if (conn->ncmds == NGX_HTTP_LOYALTY_MAX_CMDS) {
+            return NULL;
+        }
+
+        cmd = ngx_pcalloc(conn->pool, sizeof(ngx_http_loyalty_cmd_t));
+        if (cmd == NULL) {
+            return NULL;
+        }
+
+        ngx_queue_insert_head(&conn->free, &cmd->queue);
+        conn->ncmds++;
+    }
+
+    /* it leaves the free list only with a buffer large enough */
+
+    q = ngx_queue_head(&conn->free);
+    cmd = ngx_queue_data(q, ngx_http_loyalty_cmd_t, queue);
+
+    if (cmd->size < len) {
+        size = ngx_max(2 * cmd->size, NGX_HTTP_LOYALTY_CMD_SIZE);
+        size = ngx_max(size, len);
+
+        p = ngx_pnalloc(conn->pool, size);
+        if (p == NULL) {
+            return NULL;
+        }
+
+        if (cmd->command.data) {
+            ngx_pfree(conn->pool, cmd->command.data);
+        }
+
+        cmd->command.data = p;
+        cmd->size = size;
+    }
+
+    ngx_queue_remove(q);
+
+    return cmd;
+}
+
+
+/*
+ * The owner of a command is gone (its request was aborted): its handler
+ * is not called, and the reply, when it comes, is read and dropped.
+ */
+
+void
+ngx_http_loyalty_redis_cancel(ngx_http_loyalty_cmd_t *cmd)
+{
+    cmd->handler = NULL;
+    cmd->data = NULL;
+}
+
+
+/* the outcome of a command, told its owner once */
+
+static void
+ngx_http_loyalty_redis_done(ngx_http_loyalty_cmd_t *cmd, ngx_int_t rc,
+    ngx_http_loyalty_reply_t *reply)
+{
+    ngx_http_loyalty_reply_pt  handler;
+
+    handler = cmd->handler;
+
+    if (handler) {
+        cmd->handler = NULL;
+        handler(cmd->data, rc, reply);
+    }
 }
 
 
@@ -1095,7 +1199,7 @@ ngx_http_loyalty_redis_reply(ngx_http_loyalty_conn_t *conn,
 
     } else {
         conn->waiting--;
-        cmd->handler(cmd, reply);
+        ngx_http_loyalty_redis_done(cmd, NGX_OK, reply);
     }
 
     ngx_queue_insert_head(&conn->free, &cmd->queue);
@@ -1192,7 +1296,7 @@ ngx_http_loyalty_redis_deadline_handler(ngx_event_t *ev)
         conn->waiting--;
         late++;
 
-        cmd->handler(cmd, NULL);
+        ngx_http_loyalty_redis_done(cmd, NGX_ERROR, NULL);
 
         if (conn->connection != c) {
             /* the handler failed the connection */
@@ -1330,9 +1434,7 @@ ngx_http_loyalty_redis_fail(ngx_http_loyalty_conn_t *conn)
 
         cmd = ngx_queue_data(q, ngx_http_loyalty_cmd_t, queue);
 
-        if (!cmd->timedout) {
-            cmd->handler(cmd, NULL);
-        }
+        ngx_http_loyalty_redis_done(cmd, NGX_ERROR, NULL);
 
         ngx_queue_insert_head(&conn->free, &cmd->queue);
     }
@@ -1342,7 +1444,7 @@ ngx_http_loyalty_redis_fail(ngx_http_loyalty_conn_t *conn)
 /*
  * The worker exits, or nginx closes its connections at the end of
  * worker_shutdown_timeout: no reconnect.  Requests are gone with the
- * worker; credits go to the journal: the handlers see cmd->exiting.
+ * worker; credits go to the journal: the handlers see NGX_ABORT.
  */
 
 static void
@@ -1371,10 +1473,7 @@ ngx_http_loyalty_redis_exit(ngx_http_loyalty_conn_t *conn)
 
         cmd = ngx_queue_data(q, ngx_http_loyalty_cmd_t, queue);
 
-        if (!cmd->timedout) {
-            cmd->exiting = 1;
-            cmd->handler(cmd, NULL);
-        }
+        ngx_http_loyalty_redis_done(cmd, NGX_ABORT, NULL);
 
         ngx_queue_insert_head(&conn->free, &cmd->queue);
     }

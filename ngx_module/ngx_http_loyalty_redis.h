@@ -110,22 +110,12 @@ typedef struct {
 
 
 /*
- * Called once per command: with the reply, or with NULL when the command
- * failed (connection lost, deadline missed, worker exiting).
+ * Called once per command, unless it was cancelled: rc is NGX_OK with the
+ * reply; NGX_ERROR when the command failed (connection lost, deadline
+ * missed), NGX_ABORT when the worker exits, both with reply NULL.
  */
-typedef void (*ngx_http_loyalty_reply_pt)(ngx_http_loyalty_cmd_t *cmd,
+typedef void (*ngx_http_loyalty_reply_pt)(void *data, ngx_int_t rc,
     ngx_http_loyalty_reply_t *reply);
-
-
-struct ngx_http_loyalty_cmd_s {
-    ngx_queue_t                queue;
-    ngx_http_loyalty_reply_pt  handler;
-    void                      *data;       /* NULL once the owner is gone */
-    ngx_msec_t                 deadline;
-    off_t                      end;        /* its last byte, queued */
-    unsigned                   exiting:1;  /* failed by the worker's exit */
-    unsigned                   timedout:1; /* failed, its reply awaited */
-};
 
 
 /* ngx_http_loyalty_redis.c */
@@ -139,6 +129,7 @@ ngx_http_loyalty_cmd_t *ngx_http_loyalty_redis_send(
     ngx_http_loyalty_server_t *server, ngx_uint_t argc, ngx_str_t *argv,
     ngx_msec_t timeout, ngx_http_loyalty_reply_pt handler, void *data,
     ngx_log_t *log);
+void ngx_http_loyalty_redis_cancel(ngx_http_loyalty_cmd_t *cmd);
 
 
 /* ngx_http_loyalty_proto.c */
