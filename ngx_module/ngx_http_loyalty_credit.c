@@ -8,6 +8,8 @@
 #include <ngx_core.h>
 #include <ngx_http.h>
 #include "ngx_http_loyalty_module.h"
+#include "ngx_http_loyalty_redis.h"
+#include "ngx_http_loyalty_credit.h"
 
 
 /*
@@ -58,12 +60,22 @@ struct ngx_http_loyalty_credits_s {
 };
 
 
+static ngx_int_t ngx_http_loyalty_credit_earned(ngx_http_request_t *r,
+    ngx_http_loyalty_ctx_t *ctx, ngx_http_loyalty_credit_t *cr);
+static ngx_int_t ngx_http_loyalty_credit_redeem(ngx_http_request_t *r,
+    ngx_http_loyalty_ctx_t *ctx, ngx_http_loyalty_credit_t *cr);
+static ngx_int_t ngx_http_loyalty_credit_order(ngx_http_request_t *r,
+    ngx_http_loyalty_ctx_t *ctx, ngx_http_loyalty_credit_t *cr);
+static void ngx_http_loyalty_credit_post(ngx_http_loyalty_credit_t *cr,
+    ngx_log_t *log);
 static ngx_int_t ngx_http_loyalty_credit_send(ngx_http_loyalty_credit_t *cr,
     ngx_log_t *log);
-static void ngx_http_loyalty_credit_handler(ngx_http_loyalty_cmd_t *cmd,
+static void ngx_http_loyalty_credit_handler(void *data, ngx_int_t rc,
     ngx_http_loyalty_reply_t *reply);
 static void ngx_http_loyalty_credit_retry(ngx_http_loyalty_credit_t *cr,
     const char *reason, ngx_log_t *log);
+static ngx_int_t ngx_http_loyalty_credit_loaded(
+    ngx_http_loyalty_reply_t *reply, void *data, ngx_log_t *log);
 static void ngx_http_loyalty_credit_timer(ngx_event_t *ev);
 static void ngx_http_loyalty_credit_flush(ngx_event_t *ev);
 static void ngx_http_loyalty_credit_journal_all(ngx_queue_t *queue,
@@ -79,19 +91,78 @@ static ngx_int_t ngx_http_loyalty_valid_order(ngx_str_t *order);
 /*
  * Called from the header filter of a 2xx main request: evaluates the
  * order, fills in ctx->earned and ctx->redeemed and sends the credit, all
- * as the location of the read says (ctx->conf).
+ * as the location of the read says (ctx->conf).  The credit is made up
+ * on the stack, a step each for the points earned, the points redeemed
+ * and the order id; a step that finds nothing to credit says
+ * NGX_DECLINED, having logged why.
  */
 
 ngx_int_t
 ngx_http_loyalty_credit(ngx_http_request_t *r, ngx_http_loyalty_ctx_t *ctx)
 {
-    uint64_t                       amount, redeem, multiplier, earned;
-    ngx_str_t                      total, value, order;
-    ngx_http_loyalty_credit_t     *cr, local;
-    ngx_http_loyalty_loc_conf_t   *llcf;
-    ngx_http_loyalty_main_conf_t  *lmcf;
+    ngx_int_t                   rc;
+    ngx_http_loyalty_credit_t  *cr, local;
 
-    llcf = ctx->conf;
+    local.lmcf = ngx_http_get_module_main_conf(r, ngx_http_loyalty_module);
+    local.conf = ctx->conf;
+
+    rc = ngx_http_loyalty_credit_earned(r, ctx, &local);
+
+    if (rc == NGX_OK) {
+        rc = ngx_http_loyalty_credit_redeem(r, ctx, &local);
+    }
+
+    if (rc == NGX_OK) {
+        rc = ngx_http_loyalty_credit_order(r, ctx, &local);
+    }
+
+    if (rc != NGX_OK) {
+        return (rc == NGX_DECLINED) ? NGX_OK : NGX_ERROR;
+    }
+
+    ctx->credited = 1;
+    ctx->earned = local.earned;
+    ctx->redeemed = ngx_min(local.redeem, ctx->record.points);
+
+    local.credits = local.lmcf->credits;
+    local.offer = ctx->offer ? ctx->offer->slot : 0;
+    local.ts = ngx_time();
+    local.attempts = 0;
+    local.eval = 0;
+    local.customer_len = ctx->customer.len;
+    ngx_memcpy(local.customer, ctx->customer.data, ctx->customer.len);
+
+    /* on the stack only when it goes straight to the journal */
+
+    cr = local.credits ? ngx_http_loyalty_credit_alloc(local.credits) : NULL;
+
+    if (cr == NULL) {
+        ngx_http_loyalty_journal(&local,
+                                 local.credits ? "too many credits queued"
+                                               : "no worker state",
+                                 r->connection->log);
+        return NGX_OK;
+    }
+
+    *cr = local;
+
+    ngx_http_loyalty_credit_post(cr, r->connection->log);
+
+    return NGX_OK;
+}
+
+
+/* the amount of the order, as given, and the points it earns */
+
+static ngx_int_t
+ngx_http_loyalty_credit_earned(ngx_http_request_t *r,
+    ngx_http_loyalty_ctx_t *ctx, ngx_http_loyalty_credit_t *cr)
+{
+    uint64_t                      amount, multiplier;
+    ngx_str_t                     total;
+    ngx_http_loyalty_loc_conf_t  *llcf;
+
+    llcf = cr->conf;
 
     if (ngx_http_complex_value(r, llcf->earn, &total) != NGX_OK) {
         return NGX_ERROR;
@@ -99,7 +170,7 @@ ngx_http_loyalty_credit(ngx_http_request_t *r, ngx_http_loyalty_ctx_t *ctx)
 
     if (total.len == 0) {
         /* no order */
-        return NGX_OK;
+        return NGX_DECLINED;
     }
 
     if (ngx_http_loyalty_parse_amount(total.data, total.len, &amount)
@@ -108,13 +179,14 @@ ngx_http_loyalty_credit(ngx_http_request_t *r, ngx_http_loyalty_ctx_t *ctx)
         ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
                       "loyalty: customer \"%V\": invalid amount \"%V\", "
                       "nothing credited", &ctx->customer, &total);
-        return NGX_OK;
+        return NGX_DECLINED;
     }
 
     multiplier = ctx->tier ? ctx->tier->multiplier
                            : NGX_HTTP_LOYALTY_FRAC_ONE;
 
-    if (ngx_http_loyalty_earned(amount, llcf->earn_rate, multiplier, &earned)
+    if (ngx_http_loyalty_earned(amount, llcf->earn_rate, multiplier,
+                                &cr->earned)
         != NGX_OK)
     {
         ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
@@ -122,35 +194,66 @@ ngx_http_loyalty_credit(ngx_http_request_t *r, ngx_http_loyalty_ctx_t *ctx)
                       "than %uL points, nothing credited",
                       &ctx->customer, &total,
                       (uint64_t) NGX_HTTP_LOYALTY_EARN_MAX);
+        return NGX_DECLINED;
+    }
+
+    cr->amount_len = total.len;
+    ngx_memcpy(cr->amount, total.data, total.len);
+
+    return NGX_OK;
+}
+
+
+/* the points redeemed: none when not given, or not valid */
+
+static ngx_int_t
+ngx_http_loyalty_credit_redeem(ngx_http_request_t *r,
+    ngx_http_loyalty_ctx_t *ctx, ngx_http_loyalty_credit_t *cr)
+{
+    ngx_str_t                     value;
+    ngx_http_loyalty_loc_conf_t  *llcf;
+
+    llcf = cr->conf;
+
+    cr->redeem = 0;
+
+    if (llcf->redeem == NULL) {
         return NGX_OK;
     }
 
-    redeem = 0;
-
-    if (llcf->redeem) {
-        if (ngx_http_complex_value(r, llcf->redeem, &value) != NGX_OK) {
-            return NGX_ERROR;
-        }
-
-        if (value.len
-            && ngx_http_loyalty_parse_redeem(value.data, value.len, &redeem)
-               != NGX_OK)
-        {
-            ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
-                          "loyalty: customer \"%V\": invalid redeem \"%V\", "
-                          "nothing redeemed", &ctx->customer, &value);
-            redeem = 0;
-        }
+    if (ngx_http_complex_value(r, llcf->redeem, &value) != NGX_OK) {
+        return NGX_ERROR;
     }
 
-    lmcf = ngx_http_get_module_main_conf(r, ngx_http_loyalty_module);
+    if (value.len
+        && ngx_http_loyalty_parse_redeem(value.data, value.len, &cr->redeem)
+           != NGX_OK)
+    {
+        ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
+                      "loyalty: customer \"%V\": invalid redeem \"%V\", "
+                      "nothing redeemed", &ctx->customer, &value);
+        cr->redeem = 0;
+    }
 
-    if (ngx_http_complex_value(r, llcf->order_id, &order) != NGX_OK) {
+    return NGX_OK;
+}
+
+
+/* the order id: loyalty_order_id, else the request id */
+
+static ngx_int_t
+ngx_http_loyalty_credit_order(ngx_http_request_t *r,
+    ngx_http_loyalty_ctx_t *ctx, ngx_http_loyalty_credit_t *cr)
+{
+    ngx_str_t  order;
+
+    if (ngx_http_complex_value(r, cr->conf->order_id, &order) != NGX_OK) {
         return NGX_ERROR;
     }
 
     if (order.len == 0
-        && ngx_http_complex_value(r, &lmcf->request_id, &order) != NGX_OK)
+        && ngx_http_complex_value(r, &cr->lmcf->request_id, &order)
+           != NGX_OK)
     {
         return NGX_ERROR;
     }
@@ -159,56 +262,36 @@ ngx_http_loyalty_credit(ngx_http_request_t *r, ngx_http_loyalty_ctx_t *ctx)
         ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
                       "loyalty: customer \"%V\": invalid order id \"%V\", "
                       "nothing credited", &ctx->customer, &order);
-        return NGX_OK;
+        return NGX_DECLINED;
     }
 
-    ctx->credited = 1;
-    ctx->earned = earned;
-    ctx->redeemed = ngx_min(redeem, ctx->record.points);
-
-    /* on the stack only when it goes straight to the journal */
-
-    cr = lmcf->credits ? ngx_http_loyalty_credit_alloc(lmcf->credits) : NULL;
-
-    if (cr == NULL) {
-        cr = &local;
-    }
-
-    cr->credits = lmcf->credits;
-    cr->lmcf = lmcf;
-    cr->conf = llcf;
-    cr->offer = ctx->offer ? ctx->offer->slot : 0;
-    cr->ts = ngx_time();
-    cr->earned = earned;
-    cr->redeem = redeem;
-    cr->attempts = 0;
-    cr->eval = 0;
-    cr->customer_len = ctx->customer.len;
-    ngx_memcpy(cr->customer, ctx->customer.data, ctx->customer.len);
     cr->order_len = order.len;
     ngx_memcpy(cr->order, order.data, order.len);
-    cr->amount_len = total.len;
-    ngx_memcpy(cr->amount, total.data, total.len);
-
-    if (cr == &local) {
-        ngx_http_loyalty_journal(cr, lmcf->credits ? "too many credits queued"
-                                                   : "no worker state",
-                                 r->connection->log);
-        return NGX_OK;
-    }
-
-    ngx_log_debug4(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
-                   "loyalty credit \"%V\" order \"%V\": %uL earned, "
-                   "%uL redeemed", &ctx->customer, &order, earned, redeem);
-
-    ngx_queue_insert_tail(&cr->credits->waiting, &cr->queue);
-    cr->credits->nwaiting++;
-
-    if (!cr->credits->flush.posted) {
-        ngx_post_event(&cr->credits->flush, &ngx_posted_events);
-    }
 
     return NGX_OK;
+}
+
+
+/* a new credit waits for the flush, which sends a few per iteration */
+
+static void
+ngx_http_loyalty_credit_post(ngx_http_loyalty_credit_t *cr, ngx_log_t *log)
+{
+    ngx_http_loyalty_credits_t  *credits;
+
+    credits = cr->credits;
+
+    ngx_log_debug6(NGX_LOG_DEBUG_HTTP, log, 0,
+                   "loyalty credit \"%*s\" order \"%*s\": %uL earned, "
+                   "%uL redeemed", cr->customer_len, cr->customer,
+                   cr->order_len, cr->order, cr->earned, cr->redeem);
+
+    ngx_queue_insert_tail(&credits->waiting, &cr->queue);
+    credits->nwaiting++;
+
+    if (!credits->flush.posted) {
+        ngx_post_event(&credits->flush, &ngx_posted_events);
+    }
 }
 
 
@@ -301,7 +384,7 @@ ngx_http_loyalty_credit_send(ngx_http_loyalty_credit_t *cr, ngx_log_t *log)
 
 
 static void
-ngx_http_loyalty_credit_handler(ngx_http_loyalty_cmd_t *cmd,
+ngx_http_loyalty_credit_handler(void *data, ngx_int_t rc,
     ngx_http_loyalty_reply_t *reply)
 {
     uint64_t                    redeemed;
@@ -310,16 +393,16 @@ ngx_http_loyalty_credit_handler(ngx_http_loyalty_cmd_t *cmd,
     ngx_http_loyalty_reply_t   *e;
     ngx_http_loyalty_credit_t  *cr;
 
-    cr = cmd->data;
+    cr = data;
     log = cr->credits->log;
 
-    if (cmd->exiting) {
+    if (rc == NGX_ABORT) {
         ngx_http_loyalty_journal(cr, "worker exiting", log);
         ngx_http_loyalty_credit_free(cr);
         return;
     }
 
-    if (reply == NULL) {
+    if (rc != NGX_OK) {
         ngx_http_loyalty_credit_retry(cr, "redis unavailable", log);
         return;
     }
@@ -541,6 +624,9 @@ ngx_int_t
 ngx_http_loyalty_credit_init_process(ngx_cycle_t *cycle,
     ngx_http_loyalty_main_conf_t *lmcf)
 {
+    ngx_str_t                    argv[3];
+    ngx_uint_t                   i;
+    ngx_http_loyalty_server_t  **server;
     ngx_http_loyalty_credits_t  *credits;
 
     credits = ngx_pcalloc(cycle->pool, sizeof(ngx_http_loyalty_credits_t));
@@ -570,6 +656,56 @@ ngx_http_loyalty_credit_init_process(ngx_cycle_t *cycle,
     credits->timer.cancelable = 1;
 
     lmcf->credits = credits;
+
+    /* every connection loads the script, which credits name by its SHA1 */
+
+    ngx_str_set(&argv[0], "SCRIPT");
+    ngx_str_set(&argv[1], "LOAD");
+    argv[2] = lmcf->script;
+
+    server = lmcf->servers.elts;
+
+    for (i = 0; i < lmcf->servers.nelts; i++) {
+        if (ngx_http_loyalty_redis_add_setup(server[i], cycle->pool, 3, argv,
+                                             ngx_http_loyalty_credit_loaded,
+                                             NULL)
+            != NGX_OK)
+        {
+            return NGX_ERROR;
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+/*
+ * The reply to SCRIPT LOAD in a connection's handshake.  An error reply
+ * fails the connection only when Redis serves nothing yet (still loading
+ * its data, or wanting AUTH): otherwise credits send the script itself
+ * after NOSCRIPT.
+ */
+
+static ngx_int_t
+ngx_http_loyalty_credit_loaded(ngx_http_loyalty_reply_t *reply,
+    void *data, ngx_log_t *log)
+{
+    if (reply->type != NGX_HTTP_LOYALTY_REPLY_ERROR) {
+        return NGX_OK;
+    }
+
+    ngx_log_error(NGX_LOG_WARN, log, 0,
+                  "loyalty: redis refused SCRIPT LOAD: \"%V\"", &reply->str);
+
+    if ((reply->str.len >= sizeof("LOADING") - 1
+         && ngx_strncmp(reply->str.data, "LOADING", sizeof("LOADING") - 1)
+            == 0)
+        || (reply->str.len >= sizeof("NOAUTH") - 1
+            && ngx_strncmp(reply->str.data, "NOAUTH", sizeof("NOAUTH") - 1)
+               == 0))
+    {
+        return NGX_ERROR;
+    }
 
     return NGX_OK;
 }

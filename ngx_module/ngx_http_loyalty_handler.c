@@ -8,6 +8,8 @@
 #include <ngx_core.h>
 #include <ngx_http.h>
 #include "ngx_http_loyalty_module.h"
+#include "ngx_http_loyalty_redis.h"
+#include "ngx_http_loyalty_credit.h"
 
 
 static ngx_int_t ngx_http_loyalty_identify(ngx_http_request_t *r,
@@ -15,7 +17,7 @@ static ngx_int_t ngx_http_loyalty_identify(ngx_http_request_t *r,
 static void ngx_http_loyalty_invalid(ngx_http_request_t *r, const char *why);
 static ngx_int_t ngx_http_loyalty_read(ngx_http_request_t *r,
     ngx_http_loyalty_loc_conf_t *llcf, ngx_http_loyalty_ctx_t *ctx);
-static void ngx_http_loyalty_read_handler(ngx_http_loyalty_cmd_t *cmd,
+static void ngx_http_loyalty_read_handler(void *data, ngx_int_t rc,
     ngx_http_loyalty_reply_t *reply);
 static ngx_uint_t ngx_http_loyalty_parse_record(ngx_http_request_t *r,
     ngx_http_loyalty_ctx_t *ctx, ngx_http_loyalty_reply_t *reply);
@@ -411,19 +413,19 @@ ngx_http_loyalty_read(ngx_http_request_t *r,
 
 
 static void
-ngx_http_loyalty_read_handler(ngx_http_loyalty_cmd_t *cmd,
+ngx_http_loyalty_read_handler(void *data, ngx_int_t rc,
     ngx_http_loyalty_reply_t *reply)
 {
     ngx_connection_t        *c;
     ngx_http_request_t      *r;
     ngx_http_loyalty_ctx_t  *ctx;
 
-    ctx = cmd->data;
-
-    if (ctx == NULL || cmd->exiting) {
-        /* the request is gone */
+    if (rc == NGX_ABORT) {
+        /* the worker exits: the request is gone */
         return;
     }
+
+    ctx = data;
 
     r = ctx->request;
     c = r->connection;
@@ -618,8 +620,7 @@ ngx_http_loyalty_cleanup(void *data)
     ngx_http_loyalty_ctx_t  *ctx = data;
 
     if (ctx->cmd) {
-        /* the reply, when it comes, is read and dropped */
-        ctx->cmd->data = NULL;
+        ngx_http_loyalty_redis_cancel(ctx->cmd);
         ctx->cmd = NULL;
     }
 }

@@ -8,6 +8,8 @@
 #include <ngx_core.h>
 #include <ngx_http.h>
 #include "ngx_http_loyalty_module.h"
+#include "ngx_http_loyalty_redis.h"
+#include "ngx_http_loyalty_credit.h"
 #include "ngx_http_loyalty_script.h"
 
 
@@ -735,8 +737,6 @@ ngx_http_loyalty_add_server(ngx_conf_t *cf, ngx_str_t *name, ngx_uint_t db,
 
     server->name = *name;
     server->addr = u.addrs[0];
-    server->script = &lmcf->script;
-    server->sh = &lmcf->sh;
     server->db = db;
     server->user = *user;
     server->password = *password;

@@ -12,6 +12,7 @@
 #include <ngx_core.h>
 #include <ngx_http.h>
 #include "ngx_http_loyalty_rules.h"
+#include "ngx_http_loyalty_redis.h"
 
 
 #define NGX_HTTP_LOYALTY_OFF           0
@@ -21,32 +22,12 @@
 #define NGX_HTTP_LOYALTY_OK            4
 #define NGX_HTTP_LOYALTY_UNAVAILABLE   5
 
-/* reply types, numbered as hiredis' REDIS_REPLY_* */
-#define NGX_HTTP_LOYALTY_REPLY_STRING  1
-#define NGX_HTTP_LOYALTY_REPLY_ARRAY   2
-#define NGX_HTTP_LOYALTY_REPLY_INTEGER 3
-#define NGX_HTTP_LOYALTY_REPLY_NIL     4
-#define NGX_HTTP_LOYALTY_REPLY_STATUS  5
-#define NGX_HTTP_LOYALTY_REPLY_ERROR   6
-
 #define NGX_HTTP_LOYALTY_FAIL_PASS     0
 #define NGX_HTTP_LOYALTY_FAIL_REJECT   1
 
 
-typedef struct ngx_http_loyalty_conn_s  ngx_http_loyalty_conn_t;
-typedef struct ngx_http_loyalty_cmd_s   ngx_http_loyalty_cmd_t;
-typedef struct ngx_http_loyalty_reply_s ngx_http_loyalty_reply_t;
 typedef struct ngx_http_loyalty_credits_s ngx_http_loyalty_credits_t;
 
-
-#define NGX_HTTP_LOYALTY_PREFIX_MAX    64
-#define NGX_HTTP_LOYALTY_ADDRESS_MAX   260      /* a host name and a port */
-
-/* "<prefix>{<id>}" */
-#define NGX_HTTP_LOYALTY_KEY_LEN                                             \
-    (NGX_HTTP_LOYALTY_PREFIX_MAX + NGX_HTTP_LOYALTY_ID_MAX + 2)
-#define NGX_HTTP_LOYALTY_ORDER_MAX     128
-#define NGX_HTTP_LOYALTY_SHA1_LEN      40
 
 /* what variables, headers and the balance report */
 #define NGX_HTTP_LOYALTY_VAR_STATUS      0
@@ -70,9 +51,6 @@ typedef struct ngx_http_loyalty_credits_s ngx_http_loyalty_credits_t;
 #define NGX_HTTP_LOYALTY_RETRIED         2
 #define NGX_HTTP_LOYALTY_JOURNALED       3
 #define NGX_HTTP_LOYALTY_CREDIT_RESULTS  4
-
-/* the fields of a customer hash, in HMGET order */
-#define NGX_HTTP_LOYALTY_NFIELDS       5
 
 
 /*
@@ -126,21 +104,6 @@ typedef struct {
     } while (0)
 
 #endif
-
-
-/* a Redis server as configured: one connection per worker */
-typedef struct {
-    ngx_str_t                  name;            /* as written, for logs */
-    ngx_addr_t                 addr;
-    ngx_uint_t                 db;
-    ngx_str_t                  user;
-    ngx_str_t                  password;
-    ngx_msec_t                 connect_timeout;
-    ngx_str_t                 *script;          /* loaded on connect */
-    ngx_http_loyalty_shctx_t **sh;
-
-    ngx_http_loyalty_conn_t   *conn;            /* per worker */
-} ngx_http_loyalty_server_t;
 
 
 /* a warning that anyone can cause at any rate: at most one a second */
@@ -236,65 +199,6 @@ struct ngx_http_loyalty_ctx_s {
 };
 
 
-/* a credit on its way to Redis; outlives its request */
-typedef struct {
-    ngx_queue_t                   queue;
-    ngx_http_loyalty_credits_t   *credits;
-    ngx_http_loyalty_main_conf_t *lmcf;
-    ngx_http_loyalty_loc_conf_t  *conf;
-    ngx_uint_t                    offer;        /* slot, 0: none */
-    time_t                        ts;
-    uint64_t                      earned;
-    uint64_t                      redeem;
-    ngx_uint_t                    attempts;
-    size_t                        customer_len;
-    size_t                        order_len;
-    size_t                        amount_len;
-    u_char                        customer[NGX_HTTP_LOYALTY_ID_MAX];
-    u_char                        order[NGX_HTTP_LOYALTY_ORDER_MAX];
-    u_char                        amount[NGX_HTTP_LOYALTY_AMOUNT_DIGITS
-                                         + 1 + NGX_HTTP_LOYALTY_FRAC_DIGITS];
-    unsigned                      eval:1;
-} ngx_http_loyalty_credit_t;
-
-
-/* a reply as built by our hiredis reader functions */
-struct ngx_http_loyalty_reply_s {
-    ngx_uint_t                 type;
-    long long                  integer;
-    ngx_str_t                  str;
-    size_t                     nelts;
-    ngx_http_loyalty_reply_t **element;
-};
-
-
-/* hiredis' reply reader, building our replies in a pool */
-typedef struct {
-    void                      *hiredis;
-    ngx_pool_t                *pool;
-    ngx_uint_t                 building;   /* a reply is half built */
-    const char                *error;      /* why a reply was refused */
-} ngx_http_loyalty_reader_t;
-
-
-/*
- * Called once per command: with the reply, or with NULL when the command
- * failed (connection lost, deadline missed, worker exiting).
- */
-typedef void (*ngx_http_loyalty_reply_pt)(ngx_http_loyalty_cmd_t *cmd,
-    ngx_http_loyalty_reply_t *reply);
-
-
-struct ngx_http_loyalty_cmd_s {
-    ngx_queue_t                queue;
-    ngx_http_loyalty_reply_pt  handler;
-    void                      *data;       /* NULL once the owner is gone */
-    ngx_msec_t                 deadline;
-    unsigned                   exiting:1;  /* failed by the worker's exit */
-    unsigned                   timedout:1; /* failed, its reply awaited */
-};
-
-
 /* ngx_http_loyalty_module.c */
 extern ngx_module_t  ngx_http_loyalty_module;
 
@@ -310,53 +214,6 @@ ngx_http_loyalty_ctx_t *ngx_http_loyalty_get_ctx(ngx_http_request_t *r);
 ngx_int_t ngx_http_loyalty_log_limit(ngx_http_loyalty_log_limit_t *limit,
     ngx_uint_t *suppressed);
 ngx_int_t ngx_http_loyalty_filter_init(ngx_conf_t *cf);
-
-
-/* ngx_http_loyalty_redis.c */
-ngx_int_t ngx_http_loyalty_redis_init_process(ngx_cycle_t *cycle,
-    ngx_http_loyalty_server_t *server);
-void ngx_http_loyalty_redis_exit_process(ngx_http_loyalty_server_t *server);
-ngx_http_loyalty_cmd_t *ngx_http_loyalty_redis_send(
-    ngx_http_loyalty_server_t *server, ngx_uint_t argc, ngx_str_t *argv,
-    ngx_msec_t timeout, ngx_http_loyalty_reply_pt handler, void *data,
-    ngx_log_t *log);
-
-
-/* ngx_http_loyalty_credit.c */
-ngx_int_t ngx_http_loyalty_credit(ngx_http_request_t *r,
-    ngx_http_loyalty_ctx_t *ctx);
-ngx_int_t ngx_http_loyalty_credit_init_process(ngx_cycle_t *cycle,
-    ngx_http_loyalty_main_conf_t *lmcf);
-void ngx_http_loyalty_credit_exit_process(ngx_http_loyalty_main_conf_t *lmcf);
-
-
-/* ngx_http_loyalty_journal.c */
-char *ngx_http_loyalty_journal_directive(ngx_conf_t *cf, ngx_command_t *cmd,
-    void *conf);
-void ngx_http_loyalty_journal(ngx_http_loyalty_credit_t *cr,
-    const char *reason, ngx_log_t *log);
-
-
-/* ngx_http_loyalty_proto.c */
-extern ngx_str_t  ngx_http_loyalty_record_fields[];
-u_char *ngx_http_loyalty_hash_key(u_char *p, ngx_str_t *prefix, u_char *id,
-    size_t len);
-size_t ngx_http_loyalty_command_len(ngx_uint_t argc, ngx_str_t *argv);
-u_char *ngx_http_loyalty_command_write(u_char *p, ngx_uint_t argc,
-    ngx_str_t *argv);
-ngx_int_t ngx_http_loyalty_reader_init(ngx_http_loyalty_reader_t *rd,
-    ngx_pool_t *pool);
-void ngx_http_loyalty_reader_free(ngx_http_loyalty_reader_t *rd);
-ngx_int_t ngx_http_loyalty_reader_feed(ngx_http_loyalty_reader_t *rd,
-    u_char *buf, size_t n);
-ngx_int_t ngx_http_loyalty_reader_next(ngx_http_loyalty_reader_t *rd,
-    ngx_http_loyalty_reply_t **reply, ngx_str_t *err);
-ngx_int_t ngx_http_loyalty_reader_idle(ngx_http_loyalty_reader_t *rd);
-ngx_int_t ngx_http_loyalty_reply_uint(ngx_http_loyalty_reply_t *reply,
-    uint64_t *value);
-ngx_int_t ngx_http_loyalty_reply_record(ngx_http_loyalty_reply_t *reply,
-    ngx_http_loyalty_record_t *record, ngx_uint_t *bad);
-ngx_int_t ngx_http_loyalty_script_sha1(ngx_str_t *script, u_char *sha);
 
 
 /* ngx_http_loyalty_variables.c */
@@ -375,8 +232,6 @@ ngx_int_t ngx_http_loyalty_value(ngx_http_request_t *r,
 ngx_int_t ngx_http_loyalty_status_zone(ngx_conf_t *cf,
     ngx_http_loyalty_main_conf_t *lmcf);
 void ngx_http_loyalty_status_init_process(ngx_http_loyalty_main_conf_t *lmcf);
-void ngx_http_loyalty_count_connection(ngx_http_loyalty_shctx_t *sh,
-    ngx_int_t n);
 #if !(NGX_HTTP_LOYALTY_NO_COUNTERS)
 void ngx_http_loyalty_count_latency(ngx_http_loyalty_main_conf_t *lmcf,
     ngx_uint_t usec);

@@ -6,15 +6,14 @@
 
 #include <ngx_config.h>
 #include <ngx_core.h>
-#include <ngx_http.h>
 #include <ngx_sha1.h>
 #include <hiredis/read.h>
-#include "ngx_http_loyalty_module.h"
+#include "ngx_http_loyalty_redis.h"
 
 
 /*
- * The Redis protocol.  Commands are encoded here, straight into the
- * connection's output buffer (hiredis' redisFormatCommand*() would malloc
+ * The Redis protocol.  Commands are encoded here, into buffers the
+ * connection keeps for them (hiredis' redisFormatCommand*() would malloc
  * a copy per command).  Replies are parsed by hiredis' redisReader, with
  * our own object functions: reply objects come from a pool that the
  * connection resets whenever no reply is half built.

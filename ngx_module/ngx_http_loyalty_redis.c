@@ -6,31 +6,40 @@
 
 #include <ngx_config.h>
 #include <ngx_core.h>
-#include <ngx_http.h>
-#include "ngx_http_loyalty_module.h"
+#include <ngx_event.h>
+#include <ngx_event_connect.h>
+#include "ngx_http_loyalty_redis.h"
 
 
 /*
  * One connection per worker and Redis server, opened on first use and
- * kept.  Its life is a series of states, each with its own event handler,
- * as ngx_mail_proxy_module walks a backend through its greeting and AUTH:
+ * kept.  Its life is a series of states, as ngx_mail_proxy_module walks a
+ * backend through its greeting and AUTH:
  *
- *     closed -> connecting -> auth -> select -> script -> ready
- *                                \_____________________/
+ *     closed -> connecting -> auth -> select -> setup -> ready
+ *                                \____________________/
  *                                       handshake
  *
  * and "down" after a failure, until the backoff timer reconnects.  AUTH
  * (with a password) and SELECT (with a database) are sent only when a
- * connection opens, together with SCRIPT LOAD, and their replies are
- * checked in that order; a TLS handshake would be one more state between
- * connecting and auth.  Only "ready" counts as up: commands queued before
- * wait for it, and the backoff starts again from its minimum only there, so
- * that a Redis that accepts connections and then refuses AUTH, or never
- * answers, is backed off like one that refuses the connection.
+ * connection opens, together with the setup commands that the server's
+ * owners registered (ngx_http_loyalty_redis_add_setup(): the credits'
+ * SCRIPT LOAD), and their replies are checked in that order, one state
+ * each; a TLS handshake would be one more state between connecting and
+ * auth.  Only "ready" counts as up: commands queued before wait for it,
+ * and the backoff starts again from its minimum only there, so that a
+ * Redis that accepts connections and then refuses AUTH, or never answers,
+ * is backed off like one that refuses the connection.  The owners learn
+ * when a connection gets ready and when a ready one closes through the
+ * server's events.
  *
- * Commands of concurrent requests are written back to back into one output
+ * Commands of concurrent requests are copied back to back into one output
  * buffer, flushed once per event loop iteration, and replies are matched to
- * them in order.  A command whose deadline passes fails alone: its request
+ * them in order.  Each command keeps its own encoded bytes until it is
+ * answered, so that it can be sent again elsewhere (to the node a Redis
+ * Cluster redirects it to); its owner may cancel it
+ * (ngx_http_loyalty_redis_cancel()), and is told of its end once, through
+ * its handler.  A command whose deadline passes fails alone: its request
  * goes on as "unavailable", and the command stays in the queue until its
  * late reply comes, which is read and dropped.  A connection that fails
  * (refused, reset, a handshake refused or unanswered, a protocol error, or
@@ -44,6 +53,7 @@
 #define NGX_HTTP_LOYALTY_OUT_SIZE    65536
 #define NGX_HTTP_LOYALTY_IN_SIZE     16384
 #define NGX_HTTP_LOYALTY_MAX_CMDS    8192
+#define NGX_HTTP_LOYALTY_CMD_SIZE    512    /* a read, a credit by EVALSHA */
 
 #define NGX_HTTP_LOYALTY_BACKOFF_MIN 100
 #define NGX_HTTP_LOYALTY_BACKOFF_MAX 2000
@@ -51,12 +61,30 @@
 #define NGX_HTTP_LOYALTY_DEAD_MIN    1000
 
 
+/*
+ * A command keeps its encoded bytes until it is answered (or fails), so
+ * that it could be sent again elsewhere; commands, with their buffers,
+ * are reused from the connection's free list.
+ */
+
+struct ngx_http_loyalty_cmd_s {
+    ngx_queue_t                 queue;
+    ngx_str_t                   command;        /* encoded */
+    size_t                      size;           /* of command.data */
+    off_t                       end;            /* in the bytes queued */
+    ngx_msec_t                  deadline;
+    ngx_http_loyalty_reply_pt   handler;        /* NULL: cancelled or done */
+    void                       *data;
+    unsigned                    timedout:1;     /* failed, reply awaited */
+};
+
+
 typedef enum {
     ngx_http_loyalty_conn_closed = 0,
     ngx_http_loyalty_conn_connecting,
     ngx_http_loyalty_conn_auth,
     ngx_http_loyalty_conn_select,
-    ngx_http_loyalty_conn_script,
+    ngx_http_loyalty_conn_setup,
     ngx_http_loyalty_conn_ready,
     ngx_http_loyalty_conn_down
 } ngx_http_loyalty_conn_state_e;
@@ -71,8 +99,10 @@ struct ngx_http_loyalty_conn_s {
     ngx_pool_t                 *reply_pool;
     ngx_http_loyalty_reader_t   reader;
 
-    ngx_str_t                   handshake;      /* AUTH, SELECT, SCRIPT LOAD */
+    ngx_str_t                   handshake;      /* AUTH, SELECT, setup */
     ngx_buf_t                  *out;
+    off_t                       queued;         /* bytes, since connected */
+    off_t                       written;
     u_char                     *in;
 
     ngx_queue_t                 pending;        /* in order, timed out too */
@@ -89,6 +119,7 @@ struct ngx_http_loyalty_conn_s {
     ngx_log_t                   log;
 
     ngx_uint_t                  state;          /* ngx_http_loyalty_conn_* */
+    ngx_uint_t                  step;           /* setup reply awaited */
     time_t                      full_logged;
     time_t                      late_logged;
     unsigned                    failed:1;
@@ -102,17 +133,23 @@ static ngx_int_t ngx_http_loyalty_redis_connect(
 static void ngx_http_loyalty_redis_connect_handler(ngx_event_t *ev);
 static ngx_int_t ngx_http_loyalty_redis_test_connect(ngx_connection_t *c);
 static void ngx_http_loyalty_redis_handshake(ngx_http_loyalty_conn_t *conn);
-static void ngx_http_loyalty_redis_handshake_handler(ngx_event_t *rev);
+static void ngx_http_loyalty_redis_next_step(ngx_http_loyalty_conn_t *conn);
 static ngx_int_t ngx_http_loyalty_redis_handshake_reply(
     ngx_http_loyalty_conn_t *conn, ngx_http_loyalty_reply_t *reply);
 static void ngx_http_loyalty_redis_ready(ngx_http_loyalty_conn_t *conn);
 static ngx_http_loyalty_cmd_t *ngx_http_loyalty_redis_queue(
     ngx_http_loyalty_conn_t *conn, ngx_uint_t argc, ngx_str_t *argv,
     ngx_msec_t timeout, ngx_http_loyalty_reply_pt handler, void *data);
+static ngx_http_loyalty_cmd_t *ngx_http_loyalty_redis_alloc(
+    ngx_http_loyalty_conn_t *conn, size_t len);
+static void ngx_http_loyalty_redis_done(ngx_http_loyalty_cmd_t *cmd,
+    ngx_int_t rc, ngx_http_loyalty_reply_t *reply);
 static void ngx_http_loyalty_redis_write_handler(ngx_event_t *wev);
 static void ngx_http_loyalty_redis_read_handler(ngx_event_t *rev);
 static ngx_int_t ngx_http_loyalty_redis_process(
     ngx_http_loyalty_conn_t *conn);
+static ngx_int_t ngx_http_loyalty_redis_reply(ngx_http_loyalty_conn_t *conn,
+    ngx_http_loyalty_reply_t *reply);
 static void ngx_http_loyalty_redis_dummy_handler(ngx_event_t *ev);
 static void ngx_http_loyalty_redis_deadline_handler(ngx_event_t *ev);
 static void ngx_http_loyalty_redis_backoff_handler(ngx_event_t *ev);
@@ -153,10 +190,6 @@ ngx_http_loyalty_redis_init_process(ngx_cycle_t *cycle,
     conn->dead = ngx_max(10 * server->connect_timeout,
                          NGX_HTTP_LOYALTY_DEAD_MIN);
 
-    if (ngx_http_loyalty_redis_handshake_init(conn) != NGX_OK) {
-        return NGX_ERROR;
-    }
-
     ngx_queue_init(&conn->pending);
     ngx_queue_init(&conn->free);
 
@@ -181,19 +214,62 @@ ngx_http_loyalty_redis_init_process(ngx_cycle_t *cycle,
 
 
 /*
- * What every new connection sends first, built once: AUTH and SELECT when
- * configured, then SCRIPT LOAD (credits name the script by its SHA1).
+ * Commands that every new connection sends in its handshake, after AUTH
+ * and SELECT, in the order registered; registered as the worker starts,
+ * before a connection opens.  The handler, if any, judges the reply: an
+ * error fails the connection.
+ */
+
+ngx_int_t
+ngx_http_loyalty_redis_add_setup(ngx_http_loyalty_server_t *server,
+    ngx_pool_t *pool, ngx_uint_t argc, ngx_str_t *argv,
+    ngx_http_loyalty_redis_setup_pt handler, void *data)
+{
+    u_char                          *p;
+    ngx_http_loyalty_redis_setup_t  *setup;
+
+    if (server->setup.elts == NULL
+        && ngx_array_init(&server->setup, pool, 1,
+                          sizeof(ngx_http_loyalty_redis_setup_t))
+           != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    setup = ngx_array_push(&server->setup);
+    if (setup == NULL) {
+        return NGX_ERROR;
+    }
+
+    p = ngx_pnalloc(pool, ngx_http_loyalty_command_len(argc, argv));
+    if (p == NULL) {
+        return NGX_ERROR;
+    }
+
+    setup->command.data = p;
+    setup->command.len = ngx_http_loyalty_command_write(p, argc, argv) - p;
+    setup->handler = handler;
+    setup->data = data;
+
+    return NGX_OK;
+}
+
+
+/*
+ * What every new connection sends first, built on the first connect: AUTH
+ * and SELECT when configured, then the setup commands.
  */
 
 static ngx_int_t
 ngx_http_loyalty_redis_handshake_init(ngx_http_loyalty_conn_t *conn)
 {
-    u_char                     *p;
-    size_t                      len;
-    ngx_str_t                   auth[3], select[2], script[3];
-    ngx_uint_t                  nauth;
-    ngx_http_loyalty_server_t  *server;
-    u_char                      db[NGX_INT_T_LEN];
+    u_char                          *p;
+    size_t                           len;
+    ngx_str_t                        auth[3], select[2];
+    ngx_uint_t                       i, nauth;
+    ngx_http_loyalty_server_t       *server;
+    ngx_http_loyalty_redis_setup_t  *setup;
+    u_char                           db[NGX_INT_T_LEN];
 
     server = conn->server;
 
@@ -214,11 +290,13 @@ ngx_http_loyalty_redis_handshake_init(ngx_http_loyalty_conn_t *conn)
     select[1].data = db;
     select[1].len = ngx_sprintf(db, "%ui", server->db) - db;
 
-    ngx_str_set(&script[0], "SCRIPT");
-    ngx_str_set(&script[1], "LOAD");
-    script[2] = *server->script;
+    setup = server->setup.elts;
 
-    len = ngx_http_loyalty_command_len(3, script);
+    len = 0;
+
+    for (i = 0; i < server->setup.nelts; i++) {
+        len += setup[i].command.len;
+    }
 
     if (nauth) {
         len += ngx_http_loyalty_command_len(nauth, auth);
@@ -226,6 +304,11 @@ ngx_http_loyalty_redis_handshake_init(ngx_http_loyalty_conn_t *conn)
 
     if (server->db) {
         len += ngx_http_loyalty_command_len(2, select);
+    }
+
+    if (len == 0) {
+        ngx_str_set(&conn->handshake, "");
+        return NGX_OK;
     }
 
     p = ngx_pnalloc(conn->pool, len);
@@ -243,7 +326,9 @@ ngx_http_loyalty_redis_handshake_init(ngx_http_loyalty_conn_t *conn)
         p = ngx_http_loyalty_command_write(p, 2, select);
     }
 
-    p = ngx_http_loyalty_command_write(p, 3, script);
+    for (i = 0; i < server->setup.nelts; i++) {
+        p = ngx_cpymem(p, setup[i].command.data, setup[i].command.len);
+    }
 
     conn->handshake.len = p - conn->handshake.data;
 
@@ -359,6 +444,12 @@ ngx_http_loyalty_redis_connect(ngx_http_loyalty_conn_t *conn)
     pc->log = &conn->log;
     pc->log_error = NGX_ERROR_INFO;
 
+    if (conn->handshake.data == NULL
+        && ngx_http_loyalty_redis_handshake_init(conn) != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
     conn->reply_pool = ngx_create_pool(4096, &conn->log);
     if (conn->reply_pool == NULL) {
         return NGX_ERROR;
@@ -372,6 +463,8 @@ ngx_http_loyalty_redis_connect(ngx_http_loyalty_conn_t *conn)
 
     conn->out->pos = conn->out->start;
     conn->out->last = conn->out->start;
+    conn->queued = 0;
+    conn->written = 0;
 
     /*
      * A unix socket fails at once, and nginx logs that at "error" or
@@ -497,45 +590,43 @@ ngx_http_loyalty_redis_test_connect(ngx_connection_t *c)
 
 
 /*
- * Connected: AUTH, SELECT and SCRIPT LOAD go out in one write, and each
- * reply must come within the connect timeout.
+ * Connected: AUTH, SELECT and the setup commands go out in one write, and
+ * each reply must come within the connect timeout.
  */
 
 static void
 ngx_http_loyalty_redis_handshake(ngx_http_loyalty_conn_t *conn)
 {
-    ssize_t                     n;
-    ngx_connection_t           *c;
-    ngx_http_loyalty_server_t  *server;
+    ssize_t            n;
+    ngx_connection_t  *c;
 
     c = conn->connection;
-    server = conn->server;
 
-    n = c->send(c, conn->handshake.data, conn->handshake.len);
+    if (conn->handshake.len) {
+        n = c->send(c, conn->handshake.data, conn->handshake.len);
 
-    if (n != (ssize_t) conn->handshake.len) {
-        /*
-         * an incomplete write is an error too: a new socket takes a few
-         * kilobytes at once
-         */
-        ngx_http_loyalty_redis_fail(conn);
-        return;
+        if (n != (ssize_t) conn->handshake.len) {
+            /*
+             * an incomplete write is an error too: a new socket takes a
+             * few kilobytes at once
+             */
+            ngx_http_loyalty_redis_fail(conn);
+            return;
+        }
     }
 
-    if (server->password.len) {
-        conn->state = ngx_http_loyalty_conn_auth;
-
-    } else if (server->db) {
-        conn->state = ngx_http_loyalty_conn_select;
-
-    } else {
-        conn->state = ngx_http_loyalty_conn_script;
-    }
-
-    c->read->handler = ngx_http_loyalty_redis_handshake_handler;
+    c->read->handler = ngx_http_loyalty_redis_read_handler;
     c->write->handler = ngx_http_loyalty_redis_dummy_handler;
 
-    ngx_add_timer(c->read, server->connect_timeout);
+    ngx_http_loyalty_redis_next_step(conn);
+
+    if (conn->state == ngx_http_loyalty_conn_ready) {
+        /* nothing to wait for */
+        ngx_http_loyalty_redis_ready(conn);
+
+    } else {
+        ngx_add_timer(c->read, conn->server->connect_timeout);
+    }
 
     if (ngx_handle_read_event(c->read, 0) != NGX_OK) {
         ngx_http_loyalty_redis_fail(conn);
@@ -543,132 +634,66 @@ ngx_http_loyalty_redis_handshake(ngx_http_loyalty_conn_t *conn)
 }
 
 
-/* auth, select, script: the replies to the handshake, in order */
+/*
+ * The state after the one the connection is in: auth, select and each
+ * setup command when there are any, then ready.
+ */
 
 static void
-ngx_http_loyalty_redis_handshake_handler(ngx_event_t *rev)
+ngx_http_loyalty_redis_next_step(ngx_http_loyalty_conn_t *conn)
 {
-    ssize_t                    n;
-    ngx_int_t                  rc;
-    ngx_str_t                  err;
-    ngx_uint_t                 state;
-    ngx_connection_t          *c;
-    ngx_http_loyalty_conn_t   *conn;
-    ngx_http_loyalty_reply_t  *reply;
+    ngx_http_loyalty_server_t  *server;
 
-    c = rev->data;
-    conn = c->data;
+    server = conn->server;
 
-    ngx_log_debug1(NGX_LOG_DEBUG_HTTP, rev->log, 0,
-                   "loyalty redis handshake handler, state: %d",
-                   conn->state);
+    switch (conn->state) {
 
-    if (c->close) {
-        ngx_http_loyalty_redis_exit(conn);
-        return;
-    }
+    case ngx_http_loyalty_conn_connecting:
 
-    if (rev->timedout) {
-        ngx_log_error(NGX_LOG_WARN, c->log, NGX_ETIMEDOUT,
-                      "loyalty: redis did not answer the handshake in time");
-        ngx_http_loyalty_redis_fail(conn);
-        return;
-    }
-
-    state = conn->state;
-
-    for ( ;; ) {
-        n = c->recv(c, conn->in, NGX_HTTP_LOYALTY_IN_SIZE);
-
-        if (n == NGX_AGAIN) {
-            break;
-        }
-
-        if (n == 0) {
-            ngx_log_error(NGX_LOG_WARN, c->log, 0,
-                          "loyalty: redis closed the connection");
-            ngx_http_loyalty_redis_fail(conn);
+        if (server->password.len) {
+            conn->state = ngx_http_loyalty_conn_auth;
             return;
         }
 
-        if (n == NGX_ERROR) {
-            ngx_http_loyalty_redis_fail(conn);
+        /* fall through */
+
+    case ngx_http_loyalty_conn_auth:
+
+        if (server->db) {
+            conn->state = ngx_http_loyalty_conn_select;
             return;
         }
 
-        if (ngx_http_loyalty_reader_feed(&conn->reader, conn->in, n)
-            != NGX_OK)
-        {
-            ngx_log_error(NGX_LOG_ERR, c->log, 0,
-                          "loyalty: redis reader failed");
-            ngx_http_loyalty_redis_fail(conn);
-            return;
-        }
+        /* fall through */
 
-        for ( ;; ) {
-            rc = ngx_http_loyalty_reader_next(&conn->reader, &reply, &err);
+    case ngx_http_loyalty_conn_select:
 
-            if (rc == NGX_AGAIN) {
-                break;
-            }
+        conn->step = 0;
+        break;
 
-            if (rc == NGX_ERROR) {
-                ngx_log_error(NGX_LOG_ERR, c->log, 0,
-                              "loyalty: redis protocol error: %V", &err);
-                ngx_http_loyalty_redis_fail(conn);
-                return;
-            }
+    default: /* ngx_http_loyalty_conn_setup */
 
-            if (conn->state == ngx_http_loyalty_conn_ready) {
-                /* nothing but the handshake has been sent yet */
-                ngx_log_error(NGX_LOG_ERR, c->log, 0,
-                              "loyalty: unexpected reply from redis");
-                ngx_http_loyalty_redis_fail(conn);
-                return;
-            }
-
-            if (ngx_http_loyalty_redis_handshake_reply(conn, reply)
-                != NGX_OK)
-            {
-                ngx_http_loyalty_redis_fail(conn);
-                return;
-            }
-        }
-
-        if (ngx_http_loyalty_reader_idle(&conn->reader) == NGX_OK) {
-            ngx_reset_pool(conn->reply_pool);
-        }
+        conn->step++;
+        break;
     }
 
-    if (conn->state == ngx_http_loyalty_conn_ready) {
-        ngx_http_loyalty_redis_ready(conn);
-        return;
-    }
-
-    /* each reply within the timeout */
-
-    if (conn->state != state) {
-        ngx_add_timer(rev, conn->server->connect_timeout);
-    }
-
-    if (ngx_handle_read_event(rev, 0) != NGX_OK) {
-        ngx_http_loyalty_redis_fail(conn);
-    }
+    conn->state = (conn->step < server->setup.nelts)
+                  ? ngx_http_loyalty_conn_setup : ngx_http_loyalty_conn_ready;
 }
 
 
 /*
  * Moves the handshake on by one reply.  An error reply to AUTH or SELECT
- * fails the connection; one to SCRIPT LOAD does so only when Redis serves
- * nothing yet (still loading its data, or wanting AUTH): otherwise credits
- * send the script itself after NOSCRIPT.
+ * fails the connection; the reply to a setup command is its handler's to
+ * judge.  NGX_ERROR: the connection failed.
  */
 
 static ngx_int_t
 ngx_http_loyalty_redis_handshake_reply(ngx_http_loyalty_conn_t *conn,
     ngx_http_loyalty_reply_t *reply)
 {
-    ngx_uint_t  error;
+    ngx_uint_t                       error;
+    ngx_http_loyalty_redis_setup_t  *setup;
 
     error = (reply->type == NGX_HTTP_LOYALTY_REPLY_ERROR);
 
@@ -679,12 +704,10 @@ ngx_http_loyalty_redis_handshake_reply(ngx_http_loyalty_conn_t *conn,
         if (error) {
             ngx_log_error(NGX_LOG_ERR, &conn->log, 0,
                           "loyalty: redis refused AUTH: \"%V\"", &reply->str);
-            return NGX_ERROR;
+            goto failed;
         }
 
-        conn->state = conn->server->db ? ngx_http_loyalty_conn_select
-                                       : ngx_http_loyalty_conn_script;
-        return NGX_OK;
+        break;
 
     case ngx_http_loyalty_conn_select:
 
@@ -692,35 +715,43 @@ ngx_http_loyalty_redis_handshake_reply(ngx_http_loyalty_conn_t *conn,
             ngx_log_error(NGX_LOG_ERR, &conn->log, 0,
                           "loyalty: redis refused SELECT: \"%V\"",
                           &reply->str);
-            return NGX_ERROR;
+            goto failed;
         }
 
-        conn->state = ngx_http_loyalty_conn_script;
-        return NGX_OK;
+        break;
 
-    default: /* ngx_http_loyalty_conn_script */
+    default: /* ngx_http_loyalty_conn_setup */
 
-        if (error) {
-            ngx_log_error(NGX_LOG_WARN, &conn->log, 0,
-                          "loyalty: redis refused SCRIPT LOAD: \"%V\"",
-                          &reply->str);
+        setup = conn->server->setup.elts;
+        setup = &setup[conn->step];
 
-            if ((reply->str.len >= sizeof("LOADING") - 1
-                 && ngx_strncmp(reply->str.data, "LOADING",
-                                sizeof("LOADING") - 1)
-                    == 0)
-                || (reply->str.len >= sizeof("NOAUTH") - 1
-                    && ngx_strncmp(reply->str.data, "NOAUTH",
-                                   sizeof("NOAUTH") - 1)
-                       == 0))
-            {
-                return NGX_ERROR;
-            }
+        if (setup->handler
+            && setup->handler(reply, setup->data, &conn->log) != NGX_OK)
+        {
+            goto failed;
         }
 
-        conn->state = ngx_http_loyalty_conn_ready;
+        break;
+    }
+
+    ngx_http_loyalty_redis_next_step(conn);
+
+    if (conn->state == ngx_http_loyalty_conn_ready) {
+        ngx_http_loyalty_redis_ready(conn);
         return NGX_OK;
     }
+
+    /* each reply within the timeout */
+
+    ngx_add_timer(conn->connection->read, conn->server->connect_timeout);
+
+    return NGX_OK;
+
+failed:
+
+    ngx_http_loyalty_redis_fail(conn);
+
+    return NGX_ERROR;
 }
 
 
@@ -729,9 +760,11 @@ ngx_http_loyalty_redis_handshake_reply(ngx_http_loyalty_conn_t *conn,
 static void
 ngx_http_loyalty_redis_ready(ngx_http_loyalty_conn_t *conn)
 {
-    ngx_connection_t  *c;
+    ngx_connection_t           *c;
+    ngx_http_loyalty_server_t  *server;
 
     c = conn->connection;
+    server = conn->server;
 
     if (c->read->timer_set) {
         ngx_del_timer(c->read);
@@ -746,9 +779,10 @@ ngx_http_loyalty_redis_ready(ngx_http_loyalty_conn_t *conn)
     conn->delay = 0;
     conn->heard = ngx_current_msec;
 
-    ngx_http_loyalty_count_connection(*conn->server->sh, 1);
+    if (server->events.ready) {
+        server->events.ready(server->events.data);
+    }
 
-    c->read->handler = ngx_http_loyalty_redis_read_handler;
     c->write->handler = ngx_http_loyalty_redis_write_handler;
 
     /*
@@ -764,10 +798,6 @@ ngx_http_loyalty_redis_ready(ngx_http_loyalty_conn_t *conn)
         conn->deadline.cancelable = 1;
         ngx_add_timer(&conn->deadline, conn->dead);
     }
-
-    if (ngx_handle_read_event(c->read, 0) != NGX_OK) {
-        ngx_http_loyalty_redis_fail(conn);
-    }
 }
 
 
@@ -776,9 +806,9 @@ ngx_http_loyalty_redis_queue(ngx_http_loyalty_conn_t *conn, ngx_uint_t argc,
     ngx_str_t *argv, ngx_msec_t timeout, ngx_http_loyalty_reply_pt handler,
     void *data)
 {
+    u_char                  *p;
     size_t                   len;
     ngx_buf_t               *b;
-    ngx_queue_t             *q;
     ngx_msec_int_t           left;
     ngx_http_loyalty_cmd_t  *cmd;
 
@@ -797,30 +827,23 @@ ngx_http_loyalty_redis_queue(ngx_http_loyalty_conn_t *conn, ngx_uint_t argc,
         }
     }
 
-    if (!ngx_queue_empty(&conn->free)) {
-        q = ngx_queue_head(&conn->free);
-        ngx_queue_remove(q);
-        cmd = ngx_queue_data(q, ngx_http_loyalty_cmd_t, queue);
-
-    } else {
-        if (conn->ncmds == NGX_HTTP_LOYALTY_MAX_CMDS) {
-            return NULL;
-        }
-
-        cmd = ngx_palloc(conn->pool, sizeof(ngx_http_loyalty_cmd_t));
-        if (cmd == NULL) {
-            return NULL;
-        }
-
-        conn->ncmds++;
+    cmd = ngx_http_loyalty_redis_alloc(conn, len);
+    if (cmd == NULL) {
+        return NULL;
     }
 
-    b->last = ngx_http_loyalty_command_write(b->last, argc, argv);
+    p = cmd->command.data;
+    cmd->command.len = ngx_http_loyalty_command_write(p, argc, argv) - p;
 
+    /* what goes out is a copy: the command keeps its bytes until answered */
+
+    b->last = ngx_cpymem(b->last, p, cmd->command.len);
+    conn->queued += cmd->command.len;
+
+    cmd->end = conn->queued;
     cmd->handler = handler;
     cmd->data = data;
     cmd->deadline = ngx_current_msec + timeout;
-    cmd->exiting = 0;
     cmd->timedout = 0;
 
     if (ngx_queue_empty(&conn->pending)) {
@@ -859,6 +882,95 @@ ngx_http_loyalty_redis_queue(ngx_http_loyalty_conn_t *conn, ngx_uint_t argc,
 }
 
 
+/*
+ * A command from the free list, or a new one, with room for len bytes.
+ * Commands keep their buffers on the free list: a buffer too small is
+ * replaced by one at least twice as large, so that most commands never
+ * outgrow their first.  A large old buffer (an EVAL with the whole
+ * script) goes back to the system; a small one stays in the pool, and all
+ * that a command leaves behind so is less than the buffer it ends with.
+ */
+
+static ngx_http_loyalty_cmd_t *
+ngx_http_loyalty_redis_alloc(ngx_http_loyalty_conn_t *conn, size_t len)
+{
+    u_char                  *p;
+    size_t                   size;
+    ngx_queue_t             *q;
+    ngx_http_loyalty_cmd_t  *cmd;
+
+    if (ngx_queue_empty(&conn->free)) {
+        if (conn->ncmds == NGX_HTTP_LOYALTY_MAX_CMDS) {
+            return NULL;
+        }
+
+        cmd = ngx_pcalloc(conn->pool, sizeof(ngx_http_loyalty_cmd_t));
+        if (cmd == NULL) {
+            return NULL;
+        }
+
+        ngx_queue_insert_head(&conn->free, &cmd->queue);
+        conn->ncmds++;
+    }
+
+    /* it leaves the free list only with a buffer large enough */
+
+    q = ngx_queue_head(&conn->free);
+    cmd = ngx_queue_data(q, ngx_http_loyalty_cmd_t, queue);
+
+    if (cmd->size < len) {
+        size = ngx_max(2 * cmd->size, NGX_HTTP_LOYALTY_CMD_SIZE);
+        size = ngx_max(size, len);
+
+        p = ngx_pnalloc(conn->pool, size);
+        if (p == NULL) {
+            return NULL;
+        }
+
+        if (cmd->command.data) {
+            ngx_pfree(conn->pool, cmd->command.data);
+        }
+
+        cmd->command.data = p;
+        cmd->size = size;
+    }
+
+    ngx_queue_remove(q);
+
+    return cmd;
+}
+
+
+/*
+ * The owner of a command is gone (its request was aborted): its handler
+ * is not called, and the reply, when it comes, is read and dropped.
+ */
+
+void
+ngx_http_loyalty_redis_cancel(ngx_http_loyalty_cmd_t *cmd)
+{
+    cmd->handler = NULL;
+    cmd->data = NULL;
+}
+
+
+/* the outcome of a command, told its owner once */
+
+static void
+ngx_http_loyalty_redis_done(ngx_http_loyalty_cmd_t *cmd, ngx_int_t rc,
+    ngx_http_loyalty_reply_t *reply)
+{
+    ngx_http_loyalty_reply_pt  handler;
+
+    handler = cmd->handler;
+
+    if (handler) {
+        cmd->handler = NULL;
+        handler(cmd->data, rc, reply);
+    }
+}
+
+
 static void
 ngx_http_loyalty_redis_write_handler(ngx_event_t *wev)
 {
@@ -885,6 +997,7 @@ ngx_http_loyalty_redis_write_handler(ngx_event_t *wev)
         }
 
         b->pos += n;
+        conn->written += n;
     }
 
     if (b->pos == b->last) {
@@ -898,15 +1011,24 @@ ngx_http_loyalty_redis_write_handler(ngx_event_t *wev)
 }
 
 
+/*
+ * One read path for the whole life of a connection: the replies go to the
+ * handshake while it lasts, then to the commands.
+ */
+
 static void
 ngx_http_loyalty_redis_read_handler(ngx_event_t *rev)
 {
     ssize_t                   n;
+    ngx_uint_t                state;
     ngx_connection_t         *c;
     ngx_http_loyalty_conn_t  *conn;
 
     c = rev->data;
     conn = c->data;
+
+    ngx_log_debug1(NGX_LOG_DEBUG_HTTP, rev->log, 0,
+                   "loyalty redis read handler, state: %ui", conn->state);
 
     /* worker_shutdown_timeout: nginx closes every connection this way */
 
@@ -914,6 +1036,17 @@ ngx_http_loyalty_redis_read_handler(ngx_event_t *rev)
         ngx_http_loyalty_redis_exit(conn);
         return;
     }
+
+    /* only the handshake sets a read timer */
+
+    if (rev->timedout) {
+        ngx_log_error(NGX_LOG_WARN, c->log, NGX_ETIMEDOUT,
+                      "loyalty: redis did not answer the handshake in time");
+        ngx_http_loyalty_redis_fail(conn);
+        return;
+    }
+
+    state = conn->state;
 
     /*
      * Read until the socket is drained: with edge-triggered events,
@@ -928,7 +1061,9 @@ ngx_http_loyalty_redis_read_handler(ngx_event_t *rev)
         }
 
         if (n == 0) {
-            if (ngx_queue_empty(&conn->pending)) {
+            if (state == ngx_http_loyalty_conn_ready
+                && ngx_queue_empty(&conn->pending))
+            {
                 /* an idle connection closed by the server's "timeout" */
                 ngx_log_error(NGX_LOG_INFO, c->log, 0,
                               "loyalty: redis closed an idle connection");
@@ -967,19 +1102,18 @@ ngx_http_loyalty_redis_read_handler(ngx_event_t *rev)
 }
 
 
-/* hands every complete reply to the oldest command */
+/*
+ * Hands every complete reply on, as the connection's state says: to the
+ * step of the handshake, or to the oldest command.  NGX_ERROR: the
+ * connection failed.
+ */
 
 static ngx_int_t
 ngx_http_loyalty_redis_process(ngx_http_loyalty_conn_t *conn)
 {
     ngx_int_t                  rc;
     ngx_str_t                  err;
-    ngx_queue_t               *q;
-    ngx_connection_t          *c;
-    ngx_http_loyalty_cmd_t    *cmd;
     ngx_http_loyalty_reply_t  *reply;
-
-    c = conn->connection;
 
     for ( ;; ) {
         rc = ngx_http_loyalty_reader_next(&conn->reader, &reply, &err);
@@ -989,45 +1123,30 @@ ngx_http_loyalty_redis_process(ngx_http_loyalty_conn_t *conn)
         }
 
         if (rc == NGX_ERROR) {
-            ngx_log_error(NGX_LOG_ERR, c->log, 0,
+            ngx_log_error(NGX_LOG_ERR, &conn->log, 0,
                           "loyalty: redis protocol error: %V", &err);
             ngx_http_loyalty_redis_fail(conn);
             return NGX_ERROR;
         }
 
-        if (ngx_queue_empty(&conn->pending)) {
-            ngx_log_error(NGX_LOG_ERR, c->log, 0,
-                          "loyalty: unexpected reply from redis");
-            ngx_http_loyalty_redis_fail(conn);
-            return NGX_ERROR;
-        }
-
-        q = ngx_queue_head(&conn->pending);
-        ngx_queue_remove(q);
-
-        conn->heard = ngx_current_msec;
-
-        cmd = ngx_queue_data(q, ngx_http_loyalty_cmd_t, queue);
-
-        if (cmd->timedout) {
-            ngx_log_debug0(NGX_LOG_DEBUG_HTTP, c->log, 0,
-                           "loyalty redis late reply dropped");
+        if (conn->state == ngx_http_loyalty_conn_ready) {
+            rc = ngx_http_loyalty_redis_reply(conn, reply);
 
         } else {
-            conn->waiting--;
-            cmd->handler(cmd, reply);
+            rc = ngx_http_loyalty_redis_handshake_reply(conn, reply);
         }
 
-        ngx_queue_insert_head(&conn->free, &cmd->queue);
-
-        if (conn->connection != c) {
-            /* the handler failed the connection */
+        if (rc != NGX_OK) {
             return NGX_ERROR;
         }
     }
 
     if (ngx_http_loyalty_reader_idle(&conn->reader) == NGX_OK) {
         ngx_reset_pool(conn->reply_pool);
+    }
+
+    if (conn->state != ngx_http_loyalty_conn_ready) {
+        return NGX_OK;
     }
 
     if (ngx_queue_empty(&conn->pending)) {
@@ -1040,6 +1159,65 @@ ngx_http_loyalty_redis_process(ngx_http_loyalty_conn_t *conn)
     }
 
     return NGX_OK;
+}
+
+
+/*
+ * The reply of the oldest command, which must have gone out whole.
+ * NGX_ERROR: the connection failed.
+ */
+
+static ngx_int_t
+ngx_http_loyalty_redis_reply(ngx_http_loyalty_conn_t *conn,
+    ngx_http_loyalty_reply_t *reply)
+{
+    ngx_queue_t             *q;
+    ngx_connection_t        *c;
+    ngx_http_loyalty_cmd_t  *cmd;
+
+    c = conn->connection;
+
+    if (ngx_queue_empty(&conn->pending)) {
+        goto unexpected;
+    }
+
+    q = ngx_queue_head(&conn->pending);
+    cmd = ngx_queue_data(q, ngx_http_loyalty_cmd_t, queue);
+
+    if (cmd->end > conn->written) {
+        /* Redis answers only what it has read */
+        goto unexpected;
+    }
+
+    ngx_queue_remove(q);
+
+    conn->heard = ngx_current_msec;
+
+    if (cmd->timedout) {
+        ngx_log_debug0(NGX_LOG_DEBUG_HTTP, c->log, 0,
+                       "loyalty redis late reply dropped");
+
+    } else {
+        conn->waiting--;
+        ngx_http_loyalty_redis_done(cmd, NGX_OK, reply);
+    }
+
+    ngx_queue_insert_head(&conn->free, &cmd->queue);
+
+    if (conn->connection != c) {
+        /* the handler failed the connection */
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+
+unexpected:
+
+    ngx_log_error(NGX_LOG_ERR, c->log, 0,
+                  "loyalty: unexpected reply from redis");
+    ngx_http_loyalty_redis_fail(conn);
+
+    return NGX_ERROR;
 }
 
 
@@ -1118,7 +1296,7 @@ ngx_http_loyalty_redis_deadline_handler(ngx_event_t *ev)
         conn->waiting--;
         late++;
 
-        cmd->handler(cmd, NULL);
+        ngx_http_loyalty_redis_done(cmd, NGX_ERROR, NULL);
 
         if (conn->connection != c) {
             /* the handler failed the connection */
@@ -1166,8 +1344,12 @@ ngx_http_loyalty_redis_backoff_handler(ngx_event_t *ev)
 static void
 ngx_http_loyalty_redis_close(ngx_http_loyalty_conn_t *conn)
 {
-    if (conn->state == ngx_http_loyalty_conn_ready) {
-        ngx_http_loyalty_count_connection(*conn->server->sh, -1);
+    ngx_http_loyalty_server_t  *server;
+
+    server = conn->server;
+
+    if (conn->state == ngx_http_loyalty_conn_ready && server->events.close) {
+        server->events.close(server->events.data);
     }
 
     if (conn->connection) {
@@ -1188,6 +1370,8 @@ ngx_http_loyalty_redis_close(ngx_http_loyalty_conn_t *conn)
 
     conn->out->pos = conn->out->start;
     conn->out->last = conn->out->start;
+    conn->queued = 0;
+    conn->written = 0;
 
     conn->state = ngx_http_loyalty_conn_closed;
 }
@@ -1250,9 +1434,7 @@ ngx_http_loyalty_redis_fail(ngx_http_loyalty_conn_t *conn)
 
         cmd = ngx_queue_data(q, ngx_http_loyalty_cmd_t, queue);
 
-        if (!cmd->timedout) {
-            cmd->handler(cmd, NULL);
-        }
+        ngx_http_loyalty_redis_done(cmd, NGX_ERROR, NULL);
 
         ngx_queue_insert_head(&conn->free, &cmd->queue);
     }
@@ -1262,7 +1444,7 @@ ngx_http_loyalty_redis_fail(ngx_http_loyalty_conn_t *conn)
 /*
  * The worker exits, or nginx closes its connections at the end of
  * worker_shutdown_timeout: no reconnect.  Requests are gone with the
- * worker; credits go to the journal: the handlers see cmd->exiting.
+ * worker; credits go to the journal: the handlers see NGX_ABORT.
  */
 
 static void
@@ -1291,10 +1473,7 @@ ngx_http_loyalty_redis_exit(ngx_http_loyalty_conn_t *conn)
 
         cmd = ngx_queue_data(q, ngx_http_loyalty_cmd_t, queue);
 
-        if (!cmd->timedout) {
-            cmd->exiting = 1;
-            cmd->handler(cmd, NULL);
-        }
+        ngx_http_loyalty_redis_done(cmd, NGX_ABORT, NULL);
 
         ngx_queue_insert_head(&conn->free, &cmd->queue);
     }

@@ -8,6 +8,7 @@
 #include <ngx_core.h>
 #include <ngx_http.h>
 #include "ngx_http_loyalty_module.h"
+#include "ngx_http_loyalty_redis.h"
 
 
 /*
@@ -172,6 +173,30 @@ ngx_http_loyalty_init_zone(ngx_shm_zone_t *shm_zone, void *data)
 
 
 /*
+ * The events of the Redis connections.  Not ngx_http_loyalty_count(): a
+ * gauge, the decrement on close paired with the increment when ready, and
+ * written only by the process that owns the slot.
+ */
+
+static void
+ngx_http_loyalty_count_ready(void *data)
+{
+    ngx_http_loyalty_shctx_t  *sh = data;
+
+    sh->processes[ngx_process_slot].connections++;
+}
+
+
+static void
+ngx_http_loyalty_count_close(void *data)
+{
+    ngx_http_loyalty_shctx_t  *sh = data;
+
+    sh->processes[ngx_process_slot].connections--;
+}
+
+
+/*
  * A process takes over the gauges of its slot in ngx_processes[]: the
  * worker that ran there before (and may have died with connections open)
  * counts no more.  Slots, not ngx_worker numbers: after a reload the old
@@ -181,6 +206,8 @@ ngx_http_loyalty_init_zone(ngx_shm_zone_t *shm_zone, void *data)
 void
 ngx_http_loyalty_status_init_process(ngx_http_loyalty_main_conf_t *lmcf)
 {
+    ngx_uint_t                   i;
+    ngx_http_loyalty_server_t  **server;
     ngx_http_loyalty_process_t  *slot;
 
     if (lmcf->sh == NULL) {
@@ -191,19 +218,13 @@ ngx_http_loyalty_status_init_process(ngx_http_loyalty_main_conf_t *lmcf)
 
     slot->connections = 0;
     slot->pid = ngx_pid;
-}
 
+    server = lmcf->servers.elts;
 
-/*
- * Not ngx_http_loyalty_count(): a gauge, paired with the decrement on
- * close, and written only by the process that owns the slot.
- */
-
-void
-ngx_http_loyalty_count_connection(ngx_http_loyalty_shctx_t *sh, ngx_int_t n)
-{
-    if (sh) {
-        sh->processes[ngx_process_slot].connections += n;
+    for (i = 0; i < lmcf->servers.nelts; i++) {
+        server[i]->events.ready = ngx_http_loyalty_count_ready;
+        server[i]->events.close = ngx_http_loyalty_count_close;
+        server[i]->events.data = lmcf->sh;
     }
 }
 

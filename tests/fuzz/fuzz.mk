@@ -39,7 +39,9 @@ FUZZ_RULES    = ngx_module/ngx_http_loyalty_rules.c
 FUZZ_PROTO    = ngx_module/ngx_http_loyalty_proto.c $(FUZZ_RULES) \
                 tests/fuzz/ngx_shim.c
 FUZZ_DEPS     = tests/fuzz/fuzz.h ngx_module/ngx_http_loyalty_rules.h \
-                ngx_module/ngx_http_loyalty_module.h $(MODULE)
+                ngx_module/ngx_http_loyalty_redis.h \
+                ngx_module/ngx_http_loyalty_module.h \
+                ngx_module/ngx_http_loyalty_credit.h $(MODULE)
 
 # ASan and UBSan: stop at the first report, in every process
 FUZZ_SAN_ENV  = ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
@@ -75,7 +77,7 @@ $(FUZZ_OUT)/valid_order.c: ngx_module/ngx_http_loyalty_credit.c
 	  echo '#include <ngx_config.h>'; \
 	  echo '#include <ngx_core.h>'; \
 	  echo '#include <ngx_http.h>'; \
-	  echo '#include "ngx_http_loyalty_module.h"'; \
+	  echo '#include "ngx_http_loyalty_credit.h"'; \
 	  echo 'ngx_int_t ngx_http_loyalty_valid_order(ngx_str_t *order);'; \
 	  echo 'ngx_int_t'; \
 	  awk '/^ngx_http_loyalty_valid_order\(/ { p = 1 } \

@@ -19,9 +19,8 @@
 
 #include <ngx_config.h>
 #include <ngx_core.h>
-#include <ngx_http.h>
 #include <hiredis/hiredis.h>
-#include "ngx_http_loyalty_module.h"
+#include "ngx_http_loyalty_redis.h"
 #include "fuzz.h"
 
 

@@ -25,8 +25,7 @@
 
 #include <ngx_config.h>
 #include <ngx_core.h>
-#include <ngx_http.h>
-#include "ngx_http_loyalty_module.h"
+#include "ngx_http_loyalty_redis.h"
 #include "fuzz.h"
 
 

@@ -1,0 +1,157 @@
+
+/*
+ * Copyright (C) The ngx_http_loyalty_module authors
+ */
+
+
+#ifndef _NGX_HTTP_LOYALTY_REDIS_H_INCLUDED_
+#define _NGX_HTTP_LOYALTY_REDIS_H_INCLUDED_
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include "ngx_http_loyalty_rules.h"
+
+
+/*
+ * The Redis layer: per-worker connections to the configured servers
+ * (ngx_http_loyalty_redis.c), and the protocol with the keys and fields of
+ * a customer record (ngx_http_loyalty_proto.c).  Nothing here knows of
+ * requests, credits or counters: their owners register setup commands and
+ * events.
+ */
+
+
+/* reply types, numbered as hiredis' REDIS_REPLY_* */
+#define NGX_HTTP_LOYALTY_REPLY_STRING  1
+#define NGX_HTTP_LOYALTY_REPLY_ARRAY   2
+#define NGX_HTTP_LOYALTY_REPLY_INTEGER 3
+#define NGX_HTTP_LOYALTY_REPLY_NIL     4
+#define NGX_HTTP_LOYALTY_REPLY_STATUS  5
+#define NGX_HTTP_LOYALTY_REPLY_ERROR   6
+
+#define NGX_HTTP_LOYALTY_ADDRESS_MAX   260      /* a host name and a port */
+#define NGX_HTTP_LOYALTY_PREFIX_MAX    64
+
+/* "<prefix>{<id>}" */
+#define NGX_HTTP_LOYALTY_KEY_LEN                                             \
+    (NGX_HTTP_LOYALTY_PREFIX_MAX + NGX_HTTP_LOYALTY_ID_MAX + 2)
+#define NGX_HTTP_LOYALTY_SHA1_LEN      40
+
+/* the fields of a customer hash, in HMGET order */
+#define NGX_HTTP_LOYALTY_NFIELDS       5
+
+
+typedef struct ngx_http_loyalty_conn_s  ngx_http_loyalty_conn_t;
+typedef struct ngx_http_loyalty_cmd_s   ngx_http_loyalty_cmd_t;
+typedef struct ngx_http_loyalty_reply_s ngx_http_loyalty_reply_t;
+
+
+/*
+ * A setup command's reply, in a connection's handshake: NGX_ERROR fails
+ * the connection.  The log names the server.
+ */
+typedef ngx_int_t (*ngx_http_loyalty_redis_setup_pt)(
+    ngx_http_loyalty_reply_t *reply, void *data, ngx_log_t *log);
+
+typedef struct {
+    ngx_str_t                        command;   /* encoded */
+    ngx_http_loyalty_redis_setup_pt  handler;
+    void                            *data;
+} ngx_http_loyalty_redis_setup_t;
+
+
+typedef void (*ngx_http_loyalty_redis_event_pt)(void *data);
+
+/* what a server's connections tell whoever keeps count of them */
+typedef struct {
+    ngx_http_loyalty_redis_event_pt  ready;     /* one got ready */
+    ngx_http_loyalty_redis_event_pt  close;     /* a ready one closed */
+    void                            *data;
+} ngx_http_loyalty_redis_events_t;
+
+
+/*
+ * A Redis server as configured: one connection per worker.  Its owners
+ * add setup commands and set events as the worker starts.
+ */
+typedef struct {
+    ngx_str_t                  name;            /* as written, for logs */
+    ngx_addr_t                 addr;
+    ngx_uint_t                 db;
+    ngx_str_t                  user;
+    ngx_str_t                  password;
+    ngx_msec_t                 connect_timeout;
+
+    ngx_array_t                setup;   /* ngx_http_loyalty_redis_setup_t */
+    ngx_http_loyalty_redis_events_t  events;
+
+    ngx_http_loyalty_conn_t   *conn;            /* per worker */
+} ngx_http_loyalty_server_t;
+
+
+/* a reply as built by our hiredis reader functions */
+struct ngx_http_loyalty_reply_s {
+    ngx_uint_t                 type;
+    long long                  integer;
+    ngx_str_t                  str;
+    size_t                     nelts;
+    ngx_http_loyalty_reply_t **element;
+};
+
+
+/* hiredis' reply reader, building our replies in a pool */
+typedef struct {
+    void                      *hiredis;
+    ngx_pool_t                *pool;
+    ngx_uint_t                 building;   /* a reply is half built */
+    const char                *error;      /* why a reply was refused */
+} ngx_http_loyalty_reader_t;
+
+
+/*
+ * Called once per command, unless it was cancelled: rc is NGX_OK with the
+ * reply; NGX_ERROR when the command failed (connection lost, deadline
+ * missed), NGX_ABORT when the worker exits, both with reply NULL.
+ */
+typedef void (*ngx_http_loyalty_reply_pt)(void *data, ngx_int_t rc,
+    ngx_http_loyalty_reply_t *reply);
+
+
+/* ngx_http_loyalty_redis.c */
+ngx_int_t ngx_http_loyalty_redis_init_process(ngx_cycle_t *cycle,
+    ngx_http_loyalty_server_t *server);
+ngx_int_t ngx_http_loyalty_redis_add_setup(ngx_http_loyalty_server_t *server,
+    ngx_pool_t *pool, ngx_uint_t argc, ngx_str_t *argv,
+    ngx_http_loyalty_redis_setup_pt handler, void *data);
+void ngx_http_loyalty_redis_exit_process(ngx_http_loyalty_server_t *server);
+ngx_http_loyalty_cmd_t *ngx_http_loyalty_redis_send(
+    ngx_http_loyalty_server_t *server, ngx_uint_t argc, ngx_str_t *argv,
+    ngx_msec_t timeout, ngx_http_loyalty_reply_pt handler, void *data,
+    ngx_log_t *log);
+void ngx_http_loyalty_redis_cancel(ngx_http_loyalty_cmd_t *cmd);
+
+
+/* ngx_http_loyalty_proto.c */
+extern ngx_str_t  ngx_http_loyalty_record_fields[];
+u_char *ngx_http_loyalty_hash_key(u_char *p, ngx_str_t *prefix, u_char *id,
+    size_t len);
+size_t ngx_http_loyalty_command_len(ngx_uint_t argc, ngx_str_t *argv);
+u_char *ngx_http_loyalty_command_write(u_char *p, ngx_uint_t argc,
+    ngx_str_t *argv);
+ngx_int_t ngx_http_loyalty_reader_init(ngx_http_loyalty_reader_t *rd,
+    ngx_pool_t *pool);
+void ngx_http_loyalty_reader_free(ngx_http_loyalty_reader_t *rd);
+ngx_int_t ngx_http_loyalty_reader_feed(ngx_http_loyalty_reader_t *rd,
+    u_char *buf, size_t n);
+ngx_int_t ngx_http_loyalty_reader_next(ngx_http_loyalty_reader_t *rd,
+    ngx_http_loyalty_reply_t **reply, ngx_str_t *err);
+ngx_int_t ngx_http_loyalty_reader_idle(ngx_http_loyalty_reader_t *rd);
+ngx_int_t ngx_http_loyalty_reply_uint(ngx_http_loyalty_reply_t *reply,
+    uint64_t *value);
+ngx_int_t ngx_http_loyalty_reply_record(ngx_http_loyalty_reply_t *reply,
+    ngx_http_loyalty_record_t *record, ngx_uint_t *bad);
+ngx_int_t ngx_http_loyalty_script_sha1(ngx_str_t *script, u_char *sha);
+
+
+#endif /* _NGX_HTTP_LOYALTY_REDIS_H_INCLUDED_ */
