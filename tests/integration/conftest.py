@@ -1007,6 +1007,16 @@ def nginx(tmp_root):
     assert not problems, "\n".join(problems)
 
 
+@pytest.fixture
+def fake_redis():
+    """A scripted Redis (fake_redis.py); fails the test on its errors."""
+    from fake_redis import FakeRedis
+    f = FakeRedis()
+    yield f
+    f.stop()
+    assert not f.errors, f.errors
+
+
 # --------------------------------------------------------------------------
 # small helpers shared by the test files
 

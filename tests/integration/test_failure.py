@@ -12,7 +12,6 @@ import redis as redis_lib
 from conftest import (SPOOF, checkout_conf, expected, free_port, log_lines,
                       wait_until)
 from credit_support import edge_conf, order, read_journal
-from fake_redis import FakeRedis
 
 
 UNAVAILABLE = expected("unavailable")
@@ -427,14 +426,6 @@ def test_fail_fast_while_reconnecting(silent_redis, nginx):
 
 # --------------------------------------------------------------------------
 # issue #13: a slow reply is not a dead connection
-
-
-@pytest.fixture
-def fake_redis():
-    f = FakeRedis()
-    yield f
-    f.stop()
-    assert not f.errors, f.errors
 
 
 @pytest.mark.timing

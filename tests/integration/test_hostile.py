@@ -40,7 +40,7 @@ from conftest import (Response, checkout_conf, expected, http_request,
 from credit_support import (PYTHON, REPO, edge_conf, error_log_credits,
                             hkey, ledger_entries, marker, read_journal,
                             record, replay, wait_marker)
-from fake_redis import FakeRedis, array, bulk, integer
+from fake_redis import array, bulk, integer
 
 
 CRASH = "exited on signal"
@@ -1013,14 +1013,6 @@ def test_max_lengths_journal_and_replay(redis_factory, nginx, journal):
 
 # --------------------------------------------------------------------------
 # a fake Redis with hostile replies
-
-
-@pytest.fixture
-def fake_redis():
-    f = FakeRedis()
-    yield f
-    f.stop()
-    assert not f.errors, f.errors
 
 
 GOOD = dict(points=7, lifetime=70, orders=2, first_order=1700000000,
