@@ -24,7 +24,7 @@ import threading
 import time
 import urllib.parse
 
-from conftest import http_request, listener, wait_until
+from conftest import SLOW, http_request, listener, wait_until
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -113,7 +113,7 @@ server {
     location = /__harness_ready { return 204; }
 
     loyalty_redis 127.0.0.1:{redis_port};
-    loyalty_redis_timeout 500ms;
+    loyalty_redis_timeout @TIMEOUT@ms;
     loyalty_customer $http_x_customer;
     loyalty_earn $upstream_http_x_order_total;
     loyalty_order_id $upstream_http_x_order_id;
@@ -139,8 +139,10 @@ TIERS = """
 
 
 def edge_conf(loc="", server="", http="", locations=""):
+    # 500 ms, stretched as the harness' own bounds are under valgrind
     return (EDGE.replace("@HTTP@", http).replace("@SERVER@", server)
-            .replace("@LOC@", loc).replace("@LOCATIONS@", locations))
+            .replace("@LOC@", loc).replace("@LOCATIONS@", locations)
+            .replace("@TIMEOUT@", str(500 * SLOW)))
 
 
 def order_path(path="/buy", total=None, oid=None, redeem=None, **extra):
