@@ -551,7 +551,7 @@ def test_confirmed_order_credited_once_when_client_leaves(
         assert [redis.client.exists(marker(cid, oid))
                 for cid, oid, _ in orders] == [0] * 4
         if redis_late:
-            wait_until(lambda: gate.closed_by_nginx() >= 1, 20,
+            wait_until(lambda: gate.closed_by_nginx() >= 1, 20 * SLOW,
                        message="the module giving up on the connection")
 
         if how == "reset":
