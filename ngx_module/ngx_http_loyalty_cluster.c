@@ -703,7 +703,7 @@ ngx_http_loyalty_cluster_slots_handler(void *data, ngx_int_t rc,
         old = cl->slots[s];
 
         if (old && map[s] && old != map[s]
-            && !ngx_http_loyalty_cluster_usable(old, 0))
+            && old->conn && ngx_http_loyalty_redis_conn_failed(old->conn))
         {
             failover = 1;
             break;

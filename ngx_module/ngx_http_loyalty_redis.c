@@ -602,6 +602,15 @@ ngx_http_loyalty_redis_conn_usable(ngx_http_loyalty_conn_t *conn,
 }
 
 
+/* the last connection failed, and no new one has got ready since */
+
+ngx_uint_t
+ngx_http_loyalty_redis_conn_failed(ngx_http_loyalty_conn_t *conn)
+{
+    return conn->failed;
+}
+
+
 ngx_addr_t *
 ngx_http_loyalty_redis_conn_addr(ngx_http_loyalty_conn_t *conn)
 {

@@ -182,6 +182,7 @@ ngx_http_loyalty_conn_t *ngx_http_loyalty_redis_conn_create(
 void ngx_http_loyalty_redis_conn_destroy(ngx_http_loyalty_conn_t *conn);
 ngx_uint_t ngx_http_loyalty_redis_conn_usable(ngx_http_loyalty_conn_t *conn,
     ngx_uint_t ready);
+ngx_uint_t ngx_http_loyalty_redis_conn_failed(ngx_http_loyalty_conn_t *conn);
 ngx_addr_t *ngx_http_loyalty_redis_conn_addr(ngx_http_loyalty_conn_t *conn);
 ngx_int_t ngx_http_loyalty_redis_submit(ngx_http_loyalty_conn_t *conn,
     ngx_http_loyalty_cmd_t *cmd);
