@@ -330,6 +330,7 @@ ngx_http_loyalty_cluster_redirect(ngx_http_loyalty_cluster_t *cl,
     ngx_http_loyalty_reply_t *reply)
 {
     ngx_str_t                     asking;
+    ngx_addr_t                   *from;
     ngx_msec_int_t                left;
     ngx_http_loyalty_cmd_t       *ask;
     ngx_http_loyalty_node_t      *node;
@@ -351,8 +352,9 @@ ngx_http_loyalty_cluster_redirect(ngx_http_loyalty_cluster_t *cl,
         return NGX_DONE;
     }
 
-    node = ngx_http_loyalty_cluster_address(cl, &rd.host, rd.port,
-                                      ngx_http_loyalty_redis_conn_addr(conn));
+    from = ngx_http_loyalty_redis_conn_addr(conn);
+
+    node = ngx_http_loyalty_cluster_address(cl, &rd.host, rd.port, from);
     if (node == NULL) {
         if (cl->logged != ngx_time()) {
             cl->logged = ngx_time();
@@ -653,7 +655,8 @@ ngx_http_loyalty_cluster_slots_handler(void *data, ngx_int_t rc,
     }
 
     map = cl->spare;
-    ngx_memzero(map, NGX_HTTP_LOYALTY_SLOTS * sizeof(ngx_http_loyalty_node_t *));
+    ngx_memzero(map,
+                NGX_HTTP_LOYALTY_SLOTS * sizeof(ngx_http_loyalty_node_t *));
 
     ranges = 0;
 

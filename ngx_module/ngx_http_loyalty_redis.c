@@ -14,14 +14,16 @@
 /*
  * One connection per worker and Redis server (with Redis Cluster: per
  * worker and master node, ngx_http_loyalty_cluster.c), opened on first
- * use and kept.  Its life is a series of states, as ngx_mail_proxy_module walks a
- * backend through its greeting and AUTH:
+ * use and kept.  Its life is a series of states, as ngx_mail_proxy_module
+ * walks a backend through its greeting and AUTH:
  *
  *     closed -> connecting -> auth -> select -> setup -> ready
  *                                \____________________/
  *                                       handshake
  *
- * and "down" after a failure, until the backoff timer reconnects.  AUTH
+ * and "down" after a failure, until the backoff timer reconnects (a
+ * cluster node's connection goes back to "closed" then, and is opened
+ * again on demand).  AUTH
  * (with a password) and SELECT (with a database) are sent only when a
  * connection opens, together with the setup commands that the server's
  * owners registered (ngx_http_loyalty_redis_add_setup(): the credits'
@@ -40,7 +42,8 @@
  * answered, so that it can be sent again elsewhere (to the node a Redis
  * Cluster redirects it to); its owner may cancel it
  * (ngx_http_loyalty_redis_cancel()), and is told of its end once, through
- * its handler.  A command whose deadline passes fails alone: its request
+ * its handler.  Commands and their buffers belong to the server, not to a
+ * connection: a redirected command moves to another node's connection.  A command whose deadline passes fails alone: its request
  * goes on as "unavailable", and the command stays in the queue until its
  * late reply comes, which is read and dropped.  A connection that fails
  * (refused, reset, a handshake refused or unanswered, a protocol error, or

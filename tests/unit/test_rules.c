@@ -8,9 +8,9 @@
  * Unit tests of the pure logic in ngx_http_loyalty_rules.c: customer ids
  * and their signatures, numbers, points earned, tiers, offers, the
  * loyalty_offer parameters, the escaping of JSON strings and Prometheus
- * labels, and Redis Cluster's key slots and redirections.  Table-driven: a failing row is printed with its
- * input, and every row runs even when an earlier one failed, so one run
- * shows all the failures of a test.
+ * labels, and Redis Cluster's key slots and redirections.  Table-driven:
+ * a failing row is printed with its input, and every row runs even when
+ * an earlier one failed, so one run shows all the failures of a test.
  */
 
 
