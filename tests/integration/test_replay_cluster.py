@@ -463,3 +463,56 @@ def test_replay_during_migration(cluster, tmp_root):
                message="the new owner of the migrated slot")
     check_applied(cluster, a, [("mig-1", 10, 0)], 10, 10)
     check_applied(cluster, b, [("mig-1", 10, 0), ("mig-2", 5, 0)], 15, 15)
+
+
+def test_module_journal_into_cluster(tmp_root, nginx):
+    """Lines the module itself journals for a cluster: nginx configured
+    with three seeds and "cluster", the cluster not yet started, orders of
+    customers on every master are journaled when nginx stops; replay
+    applies them on their masters once the cluster is up, then finds them
+    applied."""
+    from credit_support import edge_conf, order, read_journal
+
+    c = Cluster(tmp_root)
+    seeds = " ".join("127.0.0.1:%d" % p for p in c.ports)
+    conf = edge_conf(http="loyalty_journal {prefix}/loyalty.journal;") \
+        .replace("loyalty_redis 127.0.0.1:{redis_port};",
+                 "loyalty_redis %s cluster;" % seeds)
+    assert " cluster;" in conf
+    # redis-cli --cluster create gives 3 masters thirds of the slots
+    cids, i = {}, 0
+    while len(cids) < 3:
+        cid = "mj%03d" % i
+        i += 1
+        cids.setdefault(key_slot("loyalty:{%s}" % cid) * 3 // 16384, cid)
+    try:
+        n = nginx(conf)
+        for k, cid in enumerate(cids.values()):
+            r = order(n, cid, "12.50", "mj-%d" % k)
+            assert r.status == 200, r
+            assert r.header("X-Loyalty-Status") == "unavailable", r
+        assert n.stop() is None
+        entries = read_journal(n.prefix + "/loyalty.journal")
+        assert len(entries) == 3, entries
+        for e in entries:
+            assert (e.get("cluster"), e["redis"], e["db"]) == (
+                True, seeds, 0), e
+
+        c.start()
+        assert {c.owner("loyalty:{%s}" % cid) for cid in cids.values()} \
+            == set(c.ports)
+        journal = n.prefix + "/loyalty.journal"
+        rc, applied, already, failed, out = replay(journal)
+        assert (rc, applied, already, failed) == (0, 3, 0, 0), out
+        for k, cid in enumerate(cids.values()):
+            check_applied(c, cid, [("mj-%d" % k, 12, 0)], 12, 12)
+        rc, applied, already, failed, out = replay(journal)
+        assert (rc, applied, already, failed) == (0, 0, 3, 0), out
+    finally:
+        c.stop()
+
+
+def key_slot(key):
+    """CRC16/XMODEM of the hash tag, mod 16384 (redis-py's own)."""
+    from redis.crc import key_slot as slot
+    return slot(key.encode())
