@@ -55,7 +55,8 @@ SECONDS = env_int("BENCH_SECONDS", 10)
 ROUNDS = env_int("BENCH_ROUNDS", 2)
 CONNECTIONS = env_int("BENCH_CONNECTIONS", 50)
 WARMUP = env_int("BENCH_WARMUP", 3)
-CONFIGS = os.environ.get("BENCH_CONFIGS", "baseline module lua").split()
+CONFIGS = os.environ.get("BENCH_CONFIGS",
+                         "baseline module module-cluster lua").split()
 SLOW = env_int("BENCH_SLOW", 1)
 SLOW_DELAY_MS = env_float("BENCH_SLOW_DELAY_MS", 20.0)
 PLAIN_CONNECTIONS = env_int("BENCH_PLAIN_CONNECTIONS", 10)
@@ -93,14 +94,17 @@ KINDS = {
     "lua-timer": ("lua.conf", "OpenResty, one ngx.timer.at + EVALSHA per "
                               "credit"),
     "module-b": ("module.conf", "the module built as BENCH_MODULE_B"),
+    "module-cluster": ("module.conf", "the module against a local Redis "
+                                      "Cluster of 3 masters"),
     "module-read": ("module.conf", "the module reading only, no credit: "
                                    "its request path alone"),
     "lua-read": ("lua.conf", "OpenResty reading only, no credit"),
 }
 
 # configurations that read the customer, and those that also credit
-READS = ("module", "module-b", "module-read", "lua", "lua-timer", "lua-read")
-CREDITS = ("module", "module-b", "lua", "lua-timer")
+READS = ("module", "module-b", "module-cluster", "module-read", "lua",
+         "lua-timer", "lua-read")
+CREDITS = ("module", "module-b", "module-cluster", "lua", "lua-timer")
 
 
 def log(*args):
@@ -226,11 +230,15 @@ def machine_idle():
 
 def redis_calls(r):
     """Calls and microseconds per call of each command since the last
-    CONFIG RESETSTAT."""
-    out = {}
-    for name, st in r.info("commandstats").items():
-        out[name.replace("cmdstat_", "")] = (st["calls"], st["usec_per_call"])
-    return out
+    CONFIG RESETSTAT (summed over the nodes of a cluster)."""
+    total = {}
+    for stats in (r.node_info("commandstats") if isinstance(r, Cluster)
+                  else [r.info("commandstats")]):
+        for name, st in stats.items():
+            c, u = total.get(name.replace("cmdstat_", ""), (0, 0.0))
+            total[name.replace("cmdstat_", "")] = (
+                c + st["calls"], u + st["calls"] * st["usec_per_call"])
+    return {n: (c, u / max(1, c)) for n, (c, u) in total.items()}
 
 
 def redis_summary(res):
@@ -279,6 +287,152 @@ class Redis:
     def pid(self):
         kids = children(self.proc.pid)
         return kids[0] if kids else None
+
+
+def cluster_ports(n):
+    """n free loopback ports whose cluster bus ports (+10000) are free."""
+    out = []
+    while len(out) < n:
+        p = free_port()
+        if p > 55535 or p in out:
+            continue
+        try:
+            s = socket.socket()
+            s.bind(("127.0.0.1", p + 10000))
+            s.close()
+        except OSError:
+            continue
+        out.append(p)
+    return out
+
+
+class ClusterPipeline:
+    """A pipeline per master, routed by the slot of each key (CRC16 of its
+    hash tag); execute() answers in the order of the commands."""
+
+    def __init__(self, cluster):
+        self.cluster = cluster
+        self.pipes = {}         # node port -> (pipeline, [command index])
+        self.n = 0
+
+    def _pipe(self, key):
+        port = self.cluster.node_of(key)
+        if port not in self.pipes:
+            self.pipes[port] = (self.cluster.clients[port].pipeline(
+                transaction=False), [])
+        pipe, idx = self.pipes[port]
+        idx.append(self.n)
+        self.n += 1
+        return pipe
+
+    def hset(self, key, **kw):
+        self._pipe(key).hset(key, **kw)
+
+    def hmget(self, key, *fields):
+        self._pipe(key).hmget(key, *fields)
+
+    def execute(self):
+        out = [None] * self.n
+        for pipe, idx in self.pipes.values():
+            for i, r in zip(idx, pipe.execute()):
+                out[i] = r
+        self.pipes = {}
+        self.n = 0
+        return out
+
+
+class Cluster:
+    """A private Redis Cluster of 3 masters, no replicas, no persistence;
+    what seed() and verify() need of a redis client, over all nodes."""
+
+    def __init__(self, procs, masters=3):
+        from redis.crc import key_slot
+        self.key_slot = key_slot
+        self.ports = cluster_ports(masters)
+        top = os.path.join(OUT, "cluster")
+        if os.path.isdir(top):
+            shutil.rmtree(top)
+        mkdirs(top)
+        self.procs = []
+        self.clients = {}
+        for port in self.ports:
+            d = os.path.join(top, str(port))
+            mkdirs(d)
+            self.procs.append(procs.start("redis-%d" % port, [
+                "redis-server", "--bind", "127.0.0.1", "--port", str(port),
+                "--protected-mode", "yes", "--save", "", "--appendonly",
+                "no", "--cluster-enabled", "yes", "--cluster-config-file",
+                os.path.join(d, "nodes.conf"), "--cluster-node-timeout",
+                "5000", "--dir", d, "--logfile",
+                os.path.join(d, "redis.log"), "--daemonize", "no"]))
+            self.clients[port] = redis_lib.Redis(
+                host="127.0.0.1", port=port, decode_responses=True)
+
+        def up():
+            for p, port in zip(self.procs, self.ports):
+                if p.poll() is not None:
+                    raise RuntimeError("redis-server %d exited, see "
+                                       "%s/%d/redis.log" % (port, top, port))
+                try:
+                    self.clients[port].ping()
+                except redis_lib.RedisError:
+                    return False
+            return True
+
+        wait_for(up, 10, "the cluster's redis-servers")
+        with open(os.path.join(top, "create.log"), "w") as f:
+            subprocess.run(["timeout", "-k", "5", "60",
+                            "redis-cli", "--cluster", "create"]
+                           + ["127.0.0.1:%d" % p for p in self.ports]
+                           + ["--cluster-yes"], stdout=f,
+                           stderr=subprocess.STDOUT, check=True, timeout=60)
+
+        def ok():
+            for c in self.clients.values():
+                if c.cluster("info")["cluster_state"] != "ok":
+                    return False
+                if len(c.cluster("slots")) != masters:
+                    return False
+            return True
+
+        wait_for(ok, 30, "cluster_state:ok on every node")
+        self.slots = [None] * 16384
+        for low, high, master, *_ in self.clients[self.ports[0]].execute_command(
+                "CLUSTER", "SLOTS"):
+            for s in range(low, high + 1):
+                self.slots[s] = int(master[1])
+        if None in self.slots:
+            raise RuntimeError("the cluster does not cover every slot")
+
+    def node_of(self, key):
+        return self.slots[self.key_slot(key.encode())]
+
+    def seeds(self):
+        return " ".join("127.0.0.1:%d" % p for p in self.ports)
+
+    def pids(self):
+        out = []
+        for p in self.procs:
+            kids = children(p.pid)
+            out.append(kids[0] if kids else None)
+        return out
+
+    def pipeline(self, transaction=False):
+        return ClusterPipeline(self)
+
+    def flushall(self):
+        for c in self.clients.values():
+            c.flushall()
+
+    def config_resetstat(self):
+        for c in self.clients.values():
+            c.config_resetstat()
+
+    def node_info(self, section):
+        return [c.info(section) for c in self.clients.values()]
+
+    def keys_per_node(self):
+        return {p: c.dbsize() for p, c in self.clients.items()}
 
 
 class Nginx:
@@ -721,6 +875,16 @@ class Bench:
         seed(self.redis.r, self.customers)
         log("seeded %d customers in %.1f s" % (CUSTOMERS,
                                                 time.monotonic() - t))
+        self.cluster = None
+        if "module-cluster" in CONFIGS:
+            self.cluster = Cluster(self.procs)
+            t = time.monotonic()
+            seed(self.cluster, self.customers)
+            log("redis cluster of 3 masters on %s; seeded %d customers in "
+                "%.1f s (keys per node: %s)" % (
+                    self.cluster.seeds(), CUSTOMERS, time.monotonic() - t,
+                    ", ".join("%d: %d" % kv for kv in
+                              self.cluster.keys_per_node().items())))
         port = free_port()
         self.shop = Nginx(self.procs, "shop", "shop.conf",
                           {"SHOP_PORT": port}, port=port)
@@ -733,7 +897,9 @@ class Bench:
             "SHOP_PORT": self.shop.port,
             "MODULE": os.path.abspath(MODULE_B) if kind == "module-b"
                       else MODULE,
-            "REDIS": "127.0.0.1:%d" % (redis_port or self.redis.port),
+            "REDIS": self.cluster.seeds() + " cluster"
+                     if kind == "module-cluster"
+                     else "127.0.0.1:%d" % (redis_port or self.redis.port),
             "REDIS_PORT": redis_port or self.redis.port,
             "REDIS_TIMEOUT": timeout,
             "REDIS_TIMEOUT_MS": int(timeout.replace("ms", ""))
@@ -746,6 +912,7 @@ class Bench:
                        else "loyalty.log()",
         }
         n = Nginx(self.procs, name, template, subs, under=under)
+        n.store = self.cluster if kind == "module-cluster" else self.redis.r
         self.servers[name] = n
         log("nginx %-12s on 127.0.0.1:%d (worker %d)"
             % (name, n.port, n.worker))
@@ -755,14 +922,20 @@ class Bench:
                      profile=False):
         """Reseed, run wrk on /checkout (and /plain at the same time when
         plain is a server), verify.  Returns (checkout, plain, verify)."""
-        seed(self.redis.r, self.customers)
+        store = server.store
+        seed(store, self.customers)
         self.orders.mark()
         started = time.time()
         la = loadavg()
-        pids = dict(worker=server.worker, shop=self.shop.worker,
-                    redis=self.redis.pid())
+        pids = dict(worker=server.worker, shop=self.shop.worker)
+        if isinstance(store, Cluster):
+            # the CPU of every node, summed as "redis"
+            for i, pid in enumerate(store.pids()):
+                pids["redis-node%d" % i] = pid
+        else:
+            pids["redis"] = self.redis.pid()
         cpu0 = {k: cpu_seconds(v) for k, v in pids.items()}
-        self.redis.r.config_resetstat()
+        store.config_resetstat()
         idle0 = machine_idle()
         t0 = time.monotonic()
         pc = wrk_start(self.procs, server.port, tag, seconds, CONNECTIONS)
@@ -770,6 +943,7 @@ class Bench:
             wait_for(lambda: children(pc.pid), 5, "wrk")
             wrk = children(pc.pid)
             for k, pid in list(pids.items()) + [("wrk", w) for w in wrk]:
+                k = "redis" if k.startswith("redis") else k
                 if k in PIN:
                     for tid in os.listdir("/proc/%d/task" % pid):
                         os.sched_setaffinity(int(tid), {
@@ -786,8 +960,12 @@ class Bench:
         wall = time.monotonic() - t0
         c["cpu"] = {k: (cpu_seconds(v) - cpu0[k]) / wall
                     for k, v in pids.items()}
+        if "redis" not in c["cpu"]:
+            c["cpu"]["redis"] = sum(v for k, v in c["cpu"].items()
+                                    if k.startswith("redis-node"))
         c["idle"] = (machine_idle() - idle0) / wall
-        c["redis_calls"] = redis_calls(self.redis.r)
+        c["redis_calls"] = redis_calls(store)
+        c["redis_us"] = c["cpu"]["redis"] * 1e6 / max(1, c["rps"])
         time.sleep(0.5)                 # credits still on their way
         if perf:
             perf_report(perf, c)
@@ -796,7 +974,7 @@ class Bench:
             * 1e6 / max(1, served)
         c["loadavg"] = la
         c["rss_kb"] = server.memory()["VmRSS"]
-        v = verify(self.redis.r, self.customers, self.orders.read(tag), kind,
+        v = verify(store, self.customers, self.orders.read(tag), kind,
                    started)
         return c, p, v
 
@@ -861,7 +1039,7 @@ def bench_main():
         for c in CONFIGS:
             if WARMUP > 0:
                 s = b.servers[c]
-                seed(b.redis.r, b.customers)
+                seed(s.store, b.customers)
                 wrk_wait(wrk_start(b.procs, s.port, "warm-" + c, WARMUP,
                                    CONNECTIONS))
         log("warm-up done (%d s each)" % WARMUP)
@@ -905,12 +1083,17 @@ def bench_main():
 
         memory = {name: s.memory() for name, s in b.servers.items()}
         errors = {name: s.error_lines() for name, s in b.servers.items()}
+        status = {}
+        for name in ("module", "module-cluster"):
+            if name in b.servers and name in CONFIGS:
+                status[name] = loyalty_status(b.servers[name])
         redis_pid = b.redis.pid()
     finally:
         b.stop()
         signal.alarm(0)
 
-    report = bench_report(runs, slow_runs, memory, errors, failures)
+    report = bench_report(runs, slow_runs, memory, errors, failures,
+                          status)
     print()
     print(report)
     save_section(os.environ.get("BENCH_SECTION", "bench"), report)
@@ -946,7 +1129,31 @@ def environment():
                os.cpu_count(), loadavg()))
 
 
-def bench_report(runs, slow_runs, memory, errors, failures):
+STATUS_KEEP = re.compile(r"^loyalty_(redis_redirects_total|"
+                         r"cluster_refreshes_total|redis_failovers_total|"
+                         r"credits_total|redis_connections|requests_total)")
+
+
+def loyalty_status(server):
+    """The lines of the edge's loyalty_status that tell about Redis."""
+    try:
+        s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        s.sendall(b"GET /loyalty-status HTTP/1.0\r\nHost: x\r\n\r\n")
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        s.close()
+    except OSError as e:
+        return ["(loyalty_status: %s)" % e]
+    body = data.decode(errors="replace").partition("\r\n\r\n")[2]
+    return [l for l in body.splitlines()
+            if STATUS_KEEP.match(l) and not l.endswith(" 0")]
+
+
+def bench_report(runs, slow_runs, memory, errors, failures, status=None):
     L = []
     L.append("## make %s\n" % os.environ.get("BENCH_SECTION", "bench"))
     L.append("%s.  wrk: 1 thread, %d connections, %d s per run, %d rounds "
@@ -1018,6 +1225,22 @@ def bench_report(runs, slow_runs, memory, errors, failures):
                      MODULE_B, ratio_median(runs, "module-b", "module", "rps"),
                      ratio_median(runs, "module-b", "module", "p99"),
                      ratio_median(runs, "module-b", "module", "worker_us")))
+    if have("module-cluster", "module"):
+        thr = ratio_median(runs, "module-cluster", "module", "rps")
+        cpu = ratio_median(runs, "module-cluster", "module", "worker_us")
+        L.append("- module-cluster / module: throughput **%.2f**, p99 %.2f, "
+                 "worker CPU per request **%.2f** (target throughput >= 0.9"
+                 " and worker CPU per request <= 1.1: %s)" % (
+                     thr, ratio_median(runs, "module-cluster", "module",
+                                       "p99"), cpu,
+                     target(thr >= 0.9 and cpu <= 1.1)))
+        L.append("- Redis CPU per request (all nodes): module %.1f us "
+                 "(1 redis-server), module-cluster %.1f us (3 masters), "
+                 "module-cluster / module %.2f" % (
+                     med([r["redis_us"] for r in runs["module"]]),
+                     med([r["redis_us"] for r in runs["module-cluster"]]),
+                     ratio_median(runs, "module-cluster", "module",
+                                  "redis_us")))
     if have("lua", "baseline"):
         L.append("- lua / baseline throughput: %.2f, p99: %.2f" % (
             ratio_median(runs, "lua", "baseline", "rps"),
@@ -1101,6 +1324,14 @@ def bench_report(runs, slow_runs, memory, errors, failures):
             L.append("    " + e)
         L.append("")
 
+    if status:
+        L.append("### loyalty_status at the end (non-zero Redis and "
+                 "credit counters)\n")
+        for name, lines in status.items():
+            L.append("- %s: %s" % (name, ", ".join(
+                "`%s`" % l for l in lines) or "none"))
+        L.append("")
+
     noisy = {k: v for k, v in errors.items() if v}
     if noisy:
         L.append("### Warnings in the error logs\n")
@@ -1126,11 +1357,11 @@ def rss_main():
         b.start_common()
         for c in RSS_CONFIGS:
             s = b.edge("rss-" + c, c)
-            seed(b.redis.r, b.customers)
+            seed(s.store, b.customers)
             wrk_wait(wrk_start(b.procs, s.port, "rss-warm-" + c, 600,
                                CONNECTIONS, stop_after=RSS_WARMUP))
             time.sleep(2)
-            seed(b.redis.r, b.customers)        # the warm-up's credits out
+            seed(s.store, b.customers)        # the warm-up's credits out
             before = s.memory()
             log("%s: after %d warm-up checkouts worker VmRSS %d kB"
                 % (c, RSS_WARMUP, before["VmRSS"]))
@@ -1154,7 +1385,7 @@ def rss_main():
             res = wrk_wait(p)
             time.sleep(2)
             after = s.memory()
-            v = verify(b.redis.r, b.customers, b.orders.read(tag), c,
+            v = verify(s.store, b.customers, b.orders.read(tag), c,
                        started, timeout=60)
             if not v["ok"]:
                 failures.append((tag, v))
@@ -1282,7 +1513,7 @@ def insns_main():
                                stop_after=200))
             subprocess.run(["callgrind_control", "-i", "on", str(s.worker)],
                            check=True, capture_output=True, timeout=60)
-            seed(b.redis.r, b.customers)
+            seed(s.store, b.customers)
             # the same customers and orders for every configuration
             res = wrk_wait(wrk_start(b.procs, s.port, c + "-count", 600, 1,
                                      stop_after=INSNS_REQUESTS, seed=1))
