@@ -1,6 +1,7 @@
 # ngx_http_loyalty_module
 #
 #   make run     install what is missing, build, start redis + nginx demo
+#   make run-cluster  the same demo on a local 3-master Redis Cluster
 #   make test    install what is missing, build, run every test
 #   make deb     install what is missing, build the Debian package
 #                libnginx-mod-http-loyalty in build/deb/, run lintian on it
@@ -20,7 +21,7 @@ CFLAGS_UNIT = -g -O1 -Wall -Wextra -Werror -Wno-unused-parameter \
               -I build/nginx/src/core -I build/nginx/src/os/unix \
               -I build/nginx/src/event -I build/nginx/src/event/quic
 
-.PHONY: all build run test unit integration build-static clean deps-run \
+.PHONY: all build run run-cluster test unit integration build-static clean deps-run \
         deps-test deps-deb deb deb-check test-fresh
 
 all: build
@@ -42,6 +43,11 @@ deps-deb:
 run: deps-run
 	$(MAKE) build
 	tools/run-demo
+
+# redis-server and redis-tools (redis-cli --cluster) come with deps-run
+run-cluster: deps-run
+	$(MAKE) build
+	tools/run-demo --cluster
 
 test: deps-test
 	$(MAKE) build

@@ -372,7 +372,8 @@ ngx_http_loyalty_credit_send(ngx_http_loyalty_credit_t *cr, ngx_log_t *log)
     argv[12].data = cr->amount;
     argv[12].len = cr->amount_len;
 
-    cmd = ngx_http_loyalty_redis_send(llcf->server, 13, argv, llcf->timeout,
+    cmd = ngx_http_loyalty_redis_send(llcf->server, &argv[3], 13, argv,
+                                      llcf->timeout,
                                       ngx_http_loyalty_credit_handler, cr,
                                       log);
     if (cmd == NULL) {

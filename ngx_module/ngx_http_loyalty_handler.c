@@ -396,7 +396,7 @@ ngx_http_loyalty_read(ngx_http_request_t *r,
         argv[2 + i] = ngx_http_loyalty_record_fields[i];
     }
 
-    ctx->cmd = ngx_http_loyalty_redis_send(llcf->server,
+    ctx->cmd = ngx_http_loyalty_redis_send(llcf->server, &argv[1],
                                            2 + NGX_HTTP_LOYALTY_NFIELDS,
                                            argv, llcf->timeout,
                                            ngx_http_loyalty_read_handler,

@@ -81,6 +81,10 @@ ngx_http_loyalty_journal(ngx_http_loyalty_credit_t *cr, const char *reason,
     p = ngx_slprintf(p, last, "{\"ts\":%T,\"redis\":", cr->ts);
     p = ngx_http_loyalty_journal_string(p, last, server->name.data,
                                         server->name.len);
+    if (server->cluster) {
+        p = ngx_slprintf(p, last, ",\"cluster\":true");
+    }
+
     p = ngx_slprintf(p, last, ",\"db\":%ui,\"prefix\":", server->db);
     p = ngx_http_loyalty_journal_string(p, last, llcf->prefix.data,
                                         llcf->prefix.len);

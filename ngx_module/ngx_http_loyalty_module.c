@@ -31,7 +31,8 @@ static char *ngx_http_loyalty_merge_offers(ngx_conf_t *cf,
 static char *ngx_http_loyalty_redis(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static ngx_http_loyalty_server_t *ngx_http_loyalty_add_server(ngx_conf_t *cf,
-    ngx_str_t *name, ngx_uint_t db, ngx_str_t *user, ngx_str_t *password);
+    ngx_str_t **names, ngx_uint_t n, ngx_uint_t cluster, ngx_uint_t db,
+    ngx_str_t *user, ngx_str_t *password);
 static char *ngx_http_loyalty_tier(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_http_loyalty_offer(ngx_conf_t *cf, ngx_command_t *cmd,
@@ -54,9 +55,15 @@ static char *ngx_http_loyalty_expire(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_http_loyalty_ledger(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+static char *ngx_http_loyalty_prefix_check(ngx_conf_t *cf, void *post,
+    void *data);
 static ngx_int_t ngx_http_loyalty_init_module(ngx_cycle_t *cycle);
 static ngx_int_t ngx_http_loyalty_init_process(ngx_cycle_t *cycle);
 static void ngx_http_loyalty_exit_process(ngx_cycle_t *cycle);
+
+
+static ngx_conf_post_t  ngx_http_loyalty_prefix_post =
+    { ngx_http_loyalty_prefix_check };
 
 
 static ngx_conf_enum_t  ngx_http_loyalty_fail_values[] = {
@@ -108,7 +115,7 @@ static ngx_command_t  ngx_http_loyalty_commands[] = {
       ngx_conf_set_str_slot,
       NGX_HTTP_LOC_CONF_OFFSET,
       offsetof(ngx_http_loyalty_loc_conf_t, prefix),
-      NULL },
+      &ngx_http_loyalty_prefix_post },
 
     { ngx_string("loyalty_tier"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE23,
@@ -434,14 +441,6 @@ ngx_http_loyalty_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_conf_merge_value(conf->expire, prev->expire, 0);
     ngx_conf_merge_value(conf->ledger, prev->ledger, 100);
 
-    if (conf->prefix.len > NGX_HTTP_LOYALTY_PREFIX_MAX) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "\"loyalty_redis_prefix\" \"%V\" is longer "
-                           "than %d bytes",
-                           &conf->prefix, NGX_HTTP_LOYALTY_PREFIX_MAX);
-        return NGX_CONF_ERROR;
-    }
-
     lmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_loyalty_module);
 
     ngx_conf_merge_ptr_value(conf->customer, prev->customer, NULL);
@@ -485,7 +484,7 @@ static ngx_int_t
 ngx_http_loyalty_merge_server(ngx_conf_t *cf,
     ngx_http_loyalty_loc_conf_t *prev, ngx_http_loyalty_loc_conf_t *conf)
 {
-    ngx_str_t  name;
+    ngx_str_t   name, *names;
 
     if (conf->server == NULL) {
         conf->server = prev->server;
@@ -494,7 +493,10 @@ ngx_http_loyalty_merge_server(ngx_conf_t *cf,
     if (conf->server == NULL && (conf->enable || conf->balance)) {
         ngx_str_set(&name, NGX_HTTP_LOYALTY_REDIS_DEFAULT);
 
-        conf->server = ngx_http_loyalty_add_server(cf, &name, 0, NULL, NULL);
+        names = &name;
+
+        conf->server = ngx_http_loyalty_add_server(cf, &names, 1, 0, 0, NULL,
+                                                   NULL);
         if (conf->server == NULL) {
             return NGX_ERROR;
         }
@@ -551,14 +553,40 @@ ngx_http_loyalty_merge_offers(ngx_conf_t *cf,
 }
 
 
+/*
+ * The key of every record is "<prefix>{<id>}": a brace in the prefix would
+ * move the hash tag, and a customer's keys would no longer share one
+ * Redis Cluster slot.
+ */
+
+static char *
+ngx_http_loyalty_prefix_check(ngx_conf_t *cf, void *post, void *data)
+{
+    ngx_str_t  *prefix = data;
+
+    if (prefix->len > NGX_HTTP_LOYALTY_PREFIX_MAX) {
+        return "is longer than 64 bytes";
+    }
+
+    if (ngx_strlchr(prefix->data, prefix->data + prefix->len, '{')
+        || ngx_strlchr(prefix->data, prefix->data + prefix->len, '}'))
+    {
+        return "must not contain \"{\" or \"}\": they would move the "
+               "hash tag of the keys";
+    }
+
+    return NGX_CONF_OK;
+}
+
+
 static char *
 ngx_http_loyalty_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 {
     ngx_http_loyalty_loc_conf_t *llcf = conf;
 
-    ngx_str_t   *value, *name, user, password;
+    ngx_str_t   *value, user, password, *names[NGX_HTTP_LOYALTY_SEEDS_MAX];
     ngx_int_t    db;
-    ngx_uint_t   i;
+    ngx_uint_t   i, n, cluster;
 
     if (llcf->server) {
         return "is duplicate";
@@ -566,8 +594,9 @@ ngx_http_loyalty_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     value = cf->args->elts;
 
-    name = NULL;
+    n = 0;
     db = 0;
+    cluster = 0;
     ngx_str_null(&user);
     ngx_str_null(&password);
 
@@ -607,33 +636,49 @@ ngx_http_loyalty_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         if (value[i].len == sizeof("cluster") - 1
             && ngx_strncmp(value[i].data, "cluster", 7) == 0)
         {
+            cluster = 1;
+            continue;
+        }
+
+        if (ngx_strlchr(value[i].data, value[i].data + value[i].len, '=')) {
+            goto invalid;
+        }
+
+        if (n == NGX_HTTP_LOYALTY_SEEDS_MAX) {
             ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                               "\"cluster\" in \"loyalty_redis\" is not "
-                               "supported by this version");
+                               "more than %d addresses in \"loyalty_redis\"",
+                               NGX_HTTP_LOYALTY_SEEDS_MAX);
             return NGX_CONF_ERROR;
         }
 
-        if (name) {
+        if (value[i].len > NGX_HTTP_LOYALTY_ADDRESS_MAX) {
             ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                               "\"loyalty_redis\" takes one address "
-                               "without \"cluster\", \"%V\" is extra",
-                               &value[i]);
+                               "address in \"loyalty_redis\" is longer "
+                               "than %d bytes", NGX_HTTP_LOYALTY_ADDRESS_MAX);
             return NGX_CONF_ERROR;
         }
 
-        name = &value[i];
+        names[n++] = &value[i];
     }
 
-    if (name == NULL) {
+    if (n == 0) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                            "no address in \"loyalty_redis\"");
         return NGX_CONF_ERROR;
     }
 
-    if (name->len > NGX_HTTP_LOYALTY_ADDRESS_MAX) {
+    if (n > 1 && !cluster) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "address in \"loyalty_redis\" is longer than "
-                           "%d bytes", NGX_HTTP_LOYALTY_ADDRESS_MAX);
+                           "\"loyalty_redis\" takes one address "
+                           "without \"cluster\", \"%V\" is extra",
+                           names[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    if (cluster && db != 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"db=%i\" in \"loyalty_redis\" with "
+                           "\"cluster\": a Redis Cluster has only db 0", db);
         return NGX_CONF_ERROR;
     }
 
@@ -644,8 +689,8 @@ ngx_http_loyalty_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         return NGX_CONF_ERROR;
     }
 
-    llcf->server = ngx_http_loyalty_add_server(cf, name, db, &user,
-                                               &password);
+    llcf->server = ngx_http_loyalty_add_server(cf, names, n, cluster, db,
+                                               &user, &password);
     if (llcf->server == NULL) {
         return NGX_CONF_ERROR;
     }
@@ -663,17 +708,19 @@ invalid:
 
 
 /*
- * Servers are shared by every location that names the same address with
- * the same database and credentials: one connection per worker each.
+ * Servers are shared by every location that names the same addresses with
+ * the same database and credentials: one connection per worker each (per
+ * node of a cluster).  A cluster is named by its seeds as written.
  */
 
 static ngx_http_loyalty_server_t *
-ngx_http_loyalty_add_server(ngx_conf_t *cf, ngx_str_t *name, ngx_uint_t db,
-    ngx_str_t *user, ngx_str_t *password)
+ngx_http_loyalty_add_server(ngx_conf_t *cf, ngx_str_t **names, ngx_uint_t n,
+    ngx_uint_t cluster, ngx_uint_t db, ngx_str_t *user, ngx_str_t *password)
 {
+    u_char                        *p;
     ngx_url_t                      u;
+    ngx_str_t                      none, name;
     ngx_uint_t                     i;
-    ngx_str_t                      none;
     ngx_http_loyalty_server_t     *server, **s;
     ngx_http_loyalty_main_conf_t  *lmcf;
 
@@ -687,6 +734,27 @@ ngx_http_loyalty_add_server(ngx_conf_t *cf, ngx_str_t *name, ngx_uint_t db,
         password = &none;
     }
 
+    name.len = n - 1;
+
+    for (i = 0; i < n; i++) {
+        name.len += names[i]->len;
+    }
+
+    name.data = ngx_pnalloc(cf->pool, name.len);
+    if (name.data == NULL) {
+        return NULL;
+    }
+
+    p = name.data;
+
+    for (i = 0; i < n; i++) {
+        if (i) {
+            *p++ = ' ';
+        }
+
+        p = ngx_cpymem(p, names[i]->data, names[i]->len);
+    }
+
     lmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_loyalty_module);
 
     s = lmcf->servers.elts;
@@ -694,8 +762,9 @@ ngx_http_loyalty_add_server(ngx_conf_t *cf, ngx_str_t *name, ngx_uint_t db,
     for (i = 0; i < lmcf->servers.nelts; i++) {
         server = s[i];
 
-        if (server->name.len == name->len
-            && ngx_strncmp(server->name.data, name->data, name->len) == 0
+        if (server->name.len == name.len
+            && ngx_strncmp(server->name.data, name.data, name.len) == 0
+            && server->cluster == cluster
             && server->db == db
             && server->user.len == user->len
             && ngx_strncmp(server->user.data, user->data, user->len) == 0
@@ -708,35 +777,54 @@ ngx_http_loyalty_add_server(ngx_conf_t *cf, ngx_str_t *name, ngx_uint_t db,
         }
     }
 
-    ngx_memzero(&u, sizeof(ngx_url_t));
-
-    u.url = *name;
-    u.default_port = NGX_HTTP_LOYALTY_REDIS_PORT;
-
-    if (ngx_parse_url(cf->pool, &u) != NGX_OK) {
-        if (u.err) {
-            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                               "%s in \"loyalty_redis\" address \"%V\"",
-                               u.err, &u.url);
-        }
-
-        return NULL;
-    }
-
-    if (u.naddrs == 0) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "no addresses for \"%V\" in \"loyalty_redis\"",
-                           &u.url);
-        return NULL;
-    }
-
     server = ngx_pcalloc(cf->pool, sizeof(ngx_http_loyalty_server_t));
     if (server == NULL) {
         return NULL;
     }
 
-    server->name = *name;
-    server->addr = u.addrs[0];
+    server->seeds = ngx_pcalloc(cf->pool, n * sizeof(ngx_addr_t));
+    if (server->seeds == NULL) {
+        return NULL;
+    }
+
+    for (i = 0; i < n; i++) {
+        ngx_memzero(&u, sizeof(ngx_url_t));
+
+        u.url = *names[i];
+        u.default_port = NGX_HTTP_LOYALTY_REDIS_PORT;
+
+        if (ngx_parse_url(cf->pool, &u) != NGX_OK) {
+            if (u.err) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "%s in \"loyalty_redis\" address \"%V\"",
+                                   u.err, &u.url);
+            }
+
+            return NULL;
+        }
+
+        if (u.naddrs == 0) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "no addresses for \"%V\" in \"loyalty_redis\"",
+                               &u.url);
+            return NULL;
+        }
+
+        if (cluster && u.addrs[0].sockaddr->sa_family == AF_UNIX) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "\"%V\" in \"loyalty_redis\" with "
+                               "\"cluster\": cluster nodes are reached over "
+                               "TCP", &u.url);
+            return NULL;
+        }
+
+        server->seeds[i] = u.addrs[0];
+    }
+
+    server->name = name;
+    server->addr = server->seeds[0];
+    server->nseeds = n;
+    server->cluster = cluster;
     server->db = db;
     server->user = *user;
     server->password = *password;

@@ -69,6 +69,7 @@ typedef struct {
     ngx_atomic_t               shortfall;
     ngx_atomic_t               latency[NGX_HTTP_LOYALTY_BUCKETS + 1];
     ngx_atomic_t               latency_sum;     /* microseconds */
+    ngx_atomic_t               cluster[NGX_HTTP_LOYALTY_COUNT_EVENTS];
 
     ngx_uint_t                 noffers;
     struct {

@@ -12,15 +12,18 @@
 
 
 /*
- * One connection per worker and Redis server, opened on first use and
- * kept.  Its life is a series of states, as ngx_mail_proxy_module walks a
- * backend through its greeting and AUTH:
+ * One connection per worker and Redis server (with Redis Cluster: per
+ * worker and master node, ngx_http_loyalty_cluster.c), opened on first
+ * use and kept.  Its life is a series of states, as ngx_mail_proxy_module
+ * walks a backend through its greeting and AUTH:
  *
  *     closed -> connecting -> auth -> select -> setup -> ready
  *                                \____________________/
  *                                       handshake
  *
- * and "down" after a failure, until the backoff timer reconnects.  AUTH
+ * and "down" after a failure, until the backoff timer reconnects (a
+ * cluster node's connection goes back to "closed" then, and is opened
+ * again on demand).  AUTH
  * (with a password) and SELECT (with a database) are sent only when a
  * connection opens, together with the setup commands that the server's
  * owners registered (ngx_http_loyalty_redis_add_setup(): the credits'
@@ -39,7 +42,8 @@
  * answered, so that it can be sent again elsewhere (to the node a Redis
  * Cluster redirects it to); its owner may cancel it
  * (ngx_http_loyalty_redis_cancel()), and is told of its end once, through
- * its handler.  A command whose deadline passes fails alone: its request
+ * its handler.  Commands and their buffers belong to the server, not to a
+ * connection: a redirected command moves to another node's connection.  A command whose deadline passes fails alone: its request
  * goes on as "unavailable", and the command stays in the queue until its
  * late reply comes, which is read and dropped.  A connection that fails
  * (refused, reset, a handshake refused or unanswered, a protocol error, or
@@ -61,24 +65,6 @@
 #define NGX_HTTP_LOYALTY_DEAD_MIN    1000
 
 
-/*
- * A command keeps its encoded bytes until it is answered (or fails), so
- * that it could be sent again elsewhere; commands, with their buffers,
- * are reused from the connection's free list.
- */
-
-struct ngx_http_loyalty_cmd_s {
-    ngx_queue_t                 queue;
-    ngx_str_t                   command;        /* encoded */
-    size_t                      size;           /* of command.data */
-    off_t                       end;            /* in the bytes queued */
-    ngx_msec_t                  deadline;
-    ngx_http_loyalty_reply_pt   handler;        /* NULL: cancelled or done */
-    void                       *data;
-    unsigned                    timedout:1;     /* failed, reply awaited */
-};
-
-
 typedef enum {
     ngx_http_loyalty_conn_closed = 0,
     ngx_http_loyalty_conn_connecting,
@@ -92,6 +78,8 @@ typedef enum {
 
 struct ngx_http_loyalty_conn_s {
     ngx_http_loyalty_server_t  *server;
+    ngx_addr_t                 *addr;
+    void                       *node;           /* Redis Cluster */
     ngx_peer_connection_t       peer;
     ngx_connection_t           *connection;
 
@@ -106,9 +94,7 @@ struct ngx_http_loyalty_conn_s {
     u_char                     *in;
 
     ngx_queue_t                 pending;        /* in order, timed out too */
-    ngx_queue_t                 free;
     ngx_uint_t                  waiting;        /* pending, not timed out */
-    ngx_uint_t                  ncmds;
 
     ngx_event_t                 deadline;
     ngx_event_t                 backoff;
@@ -120,7 +106,6 @@ struct ngx_http_loyalty_conn_s {
 
     ngx_uint_t                  state;          /* ngx_http_loyalty_conn_* */
     ngx_uint_t                  step;           /* setup reply awaited */
-    time_t                      full_logged;
     time_t                      late_logged;
     unsigned                    failed:1;
 };
@@ -137,13 +122,8 @@ static void ngx_http_loyalty_redis_next_step(ngx_http_loyalty_conn_t *conn);
 static ngx_int_t ngx_http_loyalty_redis_handshake_reply(
     ngx_http_loyalty_conn_t *conn, ngx_http_loyalty_reply_t *reply);
 static void ngx_http_loyalty_redis_ready(ngx_http_loyalty_conn_t *conn);
-static ngx_http_loyalty_cmd_t *ngx_http_loyalty_redis_queue(
-    ngx_http_loyalty_conn_t *conn, ngx_uint_t argc, ngx_str_t *argv,
-    ngx_msec_t timeout, ngx_http_loyalty_reply_pt handler, void *data);
 static ngx_http_loyalty_cmd_t *ngx_http_loyalty_redis_alloc(
-    ngx_http_loyalty_conn_t *conn, size_t len);
-static void ngx_http_loyalty_redis_done(ngx_http_loyalty_cmd_t *cmd,
-    ngx_int_t rc, ngx_http_loyalty_reply_t *reply);
+    ngx_http_loyalty_server_t *server, size_t len);
 static void ngx_http_loyalty_redis_write_handler(ngx_event_t *wev);
 static void ngx_http_loyalty_redis_read_handler(ngx_event_t *rev);
 static ngx_int_t ngx_http_loyalty_redis_process(
@@ -164,36 +144,70 @@ ngx_int_t
 ngx_http_loyalty_redis_init_process(ngx_cycle_t *cycle,
     ngx_http_loyalty_server_t *server)
 {
+    server->pool = ngx_create_pool(4096, cycle->log);
+    if (server->pool == NULL) {
+        return NGX_ERROR;
+    }
+
+    ngx_queue_init(&server->free);
+
+    if (server->cluster) {
+        return ngx_http_loyalty_cluster_init_process(cycle, server);
+    }
+
+    server->conn = ngx_http_loyalty_redis_conn_create(server, &server->addr,
+                                                      NULL);
+    if (server->conn == NULL) {
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
+
+
+/*
+ * A connection to the server's address, or to a node of its cluster; it
+ * connects when the first command is submitted.
+ */
+
+ngx_http_loyalty_conn_t *
+ngx_http_loyalty_redis_conn_create(ngx_http_loyalty_server_t *server,
+    ngx_addr_t *addr, void *node)
+{
+    ngx_pool_t               *pool;
     ngx_http_loyalty_conn_t  *conn;
 
-    conn = ngx_pcalloc(cycle->pool, sizeof(ngx_http_loyalty_conn_t));
+    pool = ngx_create_pool(4096, server->pool->log);
+    if (pool == NULL) {
+        return NULL;
+    }
+
+    conn = ngx_pcalloc(pool, sizeof(ngx_http_loyalty_conn_t));
     if (conn == NULL) {
-        return NGX_ERROR;
+        goto failed;
     }
 
-    conn->pool = ngx_create_pool(4096, cycle->log);
-    if (conn->pool == NULL) {
-        return NGX_ERROR;
-    }
+    conn->pool = pool;
 
-    conn->out = ngx_create_temp_buf(conn->pool, NGX_HTTP_LOYALTY_OUT_SIZE);
+    conn->out = ngx_create_temp_buf(pool, NGX_HTTP_LOYALTY_OUT_SIZE);
     if (conn->out == NULL) {
-        return NGX_ERROR;
+        goto failed;
     }
 
-    conn->in = ngx_pnalloc(conn->pool, NGX_HTTP_LOYALTY_IN_SIZE);
+    conn->in = ngx_pnalloc(pool, NGX_HTTP_LOYALTY_IN_SIZE);
     if (conn->in == NULL) {
-        return NGX_ERROR;
+        goto failed;
     }
 
     conn->server = server;
+    conn->addr = addr;
+    conn->node = node;
     conn->dead = ngx_max(10 * server->connect_timeout,
                          NGX_HTTP_LOYALTY_DEAD_MIN);
 
     ngx_queue_init(&conn->pending);
-    ngx_queue_init(&conn->free);
 
-    conn->log = *cycle->log;
+    conn->log = *server->pool->log;
     conn->log.handler = ngx_http_loyalty_redis_log_error;
     conn->log.data = conn;
     conn->log.action = NULL;
@@ -207,9 +221,13 @@ ngx_http_loyalty_redis_init_process(ngx_cycle_t *cycle,
     conn->backoff.log = &conn->log;
     conn->backoff.cancelable = 1;
 
-    server->conn = conn;
+    return conn;
 
-    return NGX_OK;
+failed:
+
+    ngx_destroy_pool(pool);
+
+    return NULL;
 }
 
 
@@ -336,43 +354,143 @@ ngx_http_loyalty_redis_handshake_init(ngx_http_loyalty_conn_t *conn)
 }
 
 
+/*
+ * The worker exits: what is still on a connection fails with NGX_ABORT
+ * (credits go to the journal), and everything is freed.
+ */
+
 void
 ngx_http_loyalty_redis_exit_process(ngx_http_loyalty_server_t *server)
 {
-    ngx_http_loyalty_conn_t  *conn;
-
-    conn = server->conn;
-
-    if (conn == NULL) {
+    if (server->pool == NULL) {
         return;
     }
 
+    if (server->cluster) {
+        ngx_http_loyalty_cluster_exit_process(server);
+
+    } else if (server->conn) {
+        ngx_http_loyalty_redis_conn_destroy(server->conn);
+        server->conn = NULL;
+    }
+
+    ngx_destroy_pool(server->pool);
+    server->pool = NULL;
+}
+
+
+void
+ngx_http_loyalty_redis_conn_destroy(ngx_http_loyalty_conn_t *conn)
+{
     ngx_http_loyalty_redis_exit(conn);
 
     ngx_destroy_pool(conn->pool);
-
-    server->conn = NULL;
 }
 
 
 /*
  * Queues a command; NULL when it cannot be sent now (the server is down,
- * or too much is queued).  The handler is never called from here.
+ * or too much is queued).  The key routes it in a Redis Cluster.  The
+ * handler is never called from here.
  */
 
 ngx_http_loyalty_cmd_t *
-ngx_http_loyalty_redis_send(ngx_http_loyalty_server_t *server,
+ngx_http_loyalty_redis_send(ngx_http_loyalty_server_t *server, ngx_str_t *key,
     ngx_uint_t argc, ngx_str_t *argv, ngx_msec_t timeout,
     ngx_http_loyalty_reply_pt handler, void *data, ngx_log_t *log)
 {
+    ngx_int_t                 rc;
     ngx_http_loyalty_cmd_t   *cmd;
     ngx_http_loyalty_conn_t  *conn;
 
-    conn = server->conn;
-
-    if (conn == NULL) {
+    if (server->pool == NULL) {
         return NULL;
     }
+
+    cmd = ngx_http_loyalty_redis_command(server, argc, argv, timeout, handler,
+                                         data);
+    if (cmd == NULL) {
+        rc = NGX_BUSY;
+        goto failed;
+    }
+
+    if (server->cluster) {
+        cmd->slot = ngx_http_loyalty_key_slot(key->data, key->len);
+        conn = ngx_http_loyalty_cluster_route(server, cmd->slot);
+
+    } else {
+        conn = server->conn;
+    }
+
+    rc = (conn == NULL) ? NGX_DECLINED
+                        : ngx_http_loyalty_redis_submit(conn, cmd);
+
+    if (rc == NGX_OK) {
+        return cmd;
+    }
+
+    ngx_http_loyalty_redis_free(server, cmd);
+
+failed:
+
+    /* an overload: one line a second */
+
+    if (rc == NGX_BUSY && server->full_logged != ngx_time()) {
+        server->full_logged = ngx_time();
+
+        ngx_log_error(NGX_LOG_WARN, log, 0,
+                      "loyalty: too many commands queued for redis %V",
+                      &server->name);
+    }
+
+    return NULL;
+}
+
+
+/* a command, encoded, that is yet to be submitted */
+
+ngx_http_loyalty_cmd_t *
+ngx_http_loyalty_redis_command(ngx_http_loyalty_server_t *server,
+    ngx_uint_t argc, ngx_str_t *argv, ngx_msec_t timeout,
+    ngx_http_loyalty_reply_pt handler, void *data)
+{
+    u_char                  *p;
+    ngx_http_loyalty_cmd_t  *cmd;
+
+    cmd = ngx_http_loyalty_redis_alloc(server,
+                                       ngx_http_loyalty_command_len(argc,
+                                                                    argv));
+    if (cmd == NULL) {
+        return NULL;
+    }
+
+    p = cmd->command.data;
+    cmd->command.len = ngx_http_loyalty_command_write(p, argc, argv) - p;
+
+    cmd->handler = handler;
+    cmd->data = data;
+    cmd->deadline = ngx_current_msec + timeout;
+    cmd->slot = 0;
+    cmd->redirects = 0;
+    cmd->timedout = 0;
+
+    return cmd;
+}
+
+
+/*
+ * Puts a command on a connection, connecting it if need be: NGX_DECLINED
+ * when the connection is down, NGX_BUSY when its output buffer is full,
+ * NGX_ABORT when the command's deadline has passed.
+ */
+
+ngx_int_t
+ngx_http_loyalty_redis_submit(ngx_http_loyalty_conn_t *conn,
+    ngx_http_loyalty_cmd_t *cmd)
+{
+    size_t           len;
+    ngx_buf_t       *b;
+    ngx_msec_int_t   left;
 
     switch (conn->state) {
 
@@ -380,12 +498,12 @@ ngx_http_loyalty_redis_send(ngx_http_loyalty_server_t *server,
         break;
 
     case ngx_http_loyalty_conn_down:
-        return NULL;
+        return NGX_DECLINED;
 
     case ngx_http_loyalty_conn_closed:
         if (ngx_http_loyalty_redis_connect(conn) != NGX_OK) {
             ngx_http_loyalty_redis_fail(conn);
-            return NULL;
+            return NGX_DECLINED;
         }
 
         break;
@@ -395,30 +513,111 @@ ngx_http_loyalty_redis_send(ngx_http_loyalty_server_t *server,
         /* a reconnect after a failure is not waited for */
 
         if (conn->failed) {
-            return NULL;
+            return NGX_DECLINED;
         }
 
         break;
     }
 
-    cmd = ngx_http_loyalty_redis_queue(conn, argc, argv, timeout, handler,
-                                       data);
-    if (cmd == NULL) {
+    left = (ngx_msec_int_t) (cmd->deadline - ngx_current_msec);
 
-        /* an overload: one line a second */
-
-        if (conn->full_logged != ngx_time()) {
-            conn->full_logged = ngx_time();
-
-            ngx_log_error(NGX_LOG_WARN, log, 0,
-                          "loyalty: too many commands queued for redis %V",
-                          &server->name);
-        }
-
-        return NULL;
+    if (left <= 0) {
+        return NGX_ABORT;
     }
 
-    return cmd;
+    b = conn->out;
+    len = cmd->command.len;
+
+    if ((size_t) (b->end - b->last) < len) {
+
+        if (b->pos != b->start) {
+            b->last = ngx_movemem(b->start, b->pos, b->last - b->pos);
+            b->pos = b->start;
+        }
+
+        if ((size_t) (b->end - b->last) < len) {
+            return NGX_BUSY;
+        }
+    }
+
+    /* what goes out is a copy: the command keeps its bytes until answered */
+
+    b->last = ngx_cpymem(b->last, cmd->command.data, len);
+    conn->queued += len;
+
+    cmd->end = conn->queued;
+    cmd->timedout = 0;
+
+    if (ngx_queue_empty(&conn->pending)) {
+        /* silence counts from the first reply due */
+        conn->heard = ngx_current_msec;
+    }
+
+    ngx_queue_insert_tail(&conn->pending, &cmd->queue);
+    conn->waiting++;
+
+    /* a graceful shutdown waits for the replies of live commands */
+
+    conn->deadline.cancelable = 0;
+
+    /* the deadline timer never fires later than the earliest deadline */
+
+    if (conn->deadline.timer_set) {
+        if ((ngx_msec_int_t) (cmd->deadline - conn->deadline.timer.key) < 0) {
+            ngx_del_timer(&conn->deadline);
+            ngx_add_timer(&conn->deadline, (ngx_msec_t) left);
+        }
+
+    } else {
+        ngx_add_timer(&conn->deadline, (ngx_msec_t) left);
+    }
+
+    if (conn->state == ngx_http_loyalty_conn_ready
+        && !conn->connection->write->posted)
+    {
+        ngx_post_event(conn->connection->write, &ngx_posted_events);
+    }
+
+    return NGX_OK;
+}
+
+
+/* whether commands can be submitted, or (ready) are answered at once */
+
+ngx_uint_t
+ngx_http_loyalty_redis_conn_usable(ngx_http_loyalty_conn_t *conn,
+    ngx_uint_t ready)
+{
+    switch (conn->state) {
+
+    case ngx_http_loyalty_conn_ready:
+        return 1;
+
+    case ngx_http_loyalty_conn_down:
+        return 0;
+
+    case ngx_http_loyalty_conn_closed:
+        return !ready;
+
+    default: /* as ngx_http_loyalty_redis_submit() judges */
+        return !ready && !conn->failed;
+    }
+}
+
+
+/* the last connection failed, and no new one has got ready since */
+
+ngx_uint_t
+ngx_http_loyalty_redis_conn_failed(ngx_http_loyalty_conn_t *conn)
+{
+    return conn->failed;
+}
+
+
+ngx_addr_t *
+ngx_http_loyalty_redis_conn_addr(ngx_http_loyalty_conn_t *conn)
+{
+    return conn->addr;
 }
 
 
@@ -437,9 +636,9 @@ ngx_http_loyalty_redis_connect(ngx_http_loyalty_conn_t *conn)
 
     ngx_memzero(pc, sizeof(ngx_peer_connection_t));
 
-    pc->sockaddr = server->addr.sockaddr;
-    pc->socklen = server->addr.socklen;
-    pc->name = &server->addr.name;
+    pc->sockaddr = conn->addr->sockaddr;
+    pc->socklen = conn->addr->socklen;
+    pc->name = &conn->addr->name;
     pc->get = ngx_event_get_peer;
     pc->log = &conn->log;
     pc->log_error = NGX_ERROR_INFO;
@@ -801,87 +1000,6 @@ ngx_http_loyalty_redis_ready(ngx_http_loyalty_conn_t *conn)
 }
 
 
-static ngx_http_loyalty_cmd_t *
-ngx_http_loyalty_redis_queue(ngx_http_loyalty_conn_t *conn, ngx_uint_t argc,
-    ngx_str_t *argv, ngx_msec_t timeout, ngx_http_loyalty_reply_pt handler,
-    void *data)
-{
-    u_char                  *p;
-    size_t                   len;
-    ngx_buf_t               *b;
-    ngx_msec_int_t           left;
-    ngx_http_loyalty_cmd_t  *cmd;
-
-    b = conn->out;
-    len = ngx_http_loyalty_command_len(argc, argv);
-
-    if ((size_t) (b->end - b->last) < len) {
-
-        if (b->pos != b->start) {
-            b->last = ngx_movemem(b->start, b->pos, b->last - b->pos);
-            b->pos = b->start;
-        }
-
-        if ((size_t) (b->end - b->last) < len) {
-            return NULL;
-        }
-    }
-
-    cmd = ngx_http_loyalty_redis_alloc(conn, len);
-    if (cmd == NULL) {
-        return NULL;
-    }
-
-    p = cmd->command.data;
-    cmd->command.len = ngx_http_loyalty_command_write(p, argc, argv) - p;
-
-    /* what goes out is a copy: the command keeps its bytes until answered */
-
-    b->last = ngx_cpymem(b->last, p, cmd->command.len);
-    conn->queued += cmd->command.len;
-
-    cmd->end = conn->queued;
-    cmd->handler = handler;
-    cmd->data = data;
-    cmd->deadline = ngx_current_msec + timeout;
-    cmd->timedout = 0;
-
-    if (ngx_queue_empty(&conn->pending)) {
-        /* silence counts from the first reply due */
-        conn->heard = ngx_current_msec;
-    }
-
-    ngx_queue_insert_tail(&conn->pending, &cmd->queue);
-    conn->waiting++;
-
-    /* a graceful shutdown waits for the replies of live commands */
-
-    conn->deadline.cancelable = 0;
-
-    /* the deadline timer never fires later than the earliest deadline */
-
-    if (conn->deadline.timer_set) {
-        left = (ngx_msec_int_t) (cmd->deadline - conn->deadline.timer.key);
-
-        if (left < 0) {
-            ngx_del_timer(&conn->deadline);
-            ngx_add_timer(&conn->deadline, timeout);
-        }
-
-    } else {
-        ngx_add_timer(&conn->deadline, timeout);
-    }
-
-    if (conn->state == ngx_http_loyalty_conn_ready
-        && !conn->connection->write->posted)
-    {
-        ngx_post_event(conn->connection->write, &ngx_posted_events);
-    }
-
-    return cmd;
-}
-
-
 /*
  * A command from the free list, or a new one, with room for len bytes.
  * Commands keep their buffers on the free list: a buffer too small is
@@ -892,43 +1010,43 @@ ngx_http_loyalty_redis_queue(ngx_http_loyalty_conn_t *conn, ngx_uint_t argc,
  */
 
 static ngx_http_loyalty_cmd_t *
-ngx_http_loyalty_redis_alloc(ngx_http_loyalty_conn_t *conn, size_t len)
+ngx_http_loyalty_redis_alloc(ngx_http_loyalty_server_t *server, size_t len)
 {
     u_char                  *p;
     size_t                   size;
     ngx_queue_t             *q;
     ngx_http_loyalty_cmd_t  *cmd;
 
-    if (ngx_queue_empty(&conn->free)) {
-        if (conn->ncmds == NGX_HTTP_LOYALTY_MAX_CMDS) {
+    if (ngx_queue_empty(&server->free)) {
+        if (server->ncmds == NGX_HTTP_LOYALTY_MAX_CMDS) {
             return NULL;
         }
 
-        cmd = ngx_pcalloc(conn->pool, sizeof(ngx_http_loyalty_cmd_t));
+        cmd = ngx_pcalloc(server->pool, sizeof(ngx_http_loyalty_cmd_t));
         if (cmd == NULL) {
             return NULL;
         }
 
-        ngx_queue_insert_head(&conn->free, &cmd->queue);
-        conn->ncmds++;
+        ngx_queue_insert_head(&server->free, &cmd->queue);
+        server->ncmds++;
     }
 
     /* it leaves the free list only with a buffer large enough */
 
-    q = ngx_queue_head(&conn->free);
+    q = ngx_queue_head(&server->free);
     cmd = ngx_queue_data(q, ngx_http_loyalty_cmd_t, queue);
 
     if (cmd->size < len) {
         size = ngx_max(2 * cmd->size, NGX_HTTP_LOYALTY_CMD_SIZE);
         size = ngx_max(size, len);
 
-        p = ngx_pnalloc(conn->pool, size);
+        p = ngx_pnalloc(server->pool, size);
         if (p == NULL) {
             return NULL;
         }
 
         if (cmd->command.data) {
-            ngx_pfree(conn->pool, cmd->command.data);
+            ngx_pfree(server->pool, cmd->command.data);
         }
 
         cmd->command.data = p;
@@ -938,6 +1056,17 @@ ngx_http_loyalty_redis_alloc(ngx_http_loyalty_conn_t *conn, size_t len)
     ngx_queue_remove(q);
 
     return cmd;
+}
+
+
+void
+ngx_http_loyalty_redis_free(ngx_http_loyalty_server_t *server,
+    ngx_http_loyalty_cmd_t *cmd)
+{
+    cmd->handler = NULL;
+    cmd->data = NULL;
+
+    ngx_queue_insert_head(&server->free, &cmd->queue);
 }
 
 
@@ -956,7 +1085,7 @@ ngx_http_loyalty_redis_cancel(ngx_http_loyalty_cmd_t *cmd)
 
 /* the outcome of a command, told its owner once */
 
-static void
+void
 ngx_http_loyalty_redis_done(ngx_http_loyalty_cmd_t *cmd, ngx_int_t rc,
     ngx_http_loyalty_reply_t *reply)
 {
@@ -1199,10 +1328,24 @@ ngx_http_loyalty_redis_reply(ngx_http_loyalty_conn_t *conn,
 
     } else {
         conn->waiting--;
+
+        /* a cluster node redirects: the command goes on elsewhere */
+
+        if (conn->node
+            && reply->type == NGX_HTTP_LOYALTY_REPLY_ERROR
+            && cmd->handler
+            && ngx_http_loyalty_cluster_reply(conn->server, conn, cmd, reply)
+               == NGX_DONE)
+        {
+            goto next;
+        }
+
         ngx_http_loyalty_redis_done(cmd, NGX_OK, reply);
     }
 
-    ngx_queue_insert_head(&conn->free, &cmd->queue);
+    ngx_http_loyalty_redis_free(conn->server, cmd);
+
+next:
 
     if (conn->connection != c) {
         /* the handler failed the connection */
@@ -1335,6 +1478,14 @@ ngx_http_loyalty_redis_backoff_handler(ngx_event_t *ev)
 
     conn->state = ngx_http_loyalty_conn_closed;
 
+    if (conn->node) {
+        /*
+         * a cluster node is connected again on demand: after a failover
+         * it may serve no slot any more
+         */
+        return;
+    }
+
     if (ngx_http_loyalty_redis_connect(conn) != NGX_OK) {
         ngx_http_loyalty_redis_fail(conn);
     }
@@ -1417,6 +1568,11 @@ ngx_http_loyalty_redis_fail(ngx_http_loyalty_conn_t *conn)
 
     ngx_add_timer(&conn->backoff, delay);
 
+    if (conn->node) {
+        /* the node may have failed over: the slot map is looked at again */
+        ngx_http_loyalty_cluster_failed(conn->server, conn->node);
+    }
+
     if (ngx_queue_empty(&conn->pending)) {
         return;
     }
@@ -1436,7 +1592,7 @@ ngx_http_loyalty_redis_fail(ngx_http_loyalty_conn_t *conn)
 
         ngx_http_loyalty_redis_done(cmd, NGX_ERROR, NULL);
 
-        ngx_queue_insert_head(&conn->free, &cmd->queue);
+        ngx_http_loyalty_redis_free(conn->server, cmd);
     }
 }
 
@@ -1475,7 +1631,7 @@ ngx_http_loyalty_redis_exit(ngx_http_loyalty_conn_t *conn)
 
         ngx_http_loyalty_redis_done(cmd, NGX_ABORT, NULL);
 
-        ngx_queue_insert_head(&conn->free, &cmd->queue);
+        ngx_http_loyalty_redis_free(conn->server, cmd);
     }
 
     conn->waiting = 0;
@@ -1488,6 +1644,11 @@ ngx_http_loyalty_redis_log_error(ngx_log_t *log, u_char *buf, size_t len)
     ngx_http_loyalty_conn_t  *conn;
 
     conn = log->data;
+
+    if (conn->node) {
+        return ngx_snprintf(buf, len, ", redis: %V, cluster: %V",
+                            &conn->addr->name, &conn->server->name);
+    }
 
     return ngx_snprintf(buf, len, ", redis: %V", &conn->server->name);
 }

@@ -32,6 +32,7 @@
 
 #define NGX_HTTP_LOYALTY_ADDRESS_MAX   260      /* a host name and a port */
 #define NGX_HTTP_LOYALTY_PREFIX_MAX    64
+#define NGX_HTTP_LOYALTY_SEEDS_MAX     16
 
 /* "<prefix>{<id>}" */
 #define NGX_HTTP_LOYALTY_KEY_LEN                                             \
@@ -62,22 +63,38 @@ typedef struct {
 
 
 typedef void (*ngx_http_loyalty_redis_event_pt)(void *data);
+typedef void (*ngx_http_loyalty_redis_count_pt)(void *data, ngx_uint_t what);
+
+/* what ngx_http_loyalty_redis_events_t.count counts */
+#define NGX_HTTP_LOYALTY_COUNT_MOVED     0
+#define NGX_HTTP_LOYALTY_COUNT_ASK       1
+#define NGX_HTTP_LOYALTY_COUNT_TRYAGAIN  2
+#define NGX_HTTP_LOYALTY_COUNT_REFRESH   3
+#define NGX_HTTP_LOYALTY_COUNT_FAILOVER  4
+#define NGX_HTTP_LOYALTY_COUNT_EVENTS    5
 
 /* what a server's connections tell whoever keeps count of them */
 typedef struct {
     ngx_http_loyalty_redis_event_pt  ready;     /* one got ready */
     ngx_http_loyalty_redis_event_pt  close;     /* a ready one closed */
+    ngx_http_loyalty_redis_count_pt  count;     /* Redis Cluster events */
     void                            *data;
 } ngx_http_loyalty_redis_events_t;
 
 
+typedef struct ngx_http_loyalty_cluster_s  ngx_http_loyalty_cluster_t;
+
+
 /*
- * A Redis server as configured: one connection per worker.  Its owners
- * add setup commands and set events as the worker starts.
+ * A Redis server as configured, or a Redis Cluster known by its seeds:
+ * one connection per worker, or one per worker and master node.  Its
+ * owners add setup commands and set events as the worker starts.
  */
 typedef struct {
     ngx_str_t                  name;            /* as written, for logs */
-    ngx_addr_t                 addr;
+    ngx_addr_t                 addr;            /* the first seed */
+    ngx_addr_t                *seeds;           /* Redis Cluster */
+    ngx_uint_t                 nseeds;
     ngx_uint_t                 db;
     ngx_str_t                  user;
     ngx_str_t                  password;
@@ -86,7 +103,15 @@ typedef struct {
     ngx_array_t                setup;   /* ngx_http_loyalty_redis_setup_t */
     ngx_http_loyalty_redis_events_t  events;
 
-    ngx_http_loyalty_conn_t   *conn;            /* per worker */
+    /* in each worker */
+    ngx_pool_t                *pool;            /* commands */
+    ngx_queue_t                free;
+    ngx_uint_t                 ncmds;
+    time_t                     full_logged;
+    ngx_http_loyalty_conn_t   *conn;
+    ngx_http_loyalty_cluster_t  *nodes;
+
+    unsigned                   cluster:1;
 } ngx_http_loyalty_server_t;
 
 
@@ -118,6 +143,26 @@ typedef void (*ngx_http_loyalty_reply_pt)(void *data, ngx_int_t rc,
     ngx_http_loyalty_reply_t *reply);
 
 
+/*
+ * A command keeps its encoded bytes until it is answered (or fails), so
+ * that it can be sent again elsewhere; commands, with their buffers, are
+ * reused from the server's free list.
+ */
+struct ngx_http_loyalty_cmd_s {
+    ngx_queue_t                 queue;
+    ngx_str_t                   command;        /* encoded */
+    size_t                      size;           /* of command.data */
+    off_t                       end;            /* in the bytes queued */
+    ngx_msec_t                  deadline;
+    ngx_http_loyalty_reply_pt   handler;        /* NULL: cancelled or done */
+    void                       *data;
+    ngx_uint_t                  slot;           /* Redis Cluster */
+    ngx_uint_t                  redirects;
+    ngx_msec_t                  resend;         /* after TRYAGAIN */
+    unsigned                    timedout:1;     /* failed, reply awaited */
+};
+
+
 /* ngx_http_loyalty_redis.c */
 ngx_int_t ngx_http_loyalty_redis_init_process(ngx_cycle_t *cycle,
     ngx_http_loyalty_server_t *server);
@@ -126,10 +171,41 @@ ngx_int_t ngx_http_loyalty_redis_add_setup(ngx_http_loyalty_server_t *server,
     ngx_http_loyalty_redis_setup_pt handler, void *data);
 void ngx_http_loyalty_redis_exit_process(ngx_http_loyalty_server_t *server);
 ngx_http_loyalty_cmd_t *ngx_http_loyalty_redis_send(
-    ngx_http_loyalty_server_t *server, ngx_uint_t argc, ngx_str_t *argv,
-    ngx_msec_t timeout, ngx_http_loyalty_reply_pt handler, void *data,
-    ngx_log_t *log);
+    ngx_http_loyalty_server_t *server, ngx_str_t *key, ngx_uint_t argc,
+    ngx_str_t *argv, ngx_msec_t timeout, ngx_http_loyalty_reply_pt handler,
+    void *data, ngx_log_t *log);
 void ngx_http_loyalty_redis_cancel(ngx_http_loyalty_cmd_t *cmd);
+
+/* for ngx_http_loyalty_cluster.c: the connections to nodes */
+ngx_http_loyalty_conn_t *ngx_http_loyalty_redis_conn_create(
+    ngx_http_loyalty_server_t *server, ngx_addr_t *addr, void *node);
+void ngx_http_loyalty_redis_conn_destroy(ngx_http_loyalty_conn_t *conn);
+ngx_uint_t ngx_http_loyalty_redis_conn_usable(ngx_http_loyalty_conn_t *conn,
+    ngx_uint_t ready);
+ngx_uint_t ngx_http_loyalty_redis_conn_failed(ngx_http_loyalty_conn_t *conn);
+ngx_addr_t *ngx_http_loyalty_redis_conn_addr(ngx_http_loyalty_conn_t *conn);
+ngx_int_t ngx_http_loyalty_redis_submit(ngx_http_loyalty_conn_t *conn,
+    ngx_http_loyalty_cmd_t *cmd);
+ngx_http_loyalty_cmd_t *ngx_http_loyalty_redis_command(
+    ngx_http_loyalty_server_t *server, ngx_uint_t argc, ngx_str_t *argv,
+    ngx_msec_t timeout, ngx_http_loyalty_reply_pt handler, void *data);
+void ngx_http_loyalty_redis_done(ngx_http_loyalty_cmd_t *cmd, ngx_int_t rc,
+    ngx_http_loyalty_reply_t *reply);
+void ngx_http_loyalty_redis_free(ngx_http_loyalty_server_t *server,
+    ngx_http_loyalty_cmd_t *cmd);
+
+
+/* ngx_http_loyalty_cluster.c */
+ngx_int_t ngx_http_loyalty_cluster_init_process(ngx_cycle_t *cycle,
+    ngx_http_loyalty_server_t *server);
+void ngx_http_loyalty_cluster_exit_process(ngx_http_loyalty_server_t *server);
+ngx_http_loyalty_conn_t *ngx_http_loyalty_cluster_route(
+    ngx_http_loyalty_server_t *server, ngx_uint_t slot);
+ngx_int_t ngx_http_loyalty_cluster_reply(ngx_http_loyalty_server_t *server,
+    ngx_http_loyalty_conn_t *conn, ngx_http_loyalty_cmd_t *cmd,
+    ngx_http_loyalty_reply_t *reply);
+void ngx_http_loyalty_cluster_failed(ngx_http_loyalty_server_t *server,
+    void *node);
 
 
 /* ngx_http_loyalty_proto.c */

@@ -13,8 +13,9 @@
 
 
 /*
- * Pure logic: customer ids, tiers, offers, numbers, and the escaping of
- * JSON strings and Prometheus labels.  Nothing here takes a request, a
+ * Pure logic: customer ids, tiers, offers, numbers, the escaping of JSON
+ * strings and Prometheus labels, and the key slots and redirections of
+ * Redis Cluster.  Nothing here takes a request, a
  * connection or a pool, and nothing calls into nginx, so the unit tests
  * link this file alone.
  */
@@ -78,6 +79,18 @@ typedef struct {
 } ngx_http_loyalty_offer_t;
 
 
+/* Redis Cluster */
+#define NGX_HTTP_LOYALTY_SLOTS         16384
+
+/* "MOVED 3999 127.0.0.1:7002", "ASK ..." */
+typedef struct {
+    ngx_uint_t                 slot;
+    ngx_str_t                  host;            /* may be empty */
+    in_port_t                  port;
+    unsigned                   ask:1;
+} ngx_http_loyalty_redirect_t;
+
+
 /* a customer record as read from Redis */
 typedef struct {
     uint64_t                   points;
@@ -126,6 +139,9 @@ u_char *ngx_http_loyalty_label_value(u_char *p, u_char *src, size_t len);
 char *ngx_http_loyalty_offer_param(ngx_http_loyalty_offer_t *offer,
     ngx_str_t *param);
 char *ngx_http_loyalty_offer_check(ngx_http_loyalty_offer_t *offer);
+ngx_uint_t ngx_http_loyalty_key_slot(u_char *key, size_t len);
+ngx_int_t ngx_http_loyalty_parse_redirect(u_char *p, size_t len,
+    ngx_http_loyalty_redirect_t *rd);
 
 
 #endif /* _NGX_HTTP_LOYALTY_RULES_H_INCLUDED_ */

@@ -196,6 +196,17 @@ ngx_http_loyalty_count_close(void *data)
 }
 
 
+/* redirections, refreshes and failovers of a Redis Cluster */
+
+static void
+ngx_http_loyalty_count_cluster(void *data, ngx_uint_t what)
+{
+    ngx_http_loyalty_shctx_t  *sh = data;
+
+    ngx_http_loyalty_count(sh, cluster[what]);
+}
+
+
 /*
  * A process takes over the gauges of its slot in ngx_processes[]: the
  * worker that ran there before (and may have died with connections open)
@@ -224,6 +235,7 @@ ngx_http_loyalty_status_init_process(ngx_http_loyalty_main_conf_t *lmcf)
     for (i = 0; i < lmcf->servers.nelts; i++) {
         server[i]->events.ready = ngx_http_loyalty_count_ready;
         server[i]->events.close = ngx_http_loyalty_count_close;
+        server[i]->events.count = ngx_http_loyalty_count_cluster;
         server[i]->events.data = lmcf->sh;
     }
 }
@@ -365,8 +377,27 @@ ngx_http_loyalty_status_redis(u_char *p, ngx_http_loyalty_shctx_t *sh)
             "# HELP loyalty_redis_up 1 when at least one Redis connection "
             "is open.\n"
             "# TYPE loyalty_redis_up gauge\n"
-            "loyalty_redis_up %d\n",
-            connections, connections ? 1 : 0);
+            "loyalty_redis_up %d\n"
+            "# HELP loyalty_redis_redirects_total Redis Cluster "
+            "redirections followed, by type.\n"
+            "# TYPE loyalty_redis_redirects_total counter\n"
+            "loyalty_redis_redirects_total{type=\"moved\"} %uA\n"
+            "loyalty_redis_redirects_total{type=\"ask\"} %uA\n"
+            "loyalty_redis_redirects_total{type=\"tryagain\"} %uA\n"
+            "# HELP loyalty_cluster_refreshes_total Redis Cluster slot maps "
+            "asked for.\n"
+            "# TYPE loyalty_cluster_refreshes_total counter\n"
+            "loyalty_cluster_refreshes_total %uA\n"
+            "# HELP loyalty_redis_failovers_total New masters found for "
+            "slots whose master was down.\n"
+            "# TYPE loyalty_redis_failovers_total counter\n"
+            "loyalty_redis_failovers_total %uA\n",
+            connections, connections ? 1 : 0,
+            sh->cluster[NGX_HTTP_LOYALTY_COUNT_MOVED],
+            sh->cluster[NGX_HTTP_LOYALTY_COUNT_ASK],
+            sh->cluster[NGX_HTTP_LOYALTY_COUNT_TRYAGAIN],
+            sh->cluster[NGX_HTTP_LOYALTY_COUNT_REFRESH],
+            sh->cluster[NGX_HTTP_LOYALTY_COUNT_FAILOVER]);
 }
 
 

@@ -1,7 +1,9 @@
 """conf/demo.conf, as `make run` uses it: it passes `nginx -t`, and its
 checkout, balance and metrics locations answer as the README and the
 printed curl examples say.  The fixed demo ports are replaced with free
-ones, as the module path and the Redis port are by tools/run-demo."""
+ones, as the module path and the Redis port are by tools/run-demo.
+conf/demo-cluster.conf (`make run-cluster`) is the same shop on a Redis
+Cluster of 3 masters."""
 
 import json
 import os
@@ -13,11 +15,14 @@ from conftest import (NGINX_BIN, _module_path, free_port, http_request,
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO = os.path.join(HERE, "..", "..", "conf", "demo.conf")
+DEMO_CLUSTER = os.path.join(HERE, "..", "..", "conf", "demo-cluster.conf")
 
 
-def render(prefix, redis_port, edge, shop):
-    with open(DEMO) as f:
+def render(prefix, redis_port, edge, shop, demo=DEMO, cluster_ports=()):
+    with open(demo) as f:
         text = f.read()
+    for i, port in enumerate(cluster_ports, 1):
+        text = text.replace("@REDIS_PORT_%d@" % i, str(port))
     text = (text.replace("@MODULE@", _module_path())
             .replace("@REDIS_PORT@", str(redis_port))
             .replace("127.0.0.1:8080", "127.0.0.1:%d" % edge)
@@ -83,3 +88,79 @@ def test_demo_conf(redis, tmp_root):
     finally:
         p.terminate()
         p.wait(15)
+
+
+def directives(path):
+    """The configuration without comments, one directive per item."""
+    with open(path) as f:
+        text = "".join(l.split("#")[0] for l in f)
+    return [" ".join(d.split()) for d in text.split(";")]
+
+
+def test_demo_cluster_conf_is_the_demo_conf():
+    """conf/demo-cluster.conf differs from conf/demo.conf only in its
+    loyalty_redis: the two demos cannot drift apart."""
+    single, cluster = directives(DEMO), directives(DEMO_CLUSTER)
+    diff = [(a, b) for a, b in zip(single, cluster) if a != b]
+    assert len(single) == len(cluster) and diff == [(
+        "loyalty_redis 127.0.0.1:@REDIS_PORT@",
+        "loyalty_redis 127.0.0.1:@REDIS_PORT_1@ 127.0.0.1:@REDIS_PORT_2@ "
+        "127.0.0.1:@REDIS_PORT_3@ cluster")], diff
+
+
+def test_demo_cluster_conf(tmp_root):
+    """The cluster demo on a real 3-master cluster: alice (seeded on the
+    master of her slot) checks out as gold, the credit lands there."""
+    from test_replay_cluster import run_cluster
+
+    cluster = run_cluster(tmp_root)
+    p = None
+    try:
+        prefix = os.path.join(tmp_root, "demo-cluster")
+        os.makedirs(prefix)
+        os.chmod(prefix, 0o755)
+        edge, shop = free_port(), free_port()
+        conf = render(prefix, 0, edge, shop, DEMO_CLUSTER, cluster.ports)
+        base = [NGINX_BIN, "-p", prefix + "/", "-c", conf]
+
+        t = subprocess.run(base + ["-t"], capture_output=True, text=True,
+                           timeout=30)
+        assert t.returncode == 0, t.stderr
+
+        key = "loyalty:{alice}"
+        owner = cluster.node(cluster.owner(key))
+        owner.hset(key, mapping={"points": 120, "lifetime": 6000,
+                                 "orders": 9, "first_order": 1700000000,
+                                 "last_order": 1790000000})
+        p = subprocess.Popen(base + ["-g", "daemon off;"],
+                             stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        track(p.pid, "demo-cluster nginx")
+
+        def up():
+            try:
+                return http_request(edge, "/", timeout=2).status == 200
+            except OSError:
+                return False
+        wait_until(up, 20, message="the demo nginx")
+
+        r = http_request(edge, "/checkout", cookies={"cid": "alice"})
+        assert r.status == 200, r
+        assert r.header("X-Loyalty-Status") == "ok", r
+        assert r.header("X-Loyalty-Tier") == "gold"
+        assert r.header("X-Loyalty-Offer-Code") == "FREESHIP"
+
+        # 59.90 at gold's multiplier 2: 119 points, on alice's master
+        wait_until(lambda: owner.hget(key, "orders") == "10", 10,
+                   message="the credit of alice's checkout")
+        assert owner.hget(key, "points") == "239"
+
+        r = http_request(edge, "/checkout", cookies={"cid": "newbie"})
+        assert r.header("X-Loyalty-Status") == "new", r
+        assert r.header("X-Loyalty-Offer-Code") == "WELCOME10"
+    finally:
+        if p is not None:
+            p.terminate()
+            p.wait(15)
+        cluster.stop()

@@ -7,10 +7,10 @@
 /*
  * Unit tests of the pure logic in ngx_http_loyalty_rules.c: customer ids
  * and their signatures, numbers, points earned, tiers, offers, the
- * loyalty_offer parameters, and the escaping of JSON strings and
- * Prometheus labels.  Table-driven: a failing row is printed with its
- * input, and every row runs even when an earlier one failed, so one run
- * shows all the failures of a test.
+ * loyalty_offer parameters, the escaping of JSON strings and Prometheus
+ * labels, and Redis Cluster's key slots and redirections.  Table-driven:
+ * a failing row is printed with its input, and every row runs even when
+ * an earlier one failed, so one run shows all the failures of a test.
  */
 
 
@@ -1724,6 +1724,136 @@ t_offer_parse(ngx_http_loyalty_offer_t *offer, char **params, ngx_int_t *at)
 }
 
 
+/*
+ * Redis Cluster key slots: the expected slots are Redis 7.0's own
+ * CLUSTER KEYSLOT answers, hash tags and their corner cases included.
+ */
+
+typedef struct {
+    ngx_str_t     key;
+    ngx_uint_t    slot;
+} t_slot_case_t;
+
+
+static t_slot_case_t  t_slot_cases[] = {
+    { ngx_string(""), 0 },
+    { ngx_string("foo"), 12182 },
+    { ngx_string("bar"), 5061 },
+    { ngx_string("123456789"), 12739 },             /* CRC16 0x31c3 */
+    { ngx_string("loyalty:{alice}"), 749 },
+    { ngx_string("loyalty:{alice}:order:o1"), 749 },
+    { ngx_string("loyalty:{c000001}"), 593 },
+    { ngx_string("{}"), 15257 },                    /* empty tag: whole key */
+    { ngx_string("a{}b"), 13694 },
+    { ngx_string("{a}{b}"), 15495 },                /* the first tag */
+    { ngx_string("prefix{a}}b"), 15495 },
+    { ngx_string("x{y"), 2740 },                    /* no "}": whole key */
+    { ngx_string("x}y{z}"), 8157 },
+    { ngx_string("{{a}}"), 10276 },                 /* tag "{a" */
+    { ngx_string("}{q}"), 11958 },
+};
+
+
+static void
+test_key_slot(void **state)
+{
+    ngx_uint_t      i, slot, failed;
+    t_slot_case_t  *t;
+
+    failed = 0;
+
+    for (i = 0; i < t_nelts(t_slot_cases); i++) {
+        t = &t_slot_cases[i];
+
+        slot = ngx_http_loyalty_key_slot(t->key.data, t->key.len);
+
+        if (slot != t->slot) {
+            print_error("key_slot(\"%s\") = %lu, expected %lu\n",
+                        t_escape(t->key.data, t->key.len),
+                        (unsigned long) slot, (unsigned long) t->slot);
+            failed++;
+        }
+    }
+
+    assert_int_equal(failed, 0);
+}
+
+
+typedef struct {
+    ngx_str_t     in;
+    ngx_int_t     rc;
+    ngx_uint_t    ask;
+    ngx_uint_t    slot;
+    char         *host;
+    in_port_t     port;
+} t_redirect_case_t;
+
+
+static t_redirect_case_t  t_redirect_cases[] = {
+    { ngx_string("MOVED 3999 127.0.0.1:6381"), NGX_OK, 0, 3999,
+      "127.0.0.1", 6381 },
+    { ngx_string("ASK 0 10.0.0.5:7000"), NGX_OK, 1, 0, "10.0.0.5", 7000 },
+    { ngx_string("MOVED 16383 ::1:7002"), NGX_OK, 0, 16383, "::1", 7002 },
+    { ngx_string("MOVED 12 :7002"), NGX_OK, 0, 12, "", 7002 },
+    { ngx_string("MOVED 12 redis-1.example:7002"), NGX_OK, 0, 12,
+      "redis-1.example", 7002 },
+    { ngx_string("MOVED 16384 127.0.0.1:7000"), NGX_ERROR, 0, 0, NULL, 0 },
+    { ngx_string("MOVED -1 127.0.0.1:7000"), NGX_ERROR, 0, 0, NULL, 0 },
+    { ngx_string("MOVED 12 127.0.0.1"), NGX_ERROR, 0, 0, NULL, 0 },
+    { ngx_string("MOVED 12 127.0.0.1:"), NGX_ERROR, 0, 0, NULL, 0 },
+    { ngx_string("MOVED 12 127.0.0.1:0"), NGX_ERROR, 0, 0, NULL, 0 },
+    { ngx_string("MOVED 12 127.0.0.1:65536"), NGX_ERROR, 0, 0, NULL, 0 },
+    { ngx_string("MOVED 12"), NGX_ERROR, 0, 0, NULL, 0 },
+    { ngx_string("MOVED  127.0.0.1:7000"), NGX_ERROR, 0, 0, NULL, 0 },
+    { ngx_string("MOVED "), NGX_DECLINED, 0, 0, NULL, 0 },
+    { ngx_string("MOVEDX 1 127.0.0.1:7000"), NGX_DECLINED, 0, 0, NULL, 0 },
+    { ngx_string("TRYAGAIN Multiple keys request during rehashing of slot"),
+      NGX_DECLINED, 0, 0, NULL, 0 },
+    { ngx_string("CLUSTERDOWN The cluster is down"), NGX_DECLINED, 0, 0,
+      NULL, 0 },
+    { ngx_string("ERR unknown command"), NGX_DECLINED, 0, 0, NULL, 0 },
+};
+
+
+static void
+test_parse_redirect(void **state)
+{
+    ngx_int_t                     rc;
+    ngx_uint_t                    i, failed;
+    t_redirect_case_t            *t;
+    ngx_http_loyalty_redirect_t   rd;
+
+    failed = 0;
+
+    for (i = 0; i < t_nelts(t_redirect_cases); i++) {
+        t = &t_redirect_cases[i];
+
+        ngx_memzero(&rd, sizeof(rd));
+
+        rc = ngx_http_loyalty_parse_redirect(t->in.data, t->in.len, &rd);
+
+        if (rc != t->rc
+            || (rc == NGX_OK
+                && (rd.ask != t->ask || rd.slot != t->slot
+                    || rd.port != t->port
+                    || rd.host.len != strlen(t->host)
+                    || ngx_strncmp(rd.host.data, t->host, rd.host.len) != 0)))
+        {
+            print_error("parse_redirect(\"%s\") = %ld ask %u slot %lu "
+                        "host \"%.*s\" port %u, expected %ld\n",
+                        t_escape(t->in.data, t->in.len), (long) rc,
+                        (unsigned) rd.ask, (unsigned long) rd.slot,
+                        (int) rd.host.len,
+                        rd.host.data ? (char *) rd.host.data : "",
+                        (unsigned) rd.port, (long) t->rc);
+            failed++;
+        }
+    }
+
+    assert_int_equal(failed, 0);
+}
+
+
 int
 main(void)
 {
@@ -1750,6 +1880,8 @@ main(void)
         cmocka_unit_test(test_json_string),
         cmocka_unit_test(test_json_field),
         cmocka_unit_test(test_label_value),
+        cmocka_unit_test(test_key_slot),
+        cmocka_unit_test(test_parse_redirect),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);
