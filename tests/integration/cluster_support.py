@@ -740,6 +740,50 @@ def start_cluster(tmp_root, **kw):
 
 
 # --------------------------------------------------------------------------
+# the edge of credit_support with a cluster behind it
+
+
+def cluster_edge_conf(seeds, flags="cluster", **kw):
+    """credit_support.edge_conf() with `loyalty_redis <seeds> <flags>;`."""
+    from credit_support import edge_conf
+    text = edge_conf(**kw)
+    old = "loyalty_redis 127.0.0.1:{redis_port};"
+    assert old in text
+    return text.replace(old, "loyalty_redis %s %s;" % (seeds, flags))
+
+
+STATUS_LINE = re.compile(r"^([a-zA-Z_:][\w:]*(\{[^}]*\})?) (\S+)$")
+
+
+def metrics(port):
+    """{'name{labels}': value} of the loyalty_status page on /metrics."""
+    from conftest import http_request
+    r = http_request(port, "/metrics")
+    assert r.status == 200, r
+    out = {}
+    for line in r.body.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        m = STATUS_LINE.match(line)
+        assert m, "not a Prometheus sample line: %r" % line
+        out[m.group(1)] = float(m.group(3))
+    return out
+
+
+def metric(m, name):
+    assert name in m, "no %s on the status page: %r" % (name, sorted(m))
+    return m[name]
+
+
+MOVED = 'loyalty_redis_redirects_total{type="moved"}'
+ASK = 'loyalty_redis_redirects_total{type="ask"}'
+TRYAGAIN = 'loyalty_redis_redirects_total{type="tryagain"}'
+REFRESHES = "loyalty_cluster_refreshes_total"
+FAILOVERS = "loyalty_redis_failovers_total"
+CONNECTIONS = "loyalty_redis_connections"
+
+
+# --------------------------------------------------------------------------
 # a scripted cluster node
 
 
@@ -747,5 +791,46 @@ def error(text):
     return b"-%s\r\n" % text.encode()
 
 
-class FakeClusterNode:
-    """Built in test_cluster.py on fake_redis.FakeRedis; see there."""
+def slots_reply(ranges):
+    """CLUSTER SLOTS reply for [(first, last, port)], as Redis 7.0 sends
+    it: [first, last, [ip, port, id, []]]."""
+    from fake_redis import array, bulk, integer
+    entries = []
+    for first, last, port in ranges:
+        node_id = ("%040x" % port)
+        entries.append(array(integer(first), integer(last),
+                             array(bulk("127.0.0.1"), integer(port),
+                                   bulk(node_id), array())))
+    return array(*entries)
+
+
+def make_fake_node():
+    """A FakeRedis that also answers CLUSTER SLOTS (fake.slots: bytes or
+    None for an error), ASKING and READONLY, and runs fake.rule(args) ->
+    bytes or None for every HMGET/EVALSHA/EVAL (None: the default
+    answer)."""
+    from fake_redis import FakeRedis
+
+    class FakeClusterNode(FakeRedis):
+        def __init__(self):
+            super().__init__()
+            self.slots = None
+            self.slots_error = "ERR refresh refused by the test"
+            self.rule = None
+
+        def _answer(self, args):
+            name = args[0].upper()
+            if name == b"CLUSTER" and len(args) > 1 and \
+                    args[1].upper() == b"SLOTS":
+                if self.slots is None:
+                    return [error(self.slots_error)]
+                return [self.slots]
+            if name in (b"ASKING", b"READONLY", b"READWRITE"):
+                return [b"+OK\r\n"]
+            if name in (b"HMGET", b"EVALSHA", b"EVAL") and self.rule:
+                r = self.rule(args)
+                if r is not None:
+                    return [r]
+            return super()._answer(args)
+
+    return FakeClusterNode()
