@@ -196,7 +196,9 @@ def test_config_cluster_refused(nginx, lines, directive, line):
 
 
 def test_reads_and_credits_land_on_owner(cluster, nginx):
-    n = edge(nginx, cluster, workers=2)
+    # one worker: a worker that has not fetched the map yet may send its
+    # first command to a seed and be MOVED (README)
+    n = edge(nginx, cluster, workers=1)
     cids = cluster.customers_covering_every_master(4)
     for i, cid in enumerate(cids):
         cluster.seed(cid, points=100 + i, lifetime=100 + i, orders=1)
@@ -306,7 +308,9 @@ def test_ask_and_tryagain(cluster, nginx, keys):
         wait_until(lambda: metric(metrics(n.port), TRYAGAIN)
                    > metric(m1, TRYAGAIN), 5 * SLOW, 0.05, "TRYAGAIN")
         time.sleep(0.5)
-        assert not cluster.client(dst).exists(marker(cid, "at-1"))
+        # KEYS does not redirect: nothing written on either side yet
+        for p in (src, dst):
+            assert cluster.client(p).keys(marker(cid, "at-1")) == []
     finally:
         cluster.finish_migration(slot)
     c = cluster.client(dst)
@@ -518,26 +522,21 @@ def test_shard_down(own_cluster, nginx):
         for cid in cids:
             s = read(n, cid)[0]
             assert s == ("unavailable" if cid in down else "ok"), (cid, s)
-    # the whole cluster refuses: CLUSTERDOWN on every node
-    for node in c.live_nodes():
-        node.client().config_set("cluster-require-full-coverage", "yes")
-    wait_until(lambda: all(c.info(x.port)["cluster_state"] == "fail"
-                           for x in c.live_nodes()), 10 * SLOW, 0.1,
-               "cluster_state:fail")
-    for cid in cids:
-        assert read(n, cid)[0] == "unavailable", cid
+    # a credit for a customer of the dead shard is retried, not dropped
+    # (Redis 7.0: CONFIG SET cluster-require-full-coverage yes at run time
+    # does not turn cluster_state to fail, so a real CLUSTERDOWN for every
+    # slot is left to test_clusterdown_reply and its scripted node)
+    assert order(n, sorted(down)[0], "3", "sd-1").status == 200
+    wait_until(lambda: metric(metrics(n.port),
+                              'loyalty_credits_total{result="retried"}') >= 1,
+               10 * SLOW, 0.1, "the credit of a dead shard retried")
     up = [cid for cid in cids if cid not in down]
-    assert order(n, up[0], "3", "sd-1").status == 200
-    time.sleep(1.5)
-    for node in c.live_nodes():
-        node.client().config_set("cluster-require-full-coverage", "no")
-    wait_until(lambda: all(read(n, cid)[0] == "ok" for cid in up),
-               10 * SLOW, 0.2, "healthy shards ok again")
-    cc = c.cluster_client()
-    wait_until(lambda: cc.get(marker(up[0], "sd-1")), 15 * SLOW, 0.1,
-               "the credit retried after CLUSTERDOWN")
-    assert metric(metrics(n.port),
-                  'loyalty_credits_total{result="retried"}') >= 1
+    for cid in up:
+        assert read(n, cid) == ("ok", "1")
+    assert n.stop() is None
+    entries = read_journal(journal_path(n))
+    assert [(e["customer"], e["order"]) for e in entries] == \
+        [(sorted(down)[0], "sd-1")], entries
 
 
 # --------------------------------------------------------------------------
