@@ -40,13 +40,12 @@ import signal
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 
 import redis as redis_lib
 
-from conftest import (REDIS_BIN, SLOW, _USED_PORTS, _kill_tracked,
-                      _proc_stat, track, wait_until)
+from conftest import (REDIS_BIN, SLOW, _USED_PORTS, _proc_stat, track,
+                      wait_until)
 
 
 REDIS_CLI = os.environ.get("REDIS_CLI", "/usr/bin/redis-cli")
@@ -714,7 +713,11 @@ class Cluster:
     def reshard(self, n_slots, from_port, to_port, timeout=120):
         """Start `redis-cli --cluster reshard` of n_slots slots from the
         master on from_port to the one on to_port, in the background;
-        returns a Reshard (wait() bounds it by timeout)."""
+        returns a Reshard (wait() bounds it by timeout).  redis-cli refuses
+        to start ("Nodes don't agree about configuration!") while the
+        gossip of a previous change has not reached every node, replicas
+        included: this waits for that first."""
+        self.wait_consistent(30)
         args = [REDIS_CLI, "--cluster", "reshard",
                 "127.0.0.1:%d" % self.master_ports()[0],
                 "--cluster-from", self.node_id(from_port),
