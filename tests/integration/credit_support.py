@@ -356,3 +356,105 @@ def settle(probe, quiet=3.0, timeout=40.0, interval=0.1):
         if now >= deadline:
             raise AssertionError("still changing after %.0f s: %r"
                                  % (timeout, cur))
+
+
+# --------------------------------------------------------------------------
+# streams of orders (test_credit.py, test_cluster.py)
+
+
+def amount_of(i):
+    """Order i's total: earns i % 997 points at rate 1."""
+    return "%d.%02d" % (i % 997, (i * 7) % 100)
+
+
+def expected_balances(orders):
+    """{cid: (sum earned, count)} for [(cid, oid, total)] at rate 1."""
+    out = {}
+    for cid, _, total in orders:
+        pts, cnt = out.get(cid, (0, 0))
+        out[cid] = (pts + int(total.split(".")[0]), cnt + 1)
+    return out
+
+
+def check_exact(client, orders, prefix="loyalty:"):
+    """Every customer's record and ledger are exactly its orders: each
+    credited once, none missing."""
+    want = expected_balances(orders)
+    by_cid = {}
+    for cid, oid, total in orders:
+        by_cid.setdefault(cid, []).append((oid, total))
+    for cid, (pts, cnt) in sorted(want.items()):
+        rec = record(client, cid, prefix)
+        assert (rec.get("points"), rec.get("lifetime"), rec.get("orders")) \
+            == (pts, pts, cnt), (cid, rec, pts, cnt)
+        entries = ledger_entries(client, cid, prefix)
+        got = sorted((e["order"], e["amount"]) for e in entries)
+        if cnt <= 100:                          # loyalty_ledger 100
+            assert got == sorted(by_cid[cid]), (cid, "ledger differs")
+        else:
+            assert len(got) >= 100 and len(set(got)) == len(got) and \
+                set(got) <= set(by_cid[cid]), (cid, "ledger differs")
+        pipe = client.pipeline()
+        for oid, _ in by_cid[cid]:
+            pipe.get(marker(cid, oid, prefix))
+        assert pipe.execute() == ["%d:0" % int(total.split(".")[0])
+                                  for _, total in by_cid[cid]], cid
+
+
+JOURNAL = "loyalty_journal {prefix}/loyalty.journal;"
+
+
+def journal_path(n):
+    return n.prefix + "/loyalty.journal"
+
+
+def stream_orders(n, orders, progress, results, threads=1, pause=0.005):
+    """Place the orders from `threads` threads (thread k takes every
+    threads-th order, in order); progress[0] counts the answered ones."""
+    lock = threading.Lock()
+
+    def run(k):
+        for i in range(k, len(orders), threads):
+            cid, oid, total = orders[i]
+            try:
+                results[i] = order(n, cid, total, oid, timeout=10).status
+            except Exception as e:              # noqa: BLE001
+                results[i] = repr(e)
+            with lock:
+                progress[0] += 1
+            time.sleep(pause)
+    ts = [threading.Thread(target=run, args=(k,), daemon=True)
+          for k in range(threads)]
+    for t in ts:
+        t.start()
+    return ts
+
+
+def applied_and_journaled(client, journal, customers):
+    pipe = client.pipeline()
+    for c in customers:
+        pipe.hget(hkey(c), "orders")
+    applied = sum(int(v or 0) for v in pipe.execute())
+    return applied, len(read_journal(journal))
+
+
+def check_covered(client, orders, journal_entries):
+    """Every confirmed order is applied in Redis or in the journal, and
+    every journal line is one of them, with the right points."""
+    pipe = client.pipeline()
+    for cid, oid, _ in orders:
+        pipe.exists(marker(cid, oid))
+    applied = pipe.execute()
+    journaled = {(e["customer"], e["order"]): e for e in journal_entries}
+    assert len(journaled) == len(journal_entries), "an order journaled twice"
+    missing = [o for o, a in zip(orders, applied)
+               if not a and (o[0], o[1]) not in journaled]
+    assert missing == [], "confirmed orders neither applied nor journaled: "\
+        "%r" % missing[:20]
+    want = {(cid, oid): total for cid, oid, total in orders}
+    for key, e in journaled.items():
+        assert key in want, "journal line of an unknown order %r" % e
+        assert e["amount"] == want[key]
+        assert e["earned"] == int(want[key].split(".")[0])
+        assert e["redeem"] == 0 and e["prefix"] == "loyalty:"
+    return sum(applied), len(journaled)

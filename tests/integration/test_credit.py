@@ -9,14 +9,16 @@ import resource
 import select
 import signal
 import socket
-import threading
 import time
 
 import pytest
 
 from conftest import log_lines, run_parallel, wait_until
-from credit_support import (MARKER_TTL, SHOP, TIERS, WEIRD_ORDER_ID,
-                            HeldShop, edge_conf, error_log_credits,
+from credit_support import (JOURNAL, MARKER_TTL, SHOP, TIERS,
+                            WEIRD_ORDER_ID, HeldShop, amount_of,
+                            applied_and_journaled, check_covered,
+                            check_exact, edge_conf, error_log_credits,
+                            expected_balances, journal_path, stream_orders,
                             hkey, ledger, ledger_entries, marker, order,
                             read_journal, record, replay, settle,
                             stop_redis_keeping_data, wait_marker)
@@ -891,45 +893,6 @@ def test_noscript_after_script_flush(redis, nginx):
 # many orders at once
 
 
-def amount_of(i):
-    """Order i's total: earns i % 997 points at rate 1."""
-    return "%d.%02d" % (i % 997, (i * 7) % 100)
-
-
-def expected_balances(orders):
-    """{cid: (sum earned, count)} for [(cid, oid, total)] at rate 1."""
-    out = {}
-    for cid, _, total in orders:
-        pts, cnt = out.get(cid, (0, 0))
-        out[cid] = (pts + int(total.split(".")[0]), cnt + 1)
-    return out
-
-
-def check_exact(client, orders, prefix="loyalty:"):
-    """Every customer's record and ledger are exactly its orders: each
-    credited once, none missing."""
-    want = expected_balances(orders)
-    by_cid = {}
-    for cid, oid, total in orders:
-        by_cid.setdefault(cid, []).append((oid, total))
-    for cid, (pts, cnt) in sorted(want.items()):
-        rec = record(client, cid, prefix)
-        assert (rec.get("points"), rec.get("lifetime"), rec.get("orders")) \
-            == (pts, pts, cnt), (cid, rec, pts, cnt)
-        entries = ledger_entries(client, cid, prefix)
-        got = sorted((e["order"], e["amount"]) for e in entries)
-        if cnt <= 100:                          # loyalty_ledger 100
-            assert got == sorted(by_cid[cid]), (cid, "ledger differs")
-        else:
-            assert len(got) >= 100 and len(set(got)) == len(got) and \
-                set(got) <= set(by_cid[cid]), (cid, "ledger differs")
-        pipe = client.pipeline()
-        for oid, _ in by_cid[cid]:
-            pipe.get(marker(cid, oid, prefix))
-        assert pipe.execute() == ["%d:0" % int(total.split(".")[0])
-                                  for _, total in by_cid[cid]], cid
-
-
 def test_concurrency_exact(redis, nginx):
     n = nginx(edge_conf(), redis_port=redis.port, workers=4)
     customers = ["cc%02d" % i for i in range(20)]
@@ -959,65 +922,6 @@ def test_concurrency_exact(redis, nginx):
 
 # --------------------------------------------------------------------------
 # Redis failures, journal and replay
-
-
-JOURNAL = "loyalty_journal {prefix}/loyalty.journal;"
-
-
-def journal_path(n):
-    return n.prefix + "/loyalty.journal"
-
-
-def stream_orders(n, orders, progress, results, threads=1, pause=0.005):
-    """Place the orders from `threads` threads (thread k takes every
-    threads-th order, in order); progress[0] counts the answered ones."""
-    lock = threading.Lock()
-
-    def run(k):
-        for i in range(k, len(orders), threads):
-            cid, oid, total = orders[i]
-            try:
-                results[i] = order(n, cid, total, oid, timeout=10).status
-            except Exception as e:              # noqa: BLE001
-                results[i] = repr(e)
-            with lock:
-                progress[0] += 1
-            time.sleep(pause)
-    ts = [threading.Thread(target=run, args=(k,), daemon=True)
-          for k in range(threads)]
-    for t in ts:
-        t.start()
-    return ts
-
-
-def applied_and_journaled(client, journal, customers):
-    pipe = client.pipeline()
-    for c in customers:
-        pipe.hget(hkey(c), "orders")
-    applied = sum(int(v or 0) for v in pipe.execute())
-    return applied, len(read_journal(journal))
-
-
-def check_covered(client, orders, journal_entries):
-    """Every confirmed order is applied in Redis or in the journal, and
-    every journal line is one of them, with the right points."""
-    pipe = client.pipeline()
-    for cid, oid, _ in orders:
-        pipe.exists(marker(cid, oid))
-    applied = pipe.execute()
-    journaled = {(e["customer"], e["order"]): e for e in journal_entries}
-    assert len(journaled) == len(journal_entries), "an order journaled twice"
-    missing = [o for o, a in zip(orders, applied)
-               if not a and (o[0], o[1]) not in journaled]
-    assert missing == [], "confirmed orders neither applied nor journaled: "\
-        "%r" % missing[:20]
-    want = {(cid, oid): total for cid, oid, total in orders}
-    for key, e in journaled.items():
-        assert key in want, "journal line of an unknown order %r" % e
-        assert e["amount"] == want[key]
-        assert e["earned"] == int(want[key].split(".")[0])
-        assert e["redeem"] == 0 and e["prefix"] == "loyalty:"
-    return sum(applied), len(journaled)
 
 
 @pytest.mark.parametrize("when", ["restart-during-stream",

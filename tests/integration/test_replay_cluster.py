@@ -11,7 +11,6 @@ master for every slot; ASK and TRYAGAIN by a slot migration made by hand
 import json
 import os
 import signal
-import socket
 import socketserver
 import subprocess
 import tempfile
@@ -21,8 +20,9 @@ import time
 import pytest
 import redis as redis_lib
 
-from conftest import (REDIS_BIN, SLOW, _USED_PORTS, free_port, track,
+from conftest import (REDIS_BIN, SLOW, free_port, track,
                       wait_until)
+from cluster_support import cluster_port
 from credit_support import replay
 
 REDIS_CLI = os.environ.get("REDIS_CLI", "/usr/bin/redis-cli")
@@ -30,24 +30,6 @@ REDIS_CLI = os.environ.get("REDIS_CLI", "/usr/bin/redis-cli")
 
 # --------------------------------------------------------------------------
 # a 3-master cluster; run_cluster() is shared with the demo test
-
-
-def cluster_port():
-    """A free port P whose cluster bus port P + 10000 is free too."""
-    for _ in range(100):
-        p = free_port()
-        if p + 10000 > 65535:
-            continue
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            s.bind(("127.0.0.1", p + 10000))
-        except OSError:
-            continue
-        finally:
-            s.close()
-        _USED_PORTS.add(p + 10000)
-        return p
-    raise RuntimeError("no free port pair for a cluster node")
 
 
 class Cluster:
