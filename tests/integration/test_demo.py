@@ -36,6 +36,27 @@ def render(prefix, redis_port, edge, shop, demo=DEMO, cluster_ports=()):
     return conf
 
 
+def start_nginx(base, edge, what):
+    """nginx in the foreground, as tools/run-demo runs it, once it serves"""
+    p = subprocess.Popen(base + ["-g", "daemon off;"],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    track(p.pid, what)
+
+    def up():
+        try:
+            return http_request(edge, "/", timeout=2).status == 200
+        except OSError:
+            return False
+    try:
+        wait_until(up, 20, message="the " + what)
+    except BaseException:
+        p.terminate()
+        p.wait(15)
+        raise
+    return p
+
+
 def test_demo_conf(redis, tmp_root):
     prefix = os.path.join(tmp_root, "demo")
     os.makedirs(prefix)
@@ -50,17 +71,8 @@ def test_demo_conf(redis, tmp_root):
 
     redis.seed("alice", points=120, lifetime=6000, orders=9,
                first_order=1700000000, last_order=1790000000)
-    p = subprocess.Popen(base + ["-g", "daemon off;"],
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
-    track(p.pid, "demo nginx")
+    p = start_nginx(base, edge, "demo nginx")
     try:
-        def up():
-            try:
-                return http_request(edge, "/", timeout=2).status == 200
-            except OSError:
-                return False
-        wait_until(up, 20, message="the demo nginx")
 
         r = http_request(edge, "/")
         assert "/api/loyalty" in r.body and "/metrics" in r.body, r.body
@@ -132,18 +144,7 @@ def test_demo_cluster_conf(tmp_root):
         owner.hset(key, mapping={"points": 120, "lifetime": 6000,
                                  "orders": 9, "first_order": 1700000000,
                                  "last_order": 1790000000})
-        p = subprocess.Popen(base + ["-g", "daemon off;"],
-                             stdin=subprocess.DEVNULL,
-                             stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-        track(p.pid, "demo-cluster nginx")
-
-        def up():
-            try:
-                return http_request(edge, "/", timeout=2).status == 200
-            except OSError:
-                return False
-        wait_until(up, 20, message="the demo nginx")
+        p = start_nginx(base, edge, "demo-cluster nginx")
 
         r = http_request(edge, "/checkout", cookies={"cid": "alice"})
         assert r.status == 200, r
