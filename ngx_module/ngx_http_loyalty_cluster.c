@@ -616,7 +616,8 @@ ngx_http_loyalty_cluster_slots_handler(void *data, ngx_int_t rc,
     ngx_http_loyalty_cluster_t *cl = data;
 
     ngx_str_t                    host;
-    ngx_uint_t                   i, s, start, end, failover, level, ranges;
+    ngx_uint_t                   i, s, start, end, failover, level, ranges,
+                                 skipped;
     ngx_http_loyalty_node_t     *node, *old, **map;
     ngx_http_loyalty_reply_t    *range, *master;
 
@@ -659,6 +660,7 @@ ngx_http_loyalty_cluster_slots_handler(void *data, ngx_int_t rc,
                 NGX_HTTP_LOYALTY_SLOTS * sizeof(ngx_http_loyalty_node_t *));
 
     ranges = 0;
+    skipped = 0;
 
     for (i = 0; i < reply->nelts; i++) {
         range = reply->element[i];
@@ -683,11 +685,16 @@ ngx_http_loyalty_cluster_slots_handler(void *data, ngx_int_t rc,
                                      (in_port_t) master->element[1]->integer,
                                      &cl->asked->addr);
         if (node == NULL) {
-            ngx_log_error(NGX_LOG_WARN, cl->pool->log, 0,
-                          "loyalty: redis cluster %V: slots %ui-%ui are on "
-                          "\"%V\", which is not an IP address, or on too "
-                          "many nodes", &cl->server->name, start, end,
-                          &master->element[0]->str);
+            /* one line for the map, however many ranges */
+
+            if (skipped++ == 0) {
+                ngx_log_error(NGX_LOG_WARN, cl->pool->log, 0,
+                              "loyalty: redis cluster %V: slots %ui-%ui are "
+                              "on \"%V\", which is not an IP address, or "
+                              "on too many nodes", &cl->server->name, start,
+                              end, &master->element[0]->str);
+            }
+
             continue;
         }
 
