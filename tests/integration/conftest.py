@@ -422,20 +422,27 @@ class RedisServer:
         self.proc = None
         self._clients = {}
 
+    what = "redis-server"
+
+    def listen_args(self):
+        """How it listens; a subclass may listen otherwise (TLS)."""
+        return ["--port", str(self.port), "--enable-debug-command", "local",
+                "--unixsocket", self.unixsocket, "--unixsocketperm", "777"]
+
     def start(self):
         """Start (or restart, on the same port)."""
         assert self.proc is None or self.proc.poll() is not None
-        args = [REDIS_BIN, "--port", str(self.port), "--bind", "127.0.0.1",
+        args = [REDIS_BIN] + self.listen_args() + [
+                "--bind", "127.0.0.1",
                 "--save", "", "--appendonly", "no", "--dir", self.dir,
-                "--daemonize", "no", "--enable-debug-command", "local",
-                "--unixsocket", self.unixsocket, "--unixsocketperm", "777",
+                "--daemonize", "no",
                 "--logfile", os.path.join(self.dir, "redis.log")]
         if self.password:
             args += ["--requirepass", self.password]
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
-        track(self.proc.pid, "redis-server :%d" % self.port)
+        track(self.proc.pid, "%s :%d" % (self.what, self.port))
         self._clients = {}
 
         def up():
@@ -446,7 +453,7 @@ class RedisServer:
                 return self.client.ping()
             except redis_lib.exceptions.ConnectionError:
                 return False
-        wait_until(up, 10, message="redis-server on port %d" % self.port)
+        wait_until(up, 10, message="%s on port %d" % (self.what, self.port))
         return self
 
     def stop(self):
