@@ -85,6 +85,10 @@ ngx_http_loyalty_journal(ngx_http_loyalty_credit_t *cr, const char *reason,
         p = ngx_slprintf(p, last, ",\"cluster\":true");
     }
 
+    if (server->tls) {
+        p = ngx_slprintf(p, last, ",\"tls\":true");
+    }
+
     p = ngx_slprintf(p, last, ",\"db\":%ui,\"prefix\":", server->db);
     p = ngx_http_loyalty_journal_string(p, last, llcf->prefix.data,
                                         llcf->prefix.len);

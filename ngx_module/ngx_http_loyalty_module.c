@@ -31,8 +31,14 @@ static char *ngx_http_loyalty_merge_offers(ngx_conf_t *cf,
 static char *ngx_http_loyalty_redis(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static ngx_http_loyalty_server_t *ngx_http_loyalty_add_server(ngx_conf_t *cf,
-    ngx_str_t **names, ngx_uint_t n, ngx_uint_t cluster, ngx_uint_t db,
-    ngx_str_t *user, ngx_str_t *password);
+    ngx_str_t **names, ngx_uint_t n, ngx_uint_t cluster, ngx_uint_t tls,
+    ngx_uint_t db, ngx_str_t *user, ngx_str_t *password);
+#if (NGX_SSL)
+static ngx_http_loyalty_server_t *ngx_http_loyalty_tls_server(ngx_conf_t *cf,
+    ngx_http_loyalty_loc_conf_t *conf);
+static ngx_uint_t ngx_http_loyalty_same_server(ngx_http_loyalty_server_t *a,
+    ngx_http_loyalty_server_t *b);
+#endif
 static char *ngx_http_loyalty_tier(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_http_loyalty_offer(ngx_conf_t *cf, ngx_command_t *cmd,
@@ -116,6 +122,65 @@ static ngx_command_t  ngx_http_loyalty_commands[] = {
       NGX_HTTP_LOC_CONF_OFFSET,
       offsetof(ngx_http_loyalty_loc_conf_t, prefix),
       &ngx_http_loyalty_prefix_post },
+
+#if (NGX_SSL)
+
+    { ngx_string("loyalty_redis_ssl_trusted_certificate"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_loyalty_ssl_file,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_loyalty_loc_conf_t, ssl.trusted_certificate),
+      NULL },
+
+    { ngx_string("loyalty_redis_ssl_verify"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_loyalty_loc_conf_t, ssl.verify),
+      &ngx_http_loyalty_ssl_verify_post },
+
+    { ngx_string("loyalty_redis_ssl_verify_depth"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_loyalty_loc_conf_t, ssl.verify_depth),
+      &ngx_http_loyalty_ssl_depth_post },
+
+    { ngx_string("loyalty_redis_ssl_name"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_str_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_loyalty_loc_conf_t, ssl.name),
+      NULL },
+
+    { ngx_string("loyalty_redis_ssl_server_name"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_loyalty_loc_conf_t, ssl.server_name),
+      NULL },
+
+    { ngx_string("loyalty_redis_ssl_certificate"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_loyalty_ssl_file,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_loyalty_loc_conf_t, ssl.certificate),
+      NULL },
+
+    { ngx_string("loyalty_redis_ssl_certificate_key"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_loyalty_ssl_file,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_loyalty_loc_conf_t, ssl.certificate_key),
+      NULL },
+
+    { ngx_string("loyalty_redis_ssl_protocols"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_1MORE,
+      ngx_http_loyalty_ssl_protocols_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_loyalty_loc_conf_t, ssl.protocols),
+      ngx_http_loyalty_ssl_protocols },
+#endif
 
     { ngx_string("loyalty_tier"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE23,
@@ -409,6 +474,10 @@ ngx_http_loyalty_create_loc_conf(ngx_conf_t *cf)
     conf->ledger = NGX_CONF_UNSET;
     conf->journal = NGX_CONF_UNSET_PTR;
 
+#if (NGX_SSL)
+    ngx_http_loyalty_ssl_init_conf(&conf->ssl);
+#endif
+
     return conf;
 }
 
@@ -464,6 +533,10 @@ ngx_http_loyalty_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
         conf->offers = prev->offers;
     }
 
+#if (NGX_SSL)
+    ngx_http_loyalty_ssl_merge_conf(&conf->ssl, &prev->ssl);
+#endif
+
     if (ngx_http_loyalty_merge_server(cf, prev, conf) != NGX_OK) {
         return NGX_CONF_ERROR;
     }
@@ -495,12 +568,23 @@ ngx_http_loyalty_merge_server(ngx_conf_t *cf,
 
         names = &name;
 
-        conf->server = ngx_http_loyalty_add_server(cf, &names, 1, 0, 0, NULL,
-                                                   NULL);
+        conf->server = ngx_http_loyalty_add_server(cf, &names, 1, 0, 0, 0,
+                                                   NULL, NULL);
         if (conf->server == NULL) {
             return NGX_ERROR;
         }
     }
+
+#if (NGX_SSL)
+
+    if (conf->server && conf->server->tls) {
+        conf->server = ngx_http_loyalty_tls_server(cf, conf);
+        if (conf->server == NULL) {
+            return NGX_ERROR;
+        }
+    }
+
+#endif
 
     /* a server's connect deadline is the longest timeout of those using it */
 
@@ -510,6 +594,88 @@ ngx_http_loyalty_merge_server(ngx_conf_t *cf,
 
     return NGX_OK;
 }
+
+
+#if (NGX_SSL)
+
+/*
+ * A "tls" server takes the SSL context of the first location merged with
+ * it; a location whose settings differ gets a copy of the server with its
+ * own context, shared with the locations that have the same settings.
+ */
+
+static ngx_http_loyalty_server_t *
+ngx_http_loyalty_tls_server(ngx_conf_t *cf, ngx_http_loyalty_loc_conf_t *conf)
+{
+    ngx_uint_t                     i;
+    ngx_http_loyalty_ssl_t        *ssl;
+    ngx_http_loyalty_server_t     *server, *s, **servers;
+    ngx_http_loyalty_main_conf_t  *lmcf;
+
+    server = conf->server;
+
+    ssl = ngx_http_loyalty_ssl_get(cf, &conf->ssl);
+    if (ssl == NULL) {
+        return NULL;
+    }
+
+    if (server->ssl == NULL) {
+        server->ssl = ssl;
+        return server;
+    }
+
+    if (server->ssl == ssl) {
+        return server;
+    }
+
+    lmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_loyalty_module);
+
+    servers = lmcf->servers.elts;
+
+    for (i = 0; i < lmcf->servers.nelts; i++) {
+        s = servers[i];
+
+        if (s->ssl == ssl && ngx_http_loyalty_same_server(s, server)) {
+            return s;
+        }
+    }
+
+    s = ngx_palloc(cf->pool, sizeof(ngx_http_loyalty_server_t));
+    if (s == NULL) {
+        return NULL;
+    }
+
+    *s = *server;
+    s->ssl = ssl;
+
+    servers = ngx_array_push(&lmcf->servers);
+    if (servers == NULL) {
+        return NULL;
+    }
+
+    *servers = s;
+
+    return s;
+}
+
+
+static ngx_uint_t
+ngx_http_loyalty_same_server(ngx_http_loyalty_server_t *a,
+    ngx_http_loyalty_server_t *b)
+{
+    return a->name.len == b->name.len
+           && ngx_strncmp(a->name.data, b->name.data, a->name.len) == 0
+           && a->cluster == b->cluster
+           && a->tls == b->tls
+           && a->db == b->db
+           && a->user.len == b->user.len
+           && ngx_strncmp(a->user.data, b->user.data, a->user.len) == 0
+           && a->password.len == b->password.len
+           && ngx_strncmp(a->password.data, b->password.data,
+                          a->password.len) == 0;
+}
+
+#endif
 
 
 /* the offers get their counters; a tier they name must be one of the level */
@@ -586,7 +752,7 @@ ngx_http_loyalty_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     ngx_str_t   *value, user, password, *names[NGX_HTTP_LOYALTY_SEEDS_MAX];
     ngx_int_t    db;
-    ngx_uint_t   i, n, cluster;
+    ngx_uint_t   i, n, cluster, tls;
 
     if (llcf->server) {
         return "is duplicate";
@@ -597,6 +763,7 @@ ngx_http_loyalty_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     n = 0;
     db = 0;
     cluster = 0;
+    tls = 0;
     ngx_str_null(&user);
     ngx_str_null(&password);
 
@@ -638,6 +805,20 @@ ngx_http_loyalty_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         {
             cluster = 1;
             continue;
+        }
+
+        if (value[i].len == sizeof("tls") - 1
+            && ngx_strncmp(value[i].data, "tls", 3) == 0)
+        {
+#if (NGX_SSL)
+            tls = 1;
+            continue;
+#else
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "\"tls\" in \"loyalty_redis\" requires nginx "
+                               "built with OpenSSL");
+            return NGX_CONF_ERROR;
+#endif
         }
 
         if (ngx_strlchr(value[i].data, value[i].data + value[i].len, '=')) {
@@ -689,8 +870,8 @@ ngx_http_loyalty_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         return NGX_CONF_ERROR;
     }
 
-    llcf->server = ngx_http_loyalty_add_server(cf, names, n, cluster, db,
-                                               &user, &password);
+    llcf->server = ngx_http_loyalty_add_server(cf, names, n, cluster, tls,
+                                               db, &user, &password);
     if (llcf->server == NULL) {
         return NGX_CONF_ERROR;
     }
@@ -715,7 +896,8 @@ invalid:
 
 static ngx_http_loyalty_server_t *
 ngx_http_loyalty_add_server(ngx_conf_t *cf, ngx_str_t **names, ngx_uint_t n,
-    ngx_uint_t cluster, ngx_uint_t db, ngx_str_t *user, ngx_str_t *password)
+    ngx_uint_t cluster, ngx_uint_t tls, ngx_uint_t db, ngx_str_t *user,
+    ngx_str_t *password)
 {
     u_char                        *p;
     ngx_url_t                      u;
@@ -765,6 +947,7 @@ ngx_http_loyalty_add_server(ngx_conf_t *cf, ngx_str_t **names, ngx_uint_t n,
         if (server->name.len == name.len
             && ngx_strncmp(server->name.data, name.data, name.len) == 0
             && server->cluster == cluster
+            && server->tls == tls
             && server->db == db
             && server->user.len == user->len
             && ngx_strncmp(server->user.data, user->data, user->len) == 0
@@ -773,6 +956,7 @@ ngx_http_loyalty_add_server(ngx_conf_t *cf, ngx_str_t **names, ngx_uint_t n,
                            password->len)
                == 0)
         {
+            /* the first of them, whatever its SSL context */
             return server;
         }
     }
@@ -818,13 +1002,31 @@ ngx_http_loyalty_add_server(ngx_conf_t *cf, ngx_str_t **names, ngx_uint_t n,
             return NULL;
         }
 
+        if (tls && u.addrs[0].sockaddr->sa_family == AF_UNIX) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "\"%V\" in \"loyalty_redis\" with \"tls\": "
+                               "Redis serves TLS over TCP only", &u.url);
+            return NULL;
+        }
+
         server->seeds[i] = u.addrs[0];
+
+        if (i == 0) {
+            server->host.data = ngx_pnalloc(cf->pool, u.host.len + 1);
+            if (server->host.data == NULL) {
+                return NULL;
+            }
+
+            server->host.len = u.host.len;
+            *ngx_cpymem(server->host.data, u.host.data, u.host.len) = '\0';
+        }
     }
 
     server->name = name;
     server->addr = server->seeds[0];
     server->nseeds = n;
     server->cluster = cluster;
+    server->tls = tls;
     server->db = db;
     server->user = *user;
     server->password = *password;

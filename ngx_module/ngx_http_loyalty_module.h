@@ -128,6 +128,8 @@ typedef struct {
     /* per worker: warnings about invalid ids and Redis error replies */
     ngx_http_loyalty_log_limit_t  invalid_log;
     ngx_http_loyalty_log_limit_t  error_reply_log;
+
+    ngx_array_t                ssl;       /* ngx_http_loyalty_ssl_t * */
 } ngx_http_loyalty_main_conf_t;
 
 
@@ -156,6 +158,10 @@ typedef struct {
     time_t                     expire;          /* 0: off */
     ngx_int_t                  ledger;          /* 0: off */
     ngx_open_file_t           *journal;         /* NULL: error log */
+
+#if (NGX_SSL)
+    ngx_http_loyalty_ssl_conf_t  ssl;
+#endif
 
     unsigned                   balance:1;       /* loyalty_balance here */
 } ngx_http_loyalty_loc_conf_t;
@@ -239,6 +245,25 @@ void ngx_http_loyalty_count_latency(ngx_http_loyalty_main_conf_t *lmcf,
 #endif
 char *ngx_http_loyalty_status(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+
+
+#if (NGX_SSL)
+
+/* ngx_http_loyalty_ssl.c */
+extern ngx_conf_bitmask_t  ngx_http_loyalty_ssl_protocols[];
+extern ngx_conf_post_t     ngx_http_loyalty_ssl_verify_post;
+extern ngx_conf_post_t     ngx_http_loyalty_ssl_depth_post;
+char *ngx_http_loyalty_ssl_file(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+char *ngx_http_loyalty_ssl_protocols_slot(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+void ngx_http_loyalty_ssl_init_conf(ngx_http_loyalty_ssl_conf_t *conf);
+void ngx_http_loyalty_ssl_merge_conf(ngx_http_loyalty_ssl_conf_t *conf,
+    ngx_http_loyalty_ssl_conf_t *prev);
+ngx_http_loyalty_ssl_t *ngx_http_loyalty_ssl_get(ngx_conf_t *cf,
+    ngx_http_loyalty_ssl_conf_t *conf);
+
+#endif
 
 
 /* ngx_http_loyalty_balance.c */

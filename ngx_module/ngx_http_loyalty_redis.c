@@ -17,9 +17,9 @@
  * use and kept.  Its life is a series of states, as ngx_mail_proxy_module
  * walks a backend through its greeting and AUTH:
  *
- *     closed -> connecting -> auth -> select -> setup -> ready
- *                                \____________________/
- *                                       handshake
+ *     closed -> connecting -> [tls] -> auth -> select -> setup -> ready
+ *                                         \____________________/
+ *                                                handshake
  *
  * and "down" after a failure, until the backoff timer reconnects (a
  * cluster node's connection goes back to "closed" then, and is opened
@@ -28,8 +28,10 @@
  * connection opens, together with the setup commands that the server's
  * owners registered (ngx_http_loyalty_redis_add_setup(): the credits'
  * SCRIPT LOAD), and their replies are checked in that order, one state
- * each; a TLS handshake would be one more state between connecting and
- * auth.  Only "ready" counts as up: commands queued before wait for it,
+ * each.  With "tls", the TLS handshake comes first, within the same
+ * timeout, and the certificate and name are checked before anything is
+ * sent (ngx_http_loyalty_ssl.c); the session is kept for the next
+ * connection to resume.  Only "ready" counts as up: commands queued before wait for it,
  * and the backoff starts again from its minimum only there, so that a
  * Redis that accepts connections and then refuses AUTH, or never answers,
  * is backed off like one that refuses the connection.  The owners learn
@@ -68,6 +70,7 @@
 typedef enum {
     ngx_http_loyalty_conn_closed = 0,
     ngx_http_loyalty_conn_connecting,
+    ngx_http_loyalty_conn_tls,
     ngx_http_loyalty_conn_auth,
     ngx_http_loyalty_conn_select,
     ngx_http_loyalty_conn_setup,
@@ -79,6 +82,7 @@ typedef enum {
 struct ngx_http_loyalty_conn_s {
     ngx_http_loyalty_server_t  *server;
     ngx_addr_t                 *addr;
+    ngx_str_t                   host;           /* a C string */
     void                       *node;           /* Redis Cluster */
     ngx_peer_connection_t       peer;
     ngx_connection_t           *connection;
@@ -107,6 +111,10 @@ struct ngx_http_loyalty_conn_s {
     ngx_uint_t                  state;          /* ngx_http_loyalty_conn_* */
     ngx_uint_t                  step;           /* setup reply awaited */
     time_t                      late_logged;
+#if (NGX_SSL)
+    ngx_ssl_session_t          *session;        /* to resume */
+#endif
+
     unsigned                    failed:1;
 };
 
@@ -117,6 +125,11 @@ static ngx_int_t ngx_http_loyalty_redis_connect(
     ngx_http_loyalty_conn_t *conn);
 static void ngx_http_loyalty_redis_connect_handler(ngx_event_t *ev);
 static ngx_int_t ngx_http_loyalty_redis_test_connect(ngx_connection_t *c);
+#if (NGX_SSL)
+static void ngx_http_loyalty_redis_ssl_init(ngx_http_loyalty_conn_t *conn);
+static void ngx_http_loyalty_redis_ssl_handshake(ngx_connection_t *c);
+static void ngx_http_loyalty_redis_ssl_save_session(ngx_connection_t *c);
+#endif
 static void ngx_http_loyalty_redis_handshake(ngx_http_loyalty_conn_t *conn);
 static void ngx_http_loyalty_redis_next_step(ngx_http_loyalty_conn_t *conn);
 static ngx_int_t ngx_http_loyalty_redis_handshake_reply(
@@ -134,6 +147,7 @@ static void ngx_http_loyalty_redis_dummy_handler(ngx_event_t *ev);
 static void ngx_http_loyalty_redis_deadline_handler(ngx_event_t *ev);
 static void ngx_http_loyalty_redis_backoff_handler(ngx_event_t *ev);
 static void ngx_http_loyalty_redis_close(ngx_http_loyalty_conn_t *conn);
+static void ngx_http_loyalty_redis_close_connection(ngx_connection_t *c);
 static void ngx_http_loyalty_redis_fail(ngx_http_loyalty_conn_t *conn);
 static void ngx_http_loyalty_redis_exit(ngx_http_loyalty_conn_t *conn);
 static u_char *ngx_http_loyalty_redis_log_error(ngx_log_t *log, u_char *buf,
@@ -202,6 +216,23 @@ ngx_http_loyalty_redis_conn_create(ngx_http_loyalty_server_t *server,
     conn->server = server;
     conn->addr = addr;
     conn->node = node;
+
+    if (node == NULL) {
+        conn->host = server->host;
+
+    } else {
+        /* a cluster node is known by its IP */
+
+        conn->host.data = ngx_pnalloc(pool, NGX_SOCKADDR_STRLEN + 1);
+        if (conn->host.data == NULL) {
+            goto failed;
+        }
+
+        conn->host.len = ngx_sock_ntop(addr->sockaddr, addr->socklen,
+                                       conn->host.data, NGX_SOCKADDR_STRLEN,
+                                       0);
+        conn->host.data[conn->host.len] = '\0';
+    }
     conn->dead = ngx_max(10 * server->connect_timeout,
                          NGX_HTTP_LOYALTY_DEAD_MIN);
 
@@ -383,6 +414,13 @@ void
 ngx_http_loyalty_redis_conn_destroy(ngx_http_loyalty_conn_t *conn)
 {
     ngx_http_loyalty_redis_exit(conn);
+
+#if (NGX_SSL)
+    if (conn->session) {
+        ngx_ssl_free_session(conn->session);
+        conn->session = NULL;
+    }
+#endif
 
     ngx_destroy_pool(conn->pool);
 }
@@ -754,10 +792,154 @@ ngx_http_loyalty_redis_connect_handler(ngx_event_t *ev)
         return;
     }
 
-    /* a TLS handshake would start here, and go on to the one below */
+#if (NGX_SSL)
+
+    if (conn->server->tls) {
+        ngx_http_loyalty_redis_ssl_init(conn);
+        return;
+    }
+
+#endif
 
     ngx_http_loyalty_redis_handshake(conn);
 }
+
+
+#if (NGX_SSL)
+
+static void
+ngx_http_loyalty_redis_ssl_init(ngx_http_loyalty_conn_t *conn)
+{
+    ngx_int_t                   rc;
+    ngx_connection_t           *c;
+    ngx_http_loyalty_server_t  *server;
+
+    c = conn->connection;
+    server = conn->server;
+
+    if (server->ssl == NULL) {
+        /* a "tls" line that no location uses */
+        ngx_http_loyalty_redis_fail(conn);
+        return;
+    }
+
+    /* the SSL connection lives in the connection's pool */
+
+    c->pool = ngx_create_pool(1024, c->log);
+    if (c->pool == NULL) {
+        ngx_http_loyalty_redis_fail(conn);
+        return;
+    }
+
+    if (ngx_http_loyalty_ssl_start(c, server->ssl, &conn->host,
+                                   conn->session)
+        != NGX_OK)
+    {
+        ngx_http_loyalty_redis_fail(conn);
+        return;
+    }
+
+    c->ssl->save_session = ngx_http_loyalty_redis_ssl_save_session;
+
+    /* what OpenSSL says of a failed handshake is logged at "error" */
+
+    c->log_error = NGX_ERROR_ERR;
+    c->log->action = "SSL handshaking to redis";
+
+    conn->state = ngx_http_loyalty_conn_tls;
+
+    rc = ngx_ssl_handshake(c);
+
+    if (rc == NGX_AGAIN) {
+        ngx_add_timer(c->read, server->connect_timeout);
+        c->ssl->handler = ngx_http_loyalty_redis_ssl_handshake;
+        return;
+    }
+
+    ngx_http_loyalty_redis_ssl_handshake(c);
+}
+
+
+static void
+ngx_http_loyalty_redis_ssl_handshake(ngx_connection_t *c)
+{
+    ngx_http_loyalty_conn_t    *conn;
+    ngx_http_loyalty_server_t  *server;
+
+    conn = c->data;
+    server = conn->server;
+
+    c->log->action = NULL;
+    c->log_error = NGX_ERROR_INFO;
+
+    if (c->close) {
+        ngx_http_loyalty_redis_exit(conn);
+        return;
+    }
+
+    if (c->read->timedout || c->write->timedout) {
+        ngx_log_error(NGX_LOG_WARN, c->log, NGX_ETIMEDOUT,
+                      "loyalty: redis TLS handshake timed out");
+        ngx_http_loyalty_redis_fail(conn);
+        return;
+    }
+
+    if (c->read->timer_set) {
+        ngx_del_timer(c->read);
+    }
+
+    if (!c->ssl->handshaked) {
+        if (!ngx_http_loyalty_ssl_asked(c)) {
+            ngx_log_error(NGX_LOG_ERR, c->log, 0,
+                          "loyalty: redis TLS handshake failed");
+        }
+
+        ngx_http_loyalty_redis_fail(conn);
+        return;
+    }
+
+    if (ngx_http_loyalty_ssl_check(c, server->ssl, &conn->host) != NGX_OK) {
+        ngx_http_loyalty_redis_fail(conn);
+        return;
+    }
+
+    if (server->events.count) {
+        server->events.count(server->events.data,
+                             SSL_session_reused(c->ssl->connection)
+                             ? NGX_HTTP_LOYALTY_COUNT_TLS_REUSED
+                             : NGX_HTTP_LOYALTY_COUNT_TLS_NEW);
+    }
+
+    /* TLS 1.2 has its session now; TLS 1.3 sends it later, to the callback */
+
+    ngx_http_loyalty_redis_ssl_save_session(c);
+
+    ngx_http_loyalty_redis_handshake(conn);
+}
+
+
+static void
+ngx_http_loyalty_redis_ssl_save_session(ngx_connection_t *c)
+{
+    ngx_ssl_session_t        *session;
+    ngx_http_loyalty_conn_t  *conn;
+
+    conn = c->data;
+
+    session = ngx_ssl_get_session(c);
+
+    if (session == NULL) {
+        return;
+    }
+
+    if (conn->session) {
+        ngx_ssl_free_session(conn->session);
+    }
+
+    conn->session = session;
+}
+
+#endif
 
 
 static ngx_int_t
@@ -848,6 +1030,7 @@ ngx_http_loyalty_redis_next_step(ngx_http_loyalty_conn_t *conn)
     switch (conn->state) {
 
     case ngx_http_loyalty_conn_connecting:
+    case ngx_http_loyalty_conn_tls:
 
         if (server->password.len) {
             conn->state = ngx_http_loyalty_conn_auth;
@@ -1207,6 +1390,17 @@ ngx_http_loyalty_redis_read_handler(ngx_event_t *rev)
         }
 
         if (n == NGX_ERROR) {
+#if (NGX_SSL)
+            if (c->ssl && state != ngx_http_loyalty_conn_ready) {
+                /*
+                 * in TLS 1.3 a server refuses a client's certificate
+                 * after the handshake
+                 */
+                ngx_log_error(NGX_LOG_ERR, c->log, 0,
+                              "loyalty: redis TLS handshake failed: the "
+                              "connection broke before the first reply");
+            }
+#endif
             ngx_http_loyalty_redis_fail(conn);
             return;
         }
@@ -1504,7 +1698,7 @@ ngx_http_loyalty_redis_close(ngx_http_loyalty_conn_t *conn)
     }
 
     if (conn->connection) {
-        ngx_close_connection(conn->connection);
+        ngx_http_loyalty_redis_close_connection(conn->connection);
         conn->connection = NULL;
     }
 
@@ -1525,6 +1719,40 @@ ngx_http_loyalty_redis_close(ngx_http_loyalty_conn_t *conn)
     conn->written = 0;
 
     conn->state = ngx_http_loyalty_conn_closed;
+}
+
+
+/*
+ * Neither a close_notify is sent nor the peer's awaited: Redis needs none,
+ * and a close never waits.
+ */
+
+static void
+ngx_http_loyalty_redis_close_connection(ngx_connection_t *c)
+{
+#if (NGX_SSL)
+    ngx_pool_t  *pool;
+
+    if (c->ssl) {
+        c->ssl->no_wait_shutdown = 1;
+        c->ssl->no_send_shutdown = 1;
+
+        (void) ngx_ssl_shutdown(c);
+    }
+
+    pool = c->pool;
+
+    ngx_close_connection(c);
+
+    if (pool) {
+        ngx_destroy_pool(pool);
+    }
+
+#else
+
+    ngx_close_connection(c);
+
+#endif
 }
 
 

@@ -71,7 +71,9 @@ typedef void (*ngx_http_loyalty_redis_count_pt)(void *data, ngx_uint_t what);
 #define NGX_HTTP_LOYALTY_COUNT_TRYAGAIN  2
 #define NGX_HTTP_LOYALTY_COUNT_REFRESH   3
 #define NGX_HTTP_LOYALTY_COUNT_FAILOVER  4
-#define NGX_HTTP_LOYALTY_COUNT_EVENTS    5
+#define NGX_HTTP_LOYALTY_COUNT_TLS_NEW   5      /* TLS handshakes */
+#define NGX_HTTP_LOYALTY_COUNT_TLS_REUSED 6
+#define NGX_HTTP_LOYALTY_COUNT_EVENTS    7
 
 /* what a server's connections tell whoever keeps count of them */
 typedef struct {
@@ -85,6 +87,31 @@ typedef struct {
 typedef struct ngx_http_loyalty_cluster_s  ngx_http_loyalty_cluster_t;
 
 
+#if (NGX_SSL)
+
+/* the loyalty_redis_ssl_* settings of a level */
+typedef struct {
+    ngx_str_t                  trusted_certificate;
+    ngx_flag_t                 verify;
+    ngx_int_t                  verify_depth;
+    ngx_str_t                  name;
+    ngx_flag_t                 server_name;
+    ngx_str_t                  certificate;
+    ngx_str_t                  certificate_key;
+    ngx_uint_t                 protocols;
+} ngx_http_loyalty_ssl_conf_t;
+
+
+/* an SSL context, one per distinct settings */
+typedef struct {
+    ngx_ssl_t                  ssl;
+    ngx_http_loyalty_ssl_conf_t  conf;          /* conf.name: C string */
+    unsigned                   ip:1;            /* conf.name is an IP */
+} ngx_http_loyalty_ssl_t;
+
+#endif
+
+
 /*
  * A Redis server as configured, or a Redis Cluster known by its seeds:
  * one connection per worker, or one per worker and master node.  Its
@@ -93,6 +120,7 @@ typedef struct ngx_http_loyalty_cluster_s  ngx_http_loyalty_cluster_t;
 typedef struct {
     ngx_str_t                  name;            /* as written, for logs */
     ngx_addr_t                 addr;            /* the first seed */
+    ngx_str_t                  host;            /* its host, a C string */
     ngx_addr_t                *seeds;           /* Redis Cluster */
     ngx_uint_t                 nseeds;
     ngx_uint_t                 db;
@@ -111,7 +139,12 @@ typedef struct {
     ngx_http_loyalty_conn_t   *conn;
     ngx_http_loyalty_cluster_t  *nodes;
 
+#if (NGX_SSL)
+    ngx_http_loyalty_ssl_t    *ssl;
+#endif
+
     unsigned                   cluster:1;
+    unsigned                   tls:1;
 } ngx_http_loyalty_server_t;
 
 
@@ -206,6 +239,18 @@ ngx_int_t ngx_http_loyalty_cluster_reply(ngx_http_loyalty_server_t *server,
     ngx_http_loyalty_reply_t *reply);
 void ngx_http_loyalty_cluster_failed(ngx_http_loyalty_server_t *server,
     void *node);
+
+
+#if (NGX_SSL)
+
+/* ngx_http_loyalty_ssl.c */
+ngx_int_t ngx_http_loyalty_ssl_start(ngx_connection_t *c,
+    ngx_http_loyalty_ssl_t *ssl, ngx_str_t *host, ngx_ssl_session_t *session);
+ngx_int_t ngx_http_loyalty_ssl_check(ngx_connection_t *c,
+    ngx_http_loyalty_ssl_t *ssl, ngx_str_t *host);
+ngx_int_t ngx_http_loyalty_ssl_asked(ngx_connection_t *c);
+
+#endif
 
 
 /* ngx_http_loyalty_proto.c */

@@ -391,13 +391,20 @@ ngx_http_loyalty_status_redis(u_char *p, ngx_http_loyalty_shctx_t *sh)
             "# HELP loyalty_redis_failovers_total New masters found for "
             "slots whose master was down.\n"
             "# TYPE loyalty_redis_failovers_total counter\n"
-            "loyalty_redis_failovers_total %uA\n",
+            "loyalty_redis_failovers_total %uA\n"
+            "# HELP loyalty_redis_tls_handshakes_total TLS handshakes "
+            "completed with Redis, by session: new or resumed.\n"
+            "# TYPE loyalty_redis_tls_handshakes_total counter\n"
+            "loyalty_redis_tls_handshakes_total{session=\"new\"} %uA\n"
+            "loyalty_redis_tls_handshakes_total{session=\"reused\"} %uA\n",
             connections, connections ? 1 : 0,
             sh->cluster[NGX_HTTP_LOYALTY_COUNT_MOVED],
             sh->cluster[NGX_HTTP_LOYALTY_COUNT_ASK],
             sh->cluster[NGX_HTTP_LOYALTY_COUNT_TRYAGAIN],
             sh->cluster[NGX_HTTP_LOYALTY_COUNT_REFRESH],
-            sh->cluster[NGX_HTTP_LOYALTY_COUNT_FAILOVER]);
+            sh->cluster[NGX_HTTP_LOYALTY_COUNT_FAILOVER],
+            sh->cluster[NGX_HTTP_LOYALTY_COUNT_TLS_NEW],
+            sh->cluster[NGX_HTTP_LOYALTY_COUNT_TLS_REUSED]);
 }
 
 
