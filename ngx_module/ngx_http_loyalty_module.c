@@ -1012,6 +1012,9 @@ ngx_http_loyalty_add_server(ngx_conf_t *cf, ngx_str_t **names, ngx_uint_t n,
         server->seeds[i] = u.addrs[0];
 
         if (i == 0) {
+            server->addrs = u.addrs;
+            server->naddrs = u.naddrs;
+
             server->host.data = ngx_pnalloc(cf->pool, u.host.len + 1);
             if (server->host.data == NULL) {
                 return NULL;

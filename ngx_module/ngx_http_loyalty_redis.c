@@ -110,6 +110,7 @@ struct ngx_http_loyalty_conn_s {
 
     ngx_uint_t                  state;          /* ngx_http_loyalty_conn_* */
     ngx_uint_t                  step;           /* setup reply awaited */
+    ngx_uint_t                  tried;          /* addresses, this time */
     time_t                      late_logged;
 #if (NGX_SSL)
     ngx_ssl_session_t          *session;        /* to resume */
@@ -125,6 +126,8 @@ static ngx_int_t ngx_http_loyalty_redis_connect(
     ngx_http_loyalty_conn_t *conn);
 static void ngx_http_loyalty_redis_connect_handler(ngx_event_t *ev);
 static ngx_int_t ngx_http_loyalty_redis_test_connect(ngx_connection_t *c);
+static ngx_int_t ngx_http_loyalty_redis_next_address(
+    ngx_http_loyalty_conn_t *conn);
 #if (NGX_SSL)
 static void ngx_http_loyalty_redis_ssl_init(ngx_http_loyalty_conn_t *conn);
 static void ngx_http_loyalty_redis_ssl_handshake(ngx_connection_t *c);
@@ -169,8 +172,8 @@ ngx_http_loyalty_redis_init_process(ngx_cycle_t *cycle,
         return ngx_http_loyalty_cluster_init_process(cycle, server);
     }
 
-    server->conn = ngx_http_loyalty_redis_conn_create(server, &server->addr,
-                                                      NULL);
+    server->conn = ngx_http_loyalty_redis_conn_create(server,
+                                                      &server->addrs[0], NULL);
     if (server->conn == NULL) {
         return NGX_ERROR;
     }
@@ -779,7 +782,11 @@ ngx_http_loyalty_redis_connect_handler(ngx_event_t *ev)
     if (ev->timedout) {
         ngx_log_error(NGX_LOG_WARN, c->log, NGX_ETIMEDOUT,
                       "loyalty: redis connect timed out");
-        ngx_http_loyalty_redis_fail(conn);
+
+        if (ngx_http_loyalty_redis_next_address(conn) != NGX_OK) {
+            ngx_http_loyalty_redis_fail(conn);
+        }
+
         return;
     }
 
@@ -788,9 +795,15 @@ ngx_http_loyalty_redis_connect_handler(ngx_event_t *ev)
     }
 
     if (ngx_http_loyalty_redis_test_connect(c) != NGX_OK) {
-        ngx_http_loyalty_redis_fail(conn);
+
+        if (ngx_http_loyalty_redis_next_address(conn) != NGX_OK) {
+            ngx_http_loyalty_redis_fail(conn);
+        }
+
         return;
     }
+
+    conn->tried = 0;
 
 #if (NGX_SSL)
 
@@ -802,6 +815,72 @@ ngx_http_loyalty_redis_connect_handler(ngx_event_t *ev)
 #endif
 
     ngx_http_loyalty_redis_handshake(conn);
+}
+
+
+/*
+ * A host name with several addresses ("localhost": ::1 and 127.0.0.1):
+ * a connect that fails goes on to the next one at once, what is queued
+ * kept, until each was tried once.
+ */
+
+static ngx_int_t
+ngx_http_loyalty_redis_next_address(ngx_http_loyalty_conn_t *conn)
+{
+    off_t                       queued;
+    u_char                     *pos, *last;
+    ngx_uint_t                  n;
+    ngx_http_loyalty_server_t  *server;
+
+    server = conn->server;
+
+    if (conn->node
+        || server->naddrs < 2
+        || conn->tried + 1 >= server->naddrs
+        || ngx_exiting || ngx_terminate)
+    {
+        conn->tried = 0;
+        return NGX_DECLINED;
+    }
+
+    conn->tried++;
+
+    n = (conn->addr - server->addrs + 1) % server->naddrs;
+    conn->addr = &server->addrs[n];
+
+    ngx_log_error(NGX_LOG_INFO, &conn->log, 0,
+                  "loyalty: trying the next address of redis, %V",
+                  &conn->addr->name);
+
+    if (conn->connection) {
+        ngx_http_loyalty_redis_close_connection(conn->connection);
+        conn->connection = NULL;
+    }
+
+    ngx_http_loyalty_reader_free(&conn->reader);
+
+    if (conn->reply_pool) {
+        ngx_destroy_pool(conn->reply_pool);
+        conn->reply_pool = NULL;
+    }
+
+    pos = conn->out->pos;
+    last = conn->out->last;
+    queued = conn->queued;
+
+    if (ngx_http_loyalty_redis_connect(conn) != NGX_OK) {
+        conn->out->pos = pos;
+        conn->out->last = last;
+        conn->queued = queued;
+
+        return ngx_http_loyalty_redis_next_address(conn);
+    }
+
+    conn->out->pos = pos;
+    conn->out->last = last;
+    conn->queued = queued;
+
+    return NGX_OK;
 }
 
 
@@ -1780,6 +1859,12 @@ ngx_http_loyalty_redis_fail(ngx_http_loyalty_conn_t *conn)
 
     conn->state = ngx_http_loyalty_conn_down;
     conn->failed = 1;
+
+    if (conn->node == NULL && conn->server->naddrs > 1) {
+        /* the reconnect starts from another address of the name */
+        conn->addr = &conn->server->addrs[(conn->addr - conn->server->addrs
+                                           + 1) % conn->server->naddrs];
+    }
 
     if (conn->delay == 0) {
         conn->delay = NGX_HTTP_LOYALTY_BACKOFF_MIN;

@@ -121,6 +121,8 @@ typedef struct {
     ngx_str_t                  name;            /* as written, for logs */
     ngx_addr_t                 addr;            /* the first seed */
     ngx_str_t                  host;            /* its host, a C string */
+    ngx_addr_t                *addrs;           /* all of its addresses */
+    ngx_uint_t                 naddrs;
     ngx_addr_t                *seeds;           /* Redis Cluster */
     ngx_uint_t                 nseeds;
     ngx_uint_t                 db;
