@@ -46,6 +46,7 @@ FAMILIES = {
     "loyalty_redis_redirects": "counter",
     "loyalty_cluster_refreshes": "counter",
     "loyalty_redis_failovers": "counter",
+    "loyalty_redis_tls_handshakes": "counter",
     "loyalty_redis_latency_seconds": "histogram",
     "loyalty_credits": "counter",
     "loyalty_redeem_shortfall": "counter",
@@ -130,6 +131,7 @@ def check_shape(m):
                       "loyalty_redis_redirects_total",
                       "loyalty_cluster_refreshes_total",
                       "loyalty_redis_failovers_total",
+                      "loyalty_redis_tls_handshakes_total",
                       HIST + "_bucket", HIST + "_sum", HIST + "_count",
                       "loyalty_offers_shown_total",
                       "loyalty_offers_converted_total"}
