@@ -33,11 +33,11 @@ static char *ngx_http_loyalty_redis(ngx_conf_t *cf, ngx_command_t *cmd,
 static ngx_http_loyalty_server_t *ngx_http_loyalty_add_server(ngx_conf_t *cf,
     ngx_str_t **names, ngx_uint_t n, ngx_uint_t cluster, ngx_uint_t tls,
     ngx_uint_t db, ngx_str_t *user, ngx_str_t *password);
+static ngx_uint_t ngx_http_loyalty_same_server(ngx_http_loyalty_server_t *a,
+    ngx_http_loyalty_server_t *b);
 #if (NGX_SSL)
 static ngx_http_loyalty_server_t *ngx_http_loyalty_tls_server(ngx_conf_t *cf,
     ngx_http_loyalty_loc_conf_t *conf);
-static ngx_uint_t ngx_http_loyalty_same_server(ngx_http_loyalty_server_t *a,
-    ngx_http_loyalty_server_t *b);
 #endif
 static char *ngx_http_loyalty_tier(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
@@ -658,23 +658,6 @@ ngx_http_loyalty_tls_server(ngx_conf_t *cf, ngx_http_loyalty_loc_conf_t *conf)
     return s;
 }
 
-
-static ngx_uint_t
-ngx_http_loyalty_same_server(ngx_http_loyalty_server_t *a,
-    ngx_http_loyalty_server_t *b)
-{
-    return a->name.len == b->name.len
-           && ngx_strncmp(a->name.data, b->name.data, a->name.len) == 0
-           && a->cluster == b->cluster
-           && a->tls == b->tls
-           && a->db == b->db
-           && a->user.len == b->user.len
-           && ngx_strncmp(a->user.data, b->user.data, a->user.len) == 0
-           && a->password.len == b->password.len
-           && ngx_strncmp(a->password.data, b->password.data,
-                          a->password.len) == 0;
-}
-
 #endif
 
 
@@ -903,7 +886,7 @@ ngx_http_loyalty_add_server(ngx_conf_t *cf, ngx_str_t **names, ngx_uint_t n,
     ngx_url_t                      u;
     ngx_str_t                      none, name;
     ngx_uint_t                     i;
-    ngx_http_loyalty_server_t     *server, **s;
+    ngx_http_loyalty_server_t      key, *server, **s;
     ngx_http_loyalty_main_conf_t  *lmcf;
 
     ngx_str_set(&none, "");
@@ -937,6 +920,15 @@ ngx_http_loyalty_add_server(ngx_conf_t *cf, ngx_str_t **names, ngx_uint_t n,
         p = ngx_cpymem(p, names[i]->data, names[i]->len);
     }
 
+    ngx_memzero(&key, sizeof(ngx_http_loyalty_server_t));
+
+    key.name = name;
+    key.cluster = cluster;
+    key.tls = tls;
+    key.db = db;
+    key.user = *user;
+    key.password = *password;
+
     lmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_loyalty_module);
 
     s = lmcf->servers.elts;
@@ -944,18 +936,7 @@ ngx_http_loyalty_add_server(ngx_conf_t *cf, ngx_str_t **names, ngx_uint_t n,
     for (i = 0; i < lmcf->servers.nelts; i++) {
         server = s[i];
 
-        if (server->name.len == name.len
-            && ngx_strncmp(server->name.data, name.data, name.len) == 0
-            && server->cluster == cluster
-            && server->tls == tls
-            && server->db == db
-            && server->user.len == user->len
-            && ngx_strncmp(server->user.data, user->data, user->len) == 0
-            && server->password.len == password->len
-            && ngx_strncmp(server->password.data, password->data,
-                           password->len)
-               == 0)
-        {
+        if (ngx_http_loyalty_same_server(server, &key)) {
             /* the first of them, whatever its SSL context */
             return server;
         }
@@ -1042,6 +1023,23 @@ ngx_http_loyalty_add_server(ngx_conf_t *cf, ngx_str_t **names, ngx_uint_t n,
     *s = server;
 
     return server;
+}
+
+
+static ngx_uint_t
+ngx_http_loyalty_same_server(ngx_http_loyalty_server_t *a,
+    ngx_http_loyalty_server_t *b)
+{
+    return a->name.len == b->name.len
+           && ngx_strncmp(a->name.data, b->name.data, a->name.len) == 0
+           && a->cluster == b->cluster
+           && a->tls == b->tls
+           && a->db == b->db
+           && a->user.len == b->user.len
+           && ngx_strncmp(a->user.data, b->user.data, a->user.len) == 0
+           && a->password.len == b->password.len
+           && ngx_strncmp(a->password.data, b->password.data,
+                          a->password.len) == 0;
 }
 
 

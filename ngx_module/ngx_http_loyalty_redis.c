@@ -31,10 +31,10 @@
  * each.  With "tls", the TLS handshake comes first, within the same
  * timeout, and the certificate and name are checked before anything is
  * sent (ngx_http_loyalty_ssl.c); the session is kept for the next
- * connection to resume.  Only "ready" counts as up: commands queued before wait for it,
- * and the backoff starts again from its minimum only there, so that a
- * Redis that accepts connections and then refuses AUTH, or never answers,
- * is backed off like one that refuses the connection.  The owners learn
+ * connection to resume.  Only "ready" counts as up: commands queued
+ * before wait for it, and the backoff starts again from its minimum only
+ * there, so that a Redis that accepts connections and then refuses AUTH,
+ * or never answers, is backed off like one that refuses the connection.  The owners learn
  * when a connection gets ready and when a ready one closes through the
  * server's events.
  *
@@ -150,6 +150,7 @@ static void ngx_http_loyalty_redis_dummy_handler(ngx_event_t *ev);
 static void ngx_http_loyalty_redis_deadline_handler(ngx_event_t *ev);
 static void ngx_http_loyalty_redis_backoff_handler(ngx_event_t *ev);
 static void ngx_http_loyalty_redis_close(ngx_http_loyalty_conn_t *conn);
+static void ngx_http_loyalty_redis_drop(ngx_http_loyalty_conn_t *conn);
 static void ngx_http_loyalty_redis_close_connection(ngx_connection_t *c);
 static void ngx_http_loyalty_redis_fail(ngx_http_loyalty_conn_t *conn);
 static void ngx_http_loyalty_redis_exit(ngx_http_loyalty_conn_t *conn);
@@ -701,11 +702,6 @@ ngx_http_loyalty_redis_connect(ngx_http_loyalty_conn_t *conn)
         return NGX_ERROR;
     }
 
-    conn->out->pos = conn->out->start;
-    conn->out->last = conn->out->start;
-    conn->queued = 0;
-    conn->written = 0;
-
     /*
      * A unix socket fails at once, and nginx logs that at "error" or
      * "crit": silenced here, logged as a lost Redis is, below.
@@ -827,8 +823,6 @@ ngx_http_loyalty_redis_connect_handler(ngx_event_t *ev)
 static ngx_int_t
 ngx_http_loyalty_redis_next_address(ngx_http_loyalty_conn_t *conn)
 {
-    off_t                       queued;
-    u_char                     *pos, *last;
     ngx_uint_t                  n;
     ngx_http_loyalty_server_t  *server;
 
@@ -852,33 +846,13 @@ ngx_http_loyalty_redis_next_address(ngx_http_loyalty_conn_t *conn)
                   "loyalty: trying the next address of redis, %V",
                   &conn->addr->name);
 
-    if (conn->connection) {
-        ngx_http_loyalty_redis_close_connection(conn->connection);
-        conn->connection = NULL;
-    }
+    /* nothing was written yet: what is queued stays for the next one */
 
-    ngx_http_loyalty_reader_free(&conn->reader);
-
-    if (conn->reply_pool) {
-        ngx_destroy_pool(conn->reply_pool);
-        conn->reply_pool = NULL;
-    }
-
-    pos = conn->out->pos;
-    last = conn->out->last;
-    queued = conn->queued;
+    ngx_http_loyalty_redis_drop(conn);
 
     if (ngx_http_loyalty_redis_connect(conn) != NGX_OK) {
-        conn->out->pos = pos;
-        conn->out->last = last;
-        conn->queued = queued;
-
         return ngx_http_loyalty_redis_next_address(conn);
     }
-
-    conn->out->pos = pos;
-    conn->out->last = last;
-    conn->queued = queued;
 
     return NGX_OK;
 }
@@ -1776,17 +1750,7 @@ ngx_http_loyalty_redis_close(ngx_http_loyalty_conn_t *conn)
         server->events.close(server->events.data);
     }
 
-    if (conn->connection) {
-        ngx_http_loyalty_redis_close_connection(conn->connection);
-        conn->connection = NULL;
-    }
-
-    ngx_http_loyalty_reader_free(&conn->reader);
-
-    if (conn->reply_pool) {
-        ngx_destroy_pool(conn->reply_pool);
-        conn->reply_pool = NULL;
-    }
+    ngx_http_loyalty_redis_drop(conn);
 
     if (conn->deadline.timer_set) {
         ngx_del_timer(&conn->deadline);
@@ -1798,6 +1762,25 @@ ngx_http_loyalty_redis_close(ngx_http_loyalty_conn_t *conn)
     conn->written = 0;
 
     conn->state = ngx_http_loyalty_conn_closed;
+}
+
+
+/* the socket and the reader go; the queue and its buffer stay */
+
+static void
+ngx_http_loyalty_redis_drop(ngx_http_loyalty_conn_t *conn)
+{
+    if (conn->connection) {
+        ngx_http_loyalty_redis_close_connection(conn->connection);
+        conn->connection = NULL;
+    }
+
+    ngx_http_loyalty_reader_free(&conn->reader);
+
+    if (conn->reply_pool) {
+        ngx_destroy_pool(conn->reply_pool);
+        conn->reply_pool = NULL;
+    }
 }
 
 

@@ -106,7 +106,6 @@ typedef struct {
 typedef struct {
     ngx_ssl_t                  ssl;
     ngx_http_loyalty_ssl_conf_t  conf;          /* conf.name: C string */
-    unsigned                   ip:1;            /* conf.name is an IP */
 } ngx_http_loyalty_ssl_t;
 
 #endif

@@ -37,6 +37,7 @@ static ngx_int_t ngx_http_loyalty_ssl_create(ngx_conf_t *cf,
     ngx_http_loyalty_ssl_t *ssl);
 static int ngx_http_loyalty_ssl_client_cert(ngx_ssl_conn_t *ssl_conn,
     X509 **x509, EVP_PKEY **pkey);
+static ngx_uint_t ngx_http_loyalty_ssl_same(ngx_str_t *a, ngx_str_t *b);
 static ngx_uint_t ngx_http_loyalty_ssl_ip(ngx_str_t *name);
 
 
@@ -247,25 +248,20 @@ ngx_http_loyalty_ssl_get(ngx_conf_t *cf, ngx_http_loyalty_ssl_conf_t *conf)
     for (i = 0; i < lmcf->ssl.nelts; i++) {
         ssl = s[i];
 
-#define ngx_http_loyalty_same_str(a, b)                                      \
-    ((a).len == (b).len && ngx_strncmp((a).data, (b).data, (a).len) == 0)
-
         if (ssl->conf.verify == conf->verify
             && ssl->conf.verify_depth == conf->verify_depth
             && ssl->conf.server_name == conf->server_name
             && ssl->conf.protocols == conf->protocols
-            && ngx_http_loyalty_same_str(ssl->conf.trusted_certificate,
-                                         conf->trusted_certificate)
-            && ngx_http_loyalty_same_str(ssl->conf.name, conf->name)
-            && ngx_http_loyalty_same_str(ssl->conf.certificate,
-                                         conf->certificate)
-            && ngx_http_loyalty_same_str(ssl->conf.certificate_key,
-                                         conf->certificate_key))
+            && ngx_http_loyalty_ssl_same(&ssl->conf.trusted_certificate,
+                                         &conf->trusted_certificate)
+            && ngx_http_loyalty_ssl_same(&ssl->conf.name, &conf->name)
+            && ngx_http_loyalty_ssl_same(&ssl->conf.certificate,
+                                         &conf->certificate)
+            && ngx_http_loyalty_ssl_same(&ssl->conf.certificate_key,
+                                         &conf->certificate_key))
         {
             return ssl;
         }
-
-#undef ngx_http_loyalty_same_str
     }
 
     ssl = ngx_pcalloc(cf->pool, sizeof(ngx_http_loyalty_ssl_t));
@@ -394,8 +390,6 @@ ngx_http_loyalty_ssl_create(ngx_conf_t *cf, ngx_http_loyalty_ssl_t *ssl)
 
         *ngx_cpymem(p, name->data, name->len) = '\0';
         name->data = p;
-
-        ssl->ip = ngx_http_loyalty_ssl_ip(name);
     }
 
     return NGX_OK;
@@ -538,6 +532,13 @@ ngx_http_loyalty_ssl_check(ngx_connection_t *c, ngx_http_loyalty_ssl_t *ssl,
     }
 
     return NGX_OK;
+}
+
+
+static ngx_uint_t
+ngx_http_loyalty_ssl_same(ngx_str_t *a, ngx_str_t *b)
+{
+    return a->len == b->len && ngx_strncmp(a->data, b->data, a->len) == 0;
 }
 
 
