@@ -2,14 +2,17 @@
 """Benchmark of ngx_http_loyalty_module (make bench, make bench-rss).
 
     bench/bench.py bench       throughput and latency of baseline / module /
-                               lua, alternated; slow-Redis isolation case
+                               module-tls / lua, alternated; slow-Redis
+                               isolation case
     bench/bench.py rss         worker RSS over BENCH_RSS_REQUESTS checkouts
 
 Everything runs on 127.0.0.1 under build/bench/: a private redis-server
-(no persistence), the shop backend (an nginx instance), one nginx instance
-per configuration (worker_processes 1), and for the slow-Redis case a
-delaying TCP proxy (bench/slowproxy.py).  Every process is started under
-timeout(1) and stopped by pid at the end.  See bench/README.md.
+(no persistence; with module-tls it also listens with TLS, certificates
+made with openssl under build/bench/tls/), the shop backend (an nginx
+instance), one nginx instance per configuration (worker_processes 1), and
+for the slow-Redis case a delaying TCP proxy (bench/slowproxy.py).  Every
+process is started under timeout(1) and stopped by pid at the end.  See
+bench/README.md.
 """
 
 import glob
@@ -20,6 +23,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -56,7 +60,8 @@ ROUNDS = env_int("BENCH_ROUNDS", 2)
 CONNECTIONS = env_int("BENCH_CONNECTIONS", 50)
 WARMUP = env_int("BENCH_WARMUP", 3)
 CONFIGS = os.environ.get("BENCH_CONFIGS",
-                         "baseline module module-cluster lua").split()
+                         "baseline module module-tls module-cluster lua"
+                         ).split()
 SLOW = env_int("BENCH_SLOW", 1)
 SLOW_DELAY_MS = env_float("BENCH_SLOW_DELAY_MS", 20.0)
 PLAIN_CONNECTIONS = env_int("BENCH_PLAIN_CONNECTIONS", 10)
@@ -70,6 +75,7 @@ SEED = env_int("BENCH_SEED", 42)
 PERF = os.environ.get("BENCH_PERF", "").split()   # configurations to profile
 # e.g. "worker=0 redis=1 shop=1 wrk=0": CPU of each process during the runs
 PIN = dict(kv.split("=", 1) for kv in os.environ.get("BENCH_PIN", "").split())
+OPENSSL = os.environ.get("OPENSSL_BIN", "/usr/bin/openssl")
 
 DAY = 86400
 EARN_RATE4 = 10000                       # loyalty_earn_rate 1, scaled 10^4
@@ -94,6 +100,8 @@ KINDS = {
     "lua-timer": ("lua.conf", "OpenResty, one ngx.timer.at + EVALSHA per "
                               "credit"),
     "module-b": ("module.conf", "the module built as BENCH_MODULE_B"),
+    "module-tls": ("module.conf", "the module over TLS to the same "
+                                  "redis-server (its TLS port)"),
     "module-cluster": ("module.conf", "the module against a local Redis "
                                       "Cluster of 3 masters"),
     "module-read": ("module.conf", "the module reading only, no credit: "
@@ -102,9 +110,10 @@ KINDS = {
 }
 
 # configurations that read the customer, and those that also credit
-READS = ("module", "module-b", "module-cluster", "module-read", "lua",
-         "lua-timer", "lua-read")
-CREDITS = ("module", "module-b", "module-cluster", "lua", "lua-timer")
+READS = ("module", "module-b", "module-tls", "module-cluster", "module-read",
+         "lua", "lua-timer", "lua-read")
+CREDITS = ("module", "module-b", "module-tls", "module-cluster", "lua",
+           "lua-timer")
 
 
 def log(*args):
@@ -259,18 +268,99 @@ def loadavg():
 # servers
 
 
+PKI_CNF = """\
+[req]
+distinguished_name = dn
+prompt = no
+[dn]
+CN = unused
+
+[v3_ca]
+basicConstraints = critical,CA:TRUE
+keyUsage = critical,keyCertSign,cRLSign
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid:always
+
+[v3_server]
+basicConstraints = critical,CA:FALSE
+keyUsage = critical,digitalSignature
+extendedKeyUsage = serverAuth
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid:always
+subjectAltName = IP:127.0.0.1
+"""
+
+
+def make_pki(d):
+    """A CA and a server certificate for IP:127.0.0.1 signed by it (EC
+    P-256, SHA-256, 2 days), made with the openssl command line into d:
+    ca.crt, server.crt, server.key (and the CA's key).  Files 0644: nginx
+    reads ca.crt in its master, Redis its key and certificate."""
+    if os.path.isdir(d):
+        shutil.rmtree(d)
+    mkdirs(d)
+    cnf = os.path.join(d, "openssl.cnf")
+    with open(cnf, "w") as f:
+        f.write(PKI_CNF)
+
+    def run(*args):
+        p = subprocess.run([OPENSSL] + list(args), cwd=d,
+                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, timeout=60)
+        if p.returncode != 0:
+            raise RuntimeError("openssl %s failed (%d):\n%s"
+                               % (" ".join(args), p.returncode, p.stdout))
+
+    for name in ("ca", "server"):
+        run("genpkey", "-algorithm", "EC", "-pkeyopt",
+            "ec_paramgen_curve:P-256", "-out", name + ".key")
+    run("req", "-new", "-x509", "-config", cnf, "-extensions", "v3_ca",
+        "-key", "ca.key", "-subj", "/CN=Loyalty Bench CA", "-days", "2",
+        "-sha256", "-set_serial", "0x" + os.urandom(8).hex(),
+        "-out", "ca.crt")
+    run("req", "-new", "-config", cnf, "-key", "server.key",
+        "-subj", "/CN=127.0.0.1", "-out", "server.csr")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt",
+        "-CAkey", "ca.key", "-set_serial", "0x" + os.urandom(8).hex(),
+        "-days", "2", "-sha256", "-extfile", cnf, "-extensions", "v3_server",
+        "-out", "server.crt")
+    run("verify", "-CAfile", "ca.crt", "-verify_ip", "127.0.0.1",
+        "server.crt")
+    os.unlink(os.path.join(d, "server.csr"))
+    for name in os.listdir(d):
+        os.chmod(os.path.join(d, name), 0o644)
+    return dict(ca=os.path.join(d, "ca.crt"),
+                cert=os.path.join(d, "server.crt"),
+                key=os.path.join(d, "server.key"))
+
+
 class Redis:
-    def __init__(self, procs):
+    """tls: make_pki()'s files, to listen on a TLS port (tls_port) beside
+    the plain one (the benchmark's own client and the other
+    configurations): one redis-server for module and module-tls."""
+
+    def __init__(self, procs, tls=None):
         self.port = free_port()
+        self.tls_port = None
         d = os.path.join(OUT, "redis")
         if os.path.isdir(d):
             shutil.rmtree(d)
         mkdirs(d)
-        self.proc = procs.start("redis", [
+        argv = [
             "redis-server", "--bind", "127.0.0.1", "--port", str(self.port),
             "--protected-mode", "yes", "--save", "", "--appendonly", "no",
             "--dir", d, "--logfile", os.path.join(d, "redis.log"),
-            "--daemonize", "no"])
+            "--daemonize", "no"]
+        if tls:
+            self.tls_port = free_port()
+            while self.tls_port == self.port:
+                self.tls_port = free_port()
+            argv += ["--tls-port", str(self.tls_port),
+                     "--tls-cert-file", tls["cert"],
+                     "--tls-key-file", tls["key"],
+                     "--tls-ca-cert-file", tls["ca"],
+                     "--tls-auth-clients", "no"]
+        self.proc = procs.start("redis", argv)
         self.r = redis_lib.Redis(host="127.0.0.1", port=self.port,
                                  decode_responses=True)
 
@@ -283,6 +373,23 @@ class Redis:
                 return False
 
         wait_for(up, 10, "redis-server")
+        if self.tls_port:
+            self.tls_ping(tls["ca"])
+
+    def tls_ping(self, ca):
+        """PING on the TLS port, verified against ca for IP:127.0.0.1 as
+        the module verifies it (Redis listens on all its ports once the
+        plain one answers)."""
+        ctx = ssl.create_default_context(cafile=ca)
+        with socket.create_connection(("127.0.0.1", self.tls_port),
+                                      timeout=5) as s:
+            with ctx.wrap_socket(s, server_hostname="127.0.0.1") as t:
+                t.sendall(b"PING\r\n")
+                reply = t.recv(64)
+                t.unwrap()
+        if not reply.startswith(b"+PONG"):
+            raise RuntimeError("redis-server's TLS port answered %r to PING"
+                               % reply)
 
     def pid(self):
         kids = children(self.proc.pid)
@@ -855,7 +962,10 @@ class Bench:
         self.servers = {}
         self.now = int(time.time())
 
-    def start_common(self):
+    def start_common(self, configs=None):
+        """configs: those that will run (CONFIGS unless given): the Redis
+        Cluster and Redis' TLS port are started only for theirs."""
+        configs = CONFIGS if configs is None else configs
         if not os.path.exists(MODULE):
             raise RuntimeError("no %s: make build" % MODULE)
         mkdirs(os.path.join(REPO, "build"))
@@ -868,15 +978,22 @@ class Bench:
             shutil.copyfile(src, dst)
             os.chmod(dst, 0o644)
 
-        self.redis = Redis(self.procs)
-        log("redis-server on 127.0.0.1:%d" % self.redis.port)
+        self.pki = None
+        if "module-tls" in configs:
+            self.pki = make_pki(os.path.join(OUT, "tls"))
+            log("CA and server certificate (IP:127.0.0.1) in %s"
+                % os.path.relpath(os.path.dirname(self.pki["ca"]), REPO))
+        self.redis = Redis(self.procs, tls=self.pki)
+        log("redis-server on 127.0.0.1:%d%s" % (
+            self.redis.port, ", TLS on 127.0.0.1:%d" % self.redis.tls_port
+            if self.redis.tls_port else ""))
         self.customers = make_customers(CUSTOMERS, self.now)
         t = time.monotonic()
         seed(self.redis.r, self.customers)
         log("seeded %d customers in %.1f s" % (CUSTOMERS,
                                                 time.monotonic() - t))
         self.cluster = None
-        if "module-cluster" in CONFIGS:
+        if "module-cluster" in configs:
             self.cluster = Cluster(self.procs)
             t = time.monotonic()
             seed(self.cluster, self.customers)
@@ -893,13 +1010,20 @@ class Bench:
 
     def edge(self, name, kind, redis_port=None, timeout="100ms", under=None):
         template = KINDS[kind][0]
+        if kind == "module-tls" and not self.redis.tls_port:
+            raise RuntimeError("module-tls: Redis has no TLS port")
         subs = {
             "SHOP_PORT": self.shop.port,
             "MODULE": os.path.abspath(MODULE_B) if kind == "module-b"
                       else MODULE,
             "REDIS": self.cluster.seeds() + " cluster"
                      if kind == "module-cluster"
+                     else "127.0.0.1:%d tls" % self.redis.tls_port
+                     if kind == "module-tls"
                      else "127.0.0.1:%d" % (redis_port or self.redis.port),
+            # verification on (the default), against the bench's own CA
+            "REDIS_EXTRA": "loyalty_redis_ssl_trusted_certificate  %s;"
+                           % self.pki["ca"] if kind == "module-tls" else "",
             "REDIS_PORT": redis_port or self.redis.port,
             "REDIS_TIMEOUT": timeout,
             "REDIS_TIMEOUT_MS": int(timeout.replace("ms", ""))
@@ -1084,7 +1208,7 @@ def bench_main():
         memory = {name: s.memory() for name, s in b.servers.items()}
         errors = {name: s.error_lines() for name, s in b.servers.items()}
         status = {}
-        for name in ("module", "module-cluster"):
+        for name in ("module", "module-tls", "module-cluster"):
             if name in b.servers and name in CONFIGS:
                 status[name] = loyalty_status(b.servers[name])
         redis_pid = b.redis.pid()
@@ -1131,6 +1255,7 @@ def environment():
 
 STATUS_KEEP = re.compile(r"^loyalty_(redis_redirects_total|"
                          r"cluster_refreshes_total|redis_failovers_total|"
+                         r"redis_tls_handshakes_total|"
                          r"credits_total|redis_connections|requests_total)")
 
 
@@ -1225,6 +1350,20 @@ def bench_report(runs, slow_runs, memory, errors, failures, status=None):
                      MODULE_B, ratio_median(runs, "module-b", "module", "rps"),
                      ratio_median(runs, "module-b", "module", "p99"),
                      ratio_median(runs, "module-b", "module", "worker_us")))
+    if have("module-tls", "module"):
+        thr = ratio_median(runs, "module-tls", "module", "rps")
+        L.append("- module-tls / module: throughput **%.2f** (target >= "
+                 "0.85: %s), p99 %.2f, worker CPU per request %.1f / "
+                 "%.1f us = **%.2f**, Redis CPU per request %.1f / %.1f us "
+                 "= %.2f (the same redis-server: TLS port / plain port)" % (
+                     thr, target(thr >= 0.85),
+                     ratio_median(runs, "module-tls", "module", "p99"),
+                     med([r["worker_us"] for r in runs["module-tls"]]),
+                     med([r["worker_us"] for r in runs["module"]]),
+                     ratio_median(runs, "module-tls", "module", "worker_us"),
+                     med([r["redis_us"] for r in runs["module-tls"]]),
+                     med([r["redis_us"] for r in runs["module"]]),
+                     ratio_median(runs, "module-tls", "module", "redis_us")))
     if have("module-cluster", "module"):
         thr = ratio_median(runs, "module-cluster", "module", "rps")
         cpu = ratio_median(runs, "module-cluster", "module", "worker_us")
@@ -1354,7 +1493,7 @@ def rss_main():
     rows = []
     failures = []
     try:
-        b.start_common()
+        b.start_common(RSS_CONFIGS)
         for c in RSS_CONFIGS:
             s = b.edge("rss-" + c, c)
             seed(s.store, b.customers)
@@ -1502,7 +1641,7 @@ def insns_main():
     b = Bench(1800)
     rows = {}
     try:
-        b.start_common()
+        b.start_common(configs)
         for c in configs:
             prefix = os.path.join(out, c)
             s = b.edge(c, c, timeout="2s", under=[

@@ -14,6 +14,7 @@
 
 
 #define NGX_HTTP_LOYALTY_REDIS_PORT     6379
+#define NGX_HTTP_LOYALTY_SENTINEL_PORT  26379
 #define NGX_HTTP_LOYALTY_REDIS_DEFAULT  "127.0.0.1:6379"
 
 
@@ -31,10 +32,11 @@ static char *ngx_http_loyalty_merge_offers(ngx_conf_t *cf,
 static char *ngx_http_loyalty_redis(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static ngx_http_loyalty_server_t *ngx_http_loyalty_add_server(ngx_conf_t *cf,
-    ngx_str_t **names, ngx_uint_t n, ngx_uint_t cluster, ngx_uint_t tls,
-    ngx_uint_t db, ngx_str_t *user, ngx_str_t *password);
+    ngx_str_t **names, ngx_uint_t n, ngx_http_loyalty_server_t *key);
+static ngx_uint_t ngx_http_loyalty_ip_literal(ngx_str_t *host);
 static ngx_uint_t ngx_http_loyalty_same_server(ngx_http_loyalty_server_t *a,
     ngx_http_loyalty_server_t *b);
+static ngx_uint_t ngx_http_loyalty_same_str(ngx_str_t *a, ngx_str_t *b);
 #if (NGX_SSL)
 static ngx_http_loyalty_server_t *ngx_http_loyalty_tls_server(ngx_conf_t *cf,
     ngx_http_loyalty_loc_conf_t *conf);
@@ -557,7 +559,9 @@ static ngx_int_t
 ngx_http_loyalty_merge_server(ngx_conf_t *cf,
     ngx_http_loyalty_loc_conf_t *prev, ngx_http_loyalty_loc_conf_t *conf)
 {
-    ngx_str_t   name, *names;
+    ngx_str_t                  name, *names;
+    ngx_http_loyalty_server_t  key, *server;
+    ngx_http_core_loc_conf_t  *clcf;
 
     if (conf->server == NULL) {
         conf->server = prev->server;
@@ -568,10 +572,29 @@ ngx_http_loyalty_merge_server(ngx_conf_t *cf,
 
         names = &name;
 
-        conf->server = ngx_http_loyalty_add_server(cf, &names, 1, 0, 0, 0,
-                                                   NULL, NULL);
+        ngx_memzero(&key, sizeof(ngx_http_loyalty_server_t));
+
+        conf->server = ngx_http_loyalty_add_server(cf, &names, 1, &key);
         if (conf->server == NULL) {
             return NGX_ERROR;
+        }
+    }
+
+    server = conf->server;
+
+    /*
+     * a host name is resolved again before reconnects with the "resolver"
+     * of the first location that has one
+     */
+
+    if (server && server->named && !server->cluster && !server->master.len
+        && server->resolver == NULL)
+    {
+        clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+
+        if (clcf->resolver && clcf->resolver->connections.nelts) {
+            server->resolver = clcf->resolver;
+            server->resolver_timeout = clcf->resolver_timeout;
         }
     }
 
@@ -733,9 +756,10 @@ ngx_http_loyalty_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 {
     ngx_http_loyalty_loc_conf_t *llcf = conf;
 
-    ngx_str_t   *value, user, password, *names[NGX_HTTP_LOYALTY_SEEDS_MAX];
-    ngx_int_t    db;
-    ngx_uint_t   i, n, cluster, tls;
+    ngx_str_t                   *value, *arg, *names[NGX_HTTP_LOYALTY_SEEDS_MAX];
+    ngx_int_t                    db;
+    ngx_uint_t                   i, n;
+    ngx_http_loyalty_server_t    key;
 
     if (llcf->server) {
         return "is duplicate";
@@ -743,12 +767,9 @@ ngx_http_loyalty_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     value = cf->args->elts;
 
+    ngx_memzero(&key, sizeof(ngx_http_loyalty_server_t));
+
     n = 0;
-    db = 0;
-    cluster = 0;
-    tls = 0;
-    ngx_str_null(&user);
-    ngx_str_null(&password);
 
     for (i = 1; i < cf->args->nelts; i++) {
 
@@ -758,25 +779,37 @@ ngx_http_loyalty_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
                 goto invalid;
             }
 
+            key.db = db;
             continue;
         }
+
+        arg = NULL;
 
         if (ngx_strncmp(value[i].data, "password=", 9) == 0) {
-            password.data = value[i].data + 9;
-            password.len = value[i].len - 9;
+            arg = &key.password;
 
-            if (password.len == 0) {
-                goto invalid;
-            }
+        } else if (ngx_strncmp(value[i].data, "user=", 5) == 0) {
+            arg = &key.user;
 
-            continue;
+        } else if (ngx_strncmp(value[i].data, "sentinel=", 9) == 0) {
+            arg = &key.master;
+
+        } else if (ngx_strncmp(value[i].data, "sentinel_password=", 18)
+                   == 0)
+        {
+            arg = &key.sentinel_password;
+
+        } else if (ngx_strncmp(value[i].data, "sentinel_user=", 14) == 0) {
+            arg = &key.sentinel_user;
         }
 
-        if (ngx_strncmp(value[i].data, "user=", 5) == 0) {
-            user.data = value[i].data + 5;
-            user.len = value[i].len - 5;
+        if (arg) {
+            arg->data = (u_char *) ngx_strlchr(value[i].data,
+                                               value[i].data + value[i].len,
+                                               '=') + 1;
+            arg->len = value[i].data + value[i].len - arg->data;
 
-            if (user.len == 0) {
+            if (arg->len == 0) {
                 goto invalid;
             }
 
@@ -786,7 +819,7 @@ ngx_http_loyalty_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         if (value[i].len == sizeof("cluster") - 1
             && ngx_strncmp(value[i].data, "cluster", 7) == 0)
         {
-            cluster = 1;
+            key.cluster = 1;
             continue;
         }
 
@@ -794,7 +827,7 @@ ngx_http_loyalty_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
             && ngx_strncmp(value[i].data, "tls", 3) == 0)
         {
 #if (NGX_SSL)
-            tls = 1;
+            key.tls = 1;
             continue;
 #else
             ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
@@ -831,30 +864,56 @@ ngx_http_loyalty_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         return NGX_CONF_ERROR;
     }
 
-    if (n > 1 && !cluster) {
+    if (key.cluster && key.master.len) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"cluster\" and \"sentinel=\" in "
+                           "\"loyalty_redis\" do not go together: a Redis "
+                           "Cluster fails over by itself");
+        return NGX_CONF_ERROR;
+    }
+
+    if (n > 1 && !key.cluster && key.master.len == 0) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                            "\"loyalty_redis\" takes one address "
-                           "without \"cluster\", \"%V\" is extra",
-                           names[1]);
+                           "without \"cluster\" or \"sentinel=\", "
+                           "\"%V\" is extra", names[1]);
         return NGX_CONF_ERROR;
     }
 
-    if (cluster && db != 0) {
+    if (key.cluster && key.db != 0) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "\"db=%i\" in \"loyalty_redis\" with "
-                           "\"cluster\": a Redis Cluster has only db 0", db);
+                           "\"db=%ui\" in \"loyalty_redis\" with "
+                           "\"cluster\": a Redis Cluster has only db 0",
+                           key.db);
         return NGX_CONF_ERROR;
     }
 
-    if (user.len && password.len == 0) {
+    if (key.user.len && key.password.len == 0) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                            "\"user=\" in \"loyalty_redis\" requires "
                            "\"password=\"");
         return NGX_CONF_ERROR;
     }
 
-    llcf->server = ngx_http_loyalty_add_server(cf, names, n, cluster, tls,
-                                               db, &user, &password);
+    if ((key.sentinel_password.len || key.sentinel_user.len)
+        && key.master.len == 0)
+    {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"%s\" in \"loyalty_redis\" requires "
+                           "\"sentinel=\"",
+                           key.sentinel_password.len ? "sentinel_password="
+                                                     : "sentinel_user=");
+        return NGX_CONF_ERROR;
+    }
+
+    if (key.sentinel_user.len && key.sentinel_password.len == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"sentinel_user=\" in \"loyalty_redis\" "
+                           "requires \"sentinel_password=\"");
+        return NGX_CONF_ERROR;
+    }
+
+    llcf->server = ngx_http_loyalty_add_server(cf, names, n, &key);
     if (llcf->server == NULL) {
         return NGX_CONF_ERROR;
     }
@@ -873,31 +932,21 @@ invalid:
 
 /*
  * Servers are shared by every location that names the same addresses with
- * the same database and credentials: one connection per worker each (per
- * node of a cluster).  A cluster is named by its seeds as written.
+ * the same database, credentials and kind (a server, a cluster by its
+ * seeds, a master by its sentinels, as written): one connection per worker
+ * each (per node of a cluster).  The key has the settings of the line.
  */
 
 static ngx_http_loyalty_server_t *
 ngx_http_loyalty_add_server(ngx_conf_t *cf, ngx_str_t **names, ngx_uint_t n,
-    ngx_uint_t cluster, ngx_uint_t tls, ngx_uint_t db, ngx_str_t *user,
-    ngx_str_t *password)
+    ngx_http_loyalty_server_t *key)
 {
     u_char                        *p;
     ngx_url_t                      u;
-    ngx_str_t                      none, name;
+    ngx_str_t                      name;
     ngx_uint_t                     i;
-    ngx_http_loyalty_server_t      key, *server, **s;
+    ngx_http_loyalty_server_t     *server, **s;
     ngx_http_loyalty_main_conf_t  *lmcf;
-
-    ngx_str_set(&none, "");
-
-    if (user == NULL || user->len == 0) {
-        user = &none;
-    }
-
-    if (password == NULL || password->len == 0) {
-        password = &none;
-    }
 
     name.len = n - 1;
 
@@ -920,14 +969,7 @@ ngx_http_loyalty_add_server(ngx_conf_t *cf, ngx_str_t **names, ngx_uint_t n,
         p = ngx_cpymem(p, names[i]->data, names[i]->len);
     }
 
-    ngx_memzero(&key, sizeof(ngx_http_loyalty_server_t));
-
-    key.name = name;
-    key.cluster = cluster;
-    key.tls = tls;
-    key.db = db;
-    key.user = *user;
-    key.password = *password;
+    key->name = name;
 
     lmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_loyalty_module);
 
@@ -936,19 +978,22 @@ ngx_http_loyalty_add_server(ngx_conf_t *cf, ngx_str_t **names, ngx_uint_t n,
     for (i = 0; i < lmcf->servers.nelts; i++) {
         server = s[i];
 
-        if (ngx_http_loyalty_same_server(server, &key)) {
+        if (ngx_http_loyalty_same_server(server, key)) {
             /* the first of them, whatever its SSL context */
             return server;
         }
     }
 
-    server = ngx_pcalloc(cf->pool, sizeof(ngx_http_loyalty_server_t));
+    server = ngx_palloc(cf->pool, sizeof(ngx_http_loyalty_server_t));
     if (server == NULL) {
         return NULL;
     }
 
+    *server = *key;
+
     server->seeds = ngx_pcalloc(cf->pool, n * sizeof(ngx_addr_t));
-    if (server->seeds == NULL) {
+    server->hosts = ngx_pcalloc(cf->pool, n * sizeof(ngx_str_t));
+    if (server->seeds == NULL || server->hosts == NULL) {
         return NULL;
     }
 
@@ -956,7 +1001,8 @@ ngx_http_loyalty_add_server(ngx_conf_t *cf, ngx_str_t **names, ngx_uint_t n,
         ngx_memzero(&u, sizeof(ngx_url_t));
 
         u.url = *names[i];
-        u.default_port = NGX_HTTP_LOYALTY_REDIS_PORT;
+        u.default_port = key->master.len ? NGX_HTTP_LOYALTY_SENTINEL_PORT
+                                         : NGX_HTTP_LOYALTY_REDIS_PORT;
 
         if (ngx_parse_url(cf->pool, &u) != NGX_OK) {
             if (u.err) {
@@ -975,15 +1021,18 @@ ngx_http_loyalty_add_server(ngx_conf_t *cf, ngx_str_t **names, ngx_uint_t n,
             return NULL;
         }
 
-        if (cluster && u.addrs[0].sockaddr->sa_family == AF_UNIX) {
+        if ((key->cluster || key->master.len)
+            && u.addrs[0].sockaddr->sa_family == AF_UNIX)
+        {
             ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                               "\"%V\" in \"loyalty_redis\" with "
-                               "\"cluster\": cluster nodes are reached over "
-                               "TCP", &u.url);
+                               "\"%V\" in \"loyalty_redis\" with \"%s\": "
+                               "%s are reached over TCP", &u.url,
+                               key->cluster ? "cluster" : "sentinel=",
+                               key->cluster ? "cluster nodes" : "sentinels");
             return NULL;
         }
 
-        if (tls && u.addrs[0].sockaddr->sa_family == AF_UNIX) {
+        if (key->tls && u.addrs[0].sockaddr->sa_family == AF_UNIX) {
             ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                                "\"%V\" in \"loyalty_redis\" with \"tls\": "
                                "Redis serves TLS over TCP only", &u.url);
@@ -992,28 +1041,33 @@ ngx_http_loyalty_add_server(ngx_conf_t *cf, ngx_str_t **names, ngx_uint_t n,
 
         server->seeds[i] = u.addrs[0];
 
+        server->hosts[i].data = ngx_pnalloc(cf->pool, u.host.len + 1);
+        if (server->hosts[i].data == NULL) {
+            return NULL;
+        }
+
+        server->hosts[i].len = u.host.len;
+        *ngx_cpymem(server->hosts[i].data, u.host.data, u.host.len) = '\0';
+
         if (i == 0) {
             server->addrs = u.addrs;
             server->naddrs = u.naddrs;
 
-            server->host.data = ngx_pnalloc(cf->pool, u.host.len + 1);
-            if (server->host.data == NULL) {
-                return NULL;
-            }
+            /* a host name, to be resolved again with nginx's "resolver" */
 
-            server->host.len = u.host.len;
-            *ngx_cpymem(server->host.data, u.host.data, u.host.len) = '\0';
+            server->named = (u.addrs[0].sockaddr->sa_family != AF_UNIX
+                             && !ngx_http_loyalty_ip_literal(&u.host));
         }
     }
 
-    server->name = name;
+    server->host = server->hosts[0];
     server->addr = server->seeds[0];
     server->nseeds = n;
-    server->cluster = cluster;
-    server->tls = tls;
-    server->db = db;
-    server->user = *user;
-    server->password = *password;
+
+    if (!key->master.len) {
+        /* the hosts of the seeds are those of the sentinels */
+        server->hosts = NULL;
+    }
 
     s = ngx_array_push(&lmcf->servers);
     if (s == NULL) {
@@ -1027,19 +1081,55 @@ ngx_http_loyalty_add_server(ngx_conf_t *cf, ngx_str_t **names, ngx_uint_t n,
 
 
 static ngx_uint_t
+ngx_http_loyalty_ip_literal(ngx_str_t *host)
+{
+    u_char  *p;
+
+    p = host->data;
+
+    if (host->len && p[0] == '[') {
+        return 1;
+    }
+
+    if (ngx_inet_addr(p, host->len) != INADDR_NONE) {
+        return 1;
+    }
+
+#if (NGX_HAVE_INET6)
+    {
+    u_char  addr[16];
+
+    if (ngx_inet6_addr(p, host->len, addr) == NGX_OK) {
+        return 1;
+    }
+    }
+#endif
+
+    return 0;
+}
+
+
+static ngx_uint_t
 ngx_http_loyalty_same_server(ngx_http_loyalty_server_t *a,
     ngx_http_loyalty_server_t *b)
 {
-    return a->name.len == b->name.len
-           && ngx_strncmp(a->name.data, b->name.data, a->name.len) == 0
+    return ngx_http_loyalty_same_str(&a->name, &b->name)
            && a->cluster == b->cluster
            && a->tls == b->tls
            && a->db == b->db
-           && a->user.len == b->user.len
-           && ngx_strncmp(a->user.data, b->user.data, a->user.len) == 0
-           && a->password.len == b->password.len
-           && ngx_strncmp(a->password.data, b->password.data,
-                          a->password.len) == 0;
+           && ngx_http_loyalty_same_str(&a->user, &b->user)
+           && ngx_http_loyalty_same_str(&a->password, &b->password)
+           && ngx_http_loyalty_same_str(&a->master, &b->master)
+           && ngx_http_loyalty_same_str(&a->sentinel_user, &b->sentinel_user)
+           && ngx_http_loyalty_same_str(&a->sentinel_password,
+                                        &b->sentinel_password);
+}
+
+
+static ngx_uint_t
+ngx_http_loyalty_same_str(ngx_str_t *a, ngx_str_t *b)
+{
+    return a->len == b->len && ngx_strncmp(a->data, b->data, a->len) == 0;
 }
 
 

@@ -17,9 +17,9 @@
  * use and kept.  Its life is a series of states, as ngx_mail_proxy_module
  * walks a backend through its greeting and AUTH:
  *
- *     closed -> connecting -> [tls] -> auth -> select -> setup -> ready
- *                                         \____________________/
- *                                                handshake
+ *     closed -> connecting -> [tls] -> auth -> select -> role -> setup
+ *                                         \___________________________/
+ *                                                   handshake      -> ready
  *
  * and "down" after a failure, until the backoff timer reconnects (a
  * cluster node's connection goes back to "closed" then, and is opened
@@ -66,6 +66,8 @@
 
 #define NGX_HTTP_LOYALTY_DEAD_MIN    1000
 
+#define NGX_HTTP_LOYALTY_RESOLVED_MAX  8     /* addresses of a host name */
+
 
 typedef enum {
     ngx_http_loyalty_conn_closed = 0,
@@ -73,6 +75,7 @@ typedef enum {
     ngx_http_loyalty_conn_tls,
     ngx_http_loyalty_conn_auth,
     ngx_http_loyalty_conn_select,
+    ngx_http_loyalty_conn_role,
     ngx_http_loyalty_conn_setup,
     ngx_http_loyalty_conn_ready,
     ngx_http_loyalty_conn_down
@@ -116,7 +119,12 @@ struct ngx_http_loyalty_conn_s {
     ngx_ssl_session_t          *session;        /* to resume */
 #endif
 
+    ngx_resolver_ctx_t         *resolving;
+    ngx_addr_t                 *resolved;       /* the host's, of late */
+    u_char                     *names;          /* of those addresses */
+
     unsigned                    failed:1;
+    unsigned                    role:1;         /* ROLE must say master */
 };
 
 
@@ -128,6 +136,12 @@ static void ngx_http_loyalty_redis_connect_handler(ngx_event_t *ev);
 static ngx_int_t ngx_http_loyalty_redis_test_connect(ngx_connection_t *c);
 static ngx_int_t ngx_http_loyalty_redis_next_address(
     ngx_http_loyalty_conn_t *conn);
+static void ngx_http_loyalty_redis_use_addr(ngx_http_loyalty_conn_t *conn,
+    ngx_uint_t n);
+static ngx_int_t ngx_http_loyalty_redis_resolve(ngx_http_loyalty_conn_t *conn);
+static void ngx_http_loyalty_redis_resolved(ngx_resolver_ctx_t *ctx);
+static void ngx_http_loyalty_redis_resolved_addrs(
+    ngx_http_loyalty_conn_t *conn, ngx_resolver_ctx_t *ctx);
 #if (NGX_SSL)
 static void ngx_http_loyalty_redis_ssl_init(ngx_http_loyalty_conn_t *conn);
 static void ngx_http_loyalty_redis_ssl_handshake(ngx_connection_t *c);
@@ -137,6 +151,8 @@ static void ngx_http_loyalty_redis_handshake(ngx_http_loyalty_conn_t *conn);
 static void ngx_http_loyalty_redis_next_step(ngx_http_loyalty_conn_t *conn);
 static ngx_int_t ngx_http_loyalty_redis_handshake_reply(
     ngx_http_loyalty_conn_t *conn, ngx_http_loyalty_reply_t *reply);
+static ngx_int_t ngx_http_loyalty_redis_role(ngx_http_loyalty_conn_t *conn,
+    ngx_http_loyalty_reply_t *reply);
 static void ngx_http_loyalty_redis_ready(ngx_http_loyalty_conn_t *conn);
 static ngx_http_loyalty_cmd_t *ngx_http_loyalty_redis_alloc(
     ngx_http_loyalty_server_t *server, size_t len);
@@ -153,6 +169,8 @@ static void ngx_http_loyalty_redis_close(ngx_http_loyalty_conn_t *conn);
 static void ngx_http_loyalty_redis_drop(ngx_http_loyalty_conn_t *conn);
 static void ngx_http_loyalty_redis_close_connection(ngx_connection_t *c);
 static void ngx_http_loyalty_redis_fail(ngx_http_loyalty_conn_t *conn);
+static void ngx_http_loyalty_redis_fail_pending(
+    ngx_http_loyalty_conn_t *conn);
 static void ngx_http_loyalty_redis_exit(ngx_http_loyalty_conn_t *conn);
 static u_char *ngx_http_loyalty_redis_log_error(ngx_log_t *log, u_char *buf,
     size_t len);
@@ -173,6 +191,10 @@ ngx_http_loyalty_redis_init_process(ngx_cycle_t *cycle,
         return ngx_http_loyalty_cluster_init_process(cycle, server);
     }
 
+    if (server->master.len && !server->sentinels) {
+        return ngx_http_loyalty_sentinel_init_process(cycle, server);
+    }
+
     server->conn = ngx_http_loyalty_redis_conn_create(server,
                                                       &server->addrs[0], NULL);
     if (server->conn == NULL) {
@@ -185,7 +207,8 @@ ngx_http_loyalty_redis_init_process(ngx_cycle_t *cycle,
 
 /*
  * A connection to the server's address, or to a node of its cluster; it
- * connects when the first command is submitted.
+ * connects when the first command is submitted.  Without an address yet
+ * (Sentinel has not named the master) it is down until moved.
  */
 
 ngx_http_loyalty_conn_t *
@@ -221,8 +244,15 @@ ngx_http_loyalty_redis_conn_create(ngx_http_loyalty_server_t *server,
     conn->addr = addr;
     conn->node = node;
 
+    /*
+     * ROLE is asked of a server as configured: a cluster node is known by
+     * the slot map, a sentinel is not a master
+     */
+
+    conn->role = (node == NULL && !server->sentinels);
+
     if (node == NULL) {
-        conn->host = server->host;
+        conn->host = server->hosts ? server->hosts[0] : server->host;
 
     } else {
         /* a cluster node is known by its IP */
@@ -310,7 +340,7 @@ ngx_http_loyalty_redis_add_setup(ngx_http_loyalty_server_t *server,
 
 /*
  * What every new connection sends first, built on the first connect: AUTH
- * and SELECT when configured, then the setup commands.
+ * and SELECT when configured, ROLE, then the setup commands.
  */
 
 static ngx_int_t
@@ -318,7 +348,7 @@ ngx_http_loyalty_redis_handshake_init(ngx_http_loyalty_conn_t *conn)
 {
     u_char                          *p;
     size_t                           len;
-    ngx_str_t                        auth[3], select[2];
+    ngx_str_t                        auth[3], select[2], role;
     ngx_uint_t                       i, nauth;
     ngx_http_loyalty_server_t       *server;
     ngx_http_loyalty_redis_setup_t  *setup;
@@ -343,6 +373,8 @@ ngx_http_loyalty_redis_handshake_init(ngx_http_loyalty_conn_t *conn)
     select[1].data = db;
     select[1].len = ngx_sprintf(db, "%ui", server->db) - db;
 
+    ngx_str_set(&role, "ROLE");
+
     setup = server->setup.elts;
 
     len = 0;
@@ -357,6 +389,10 @@ ngx_http_loyalty_redis_handshake_init(ngx_http_loyalty_conn_t *conn)
 
     if (server->db) {
         len += ngx_http_loyalty_command_len(2, select);
+    }
+
+    if (conn->role) {
+        len += ngx_http_loyalty_command_len(1, &role);
     }
 
     if (len == 0) {
@@ -379,6 +415,10 @@ ngx_http_loyalty_redis_handshake_init(ngx_http_loyalty_conn_t *conn)
         p = ngx_http_loyalty_command_write(p, 2, select);
     }
 
+    if (conn->role) {
+        p = ngx_http_loyalty_command_write(p, 1, &role);
+    }
+
     for (i = 0; i < server->setup.nelts; i++) {
         p = ngx_cpymem(p, setup[i].command.data, setup[i].command.len);
     }
@@ -399,6 +439,10 @@ ngx_http_loyalty_redis_exit_process(ngx_http_loyalty_server_t *server)
 {
     if (server->pool == NULL) {
         return;
+    }
+
+    if (server->sentinel) {
+        ngx_http_loyalty_sentinel_exit_process(server);
     }
 
     if (server->cluster) {
@@ -543,6 +587,11 @@ ngx_http_loyalty_redis_submit(ngx_http_loyalty_conn_t *conn,
         return NGX_DECLINED;
 
     case ngx_http_loyalty_conn_closed:
+        if (conn->addr == NULL) {
+            /* Sentinel has not named the master yet */
+            return NGX_DECLINED;
+        }
+
         if (ngx_http_loyalty_redis_connect(conn) != NGX_OK) {
             ngx_http_loyalty_redis_fail(conn);
             return NGX_DECLINED;
@@ -823,7 +872,6 @@ ngx_http_loyalty_redis_connect_handler(ngx_event_t *ev)
 static ngx_int_t
 ngx_http_loyalty_redis_next_address(ngx_http_loyalty_conn_t *conn)
 {
-    ngx_uint_t                  n;
     ngx_http_loyalty_server_t  *server;
 
     server = conn->server;
@@ -839,8 +887,9 @@ ngx_http_loyalty_redis_next_address(ngx_http_loyalty_conn_t *conn)
 
     conn->tried++;
 
-    n = (conn->addr - server->addrs + 1) % server->naddrs;
-    conn->addr = &server->addrs[n];
+    ngx_http_loyalty_redis_use_addr(conn,
+                                    (conn->addr - server->addrs + 1)
+                                    % server->naddrs);
 
     ngx_log_error(NGX_LOG_INFO, &conn->log, 0,
                   "loyalty: trying the next address of redis, %V",
@@ -855,6 +904,21 @@ ngx_http_loyalty_redis_next_address(ngx_http_loyalty_conn_t *conn)
     }
 
     return NGX_OK;
+}
+
+
+static void
+ngx_http_loyalty_redis_use_addr(ngx_http_loyalty_conn_t *conn, ngx_uint_t n)
+{
+    ngx_http_loyalty_server_t  *server;
+
+    server = conn->server;
+
+    conn->addr = &server->addrs[n];
+
+    if (server->hosts) {
+        conn->host = server->hosts[n];
+    }
 }
 
 
@@ -1069,8 +1133,8 @@ ngx_http_loyalty_redis_handshake(ngx_http_loyalty_conn_t *conn)
 
 
 /*
- * The state after the one the connection is in: auth, select and each
- * setup command when there are any, then ready.
+ * The state after the one the connection is in: auth, select, role and
+ * each setup command when there are any, then ready.
  */
 
 static void
@@ -1102,6 +1166,15 @@ ngx_http_loyalty_redis_next_step(ngx_http_loyalty_conn_t *conn)
         /* fall through */
 
     case ngx_http_loyalty_conn_select:
+
+        if (conn->role) {
+            conn->state = ngx_http_loyalty_conn_role;
+            return;
+        }
+
+        /* fall through */
+
+    case ngx_http_loyalty_conn_role:
 
         conn->step = 0;
         break;
@@ -1155,6 +1228,14 @@ ngx_http_loyalty_redis_handshake_reply(ngx_http_loyalty_conn_t *conn,
 
         break;
 
+    case ngx_http_loyalty_conn_role:
+
+        if (ngx_http_loyalty_redis_role(conn, reply) != NGX_OK) {
+            goto failed;
+        }
+
+        break;
+
     default: /* ngx_http_loyalty_conn_setup */
 
         setup = conn->server->setup.elts;
@@ -1185,6 +1266,58 @@ ngx_http_loyalty_redis_handshake_reply(ngx_http_loyalty_conn_t *conn,
 failed:
 
     ngx_http_loyalty_redis_fail(conn);
+
+    return NGX_ERROR;
+}
+
+
+/*
+ * A server that is not the master is not used: a replica where the master
+ * was, after a failover that nothing told us of, or a sentinel named
+ * without "sentinel=".  A Redis that refuses ROLE (renamed, or not allowed
+ * by the user's ACL) is taken at its word.
+ */
+
+static ngx_int_t
+ngx_http_loyalty_redis_role(ngx_http_loyalty_conn_t *conn,
+    ngx_http_loyalty_reply_t *reply)
+{
+    ngx_str_t  *role;
+
+    if (reply->type == NGX_HTTP_LOYALTY_REPLY_ERROR) {
+        ngx_log_debug1(NGX_LOG_DEBUG_HTTP, &conn->log, 0,
+                       "loyalty redis ROLE refused: \"%V\"", &reply->str);
+        return NGX_OK;
+    }
+
+    if (reply->type != NGX_HTTP_LOYALTY_REPLY_ARRAY
+        || reply->nelts == 0
+        || reply->element[0]->type != NGX_HTTP_LOYALTY_REPLY_STRING)
+    {
+        ngx_log_error(NGX_LOG_ERR, &conn->log, 0,
+                      "loyalty: unexpected reply from redis to ROLE");
+        return NGX_ERROR;
+    }
+
+    role = &reply->element[0]->str;
+
+    if (role->len == sizeof("master") - 1
+        && ngx_strncmp(role->data, "master", role->len) == 0)
+    {
+        return NGX_OK;
+    }
+
+    if (role->len == sizeof("sentinel") - 1
+        && ngx_strncmp(role->data, "sentinel", role->len) == 0)
+    {
+        ngx_log_error(NGX_LOG_ERR, &conn->log, 0,
+                      "loyalty: redis is a sentinel: name its master with "
+                      "\"sentinel=\" in \"loyalty_redis\"");
+        return NGX_ERROR;
+    }
+
+    ngx_log_error(NGX_LOG_ERR, &conn->log, 0,
+                  "loyalty: redis is not the master (ROLE \"%V\")", role);
 
     return NGX_ERROR;
 }
@@ -1427,7 +1560,8 @@ ngx_http_loyalty_redis_read_handler(ngx_event_t *rev)
 
         if (n == 0) {
             if (state == ngx_http_loyalty_conn_ready
-                && ngx_queue_empty(&conn->pending))
+                && ngx_queue_empty(&conn->pending)
+                && conn->server->message == NULL)
             {
                 /* an idle connection closed by the server's "timeout" */
                 ngx_log_error(NGX_LOG_INFO, c->log, 0,
@@ -1539,22 +1673,38 @@ ngx_http_loyalty_redis_process(ngx_http_loyalty_conn_t *conn)
 
 
 /*
- * The reply of the oldest command, which must have gone out whole.
- * NGX_ERROR: the connection failed.
+ * The reply of the oldest command, which must have gone out whole, or a
+ * subscriber's message.  A READONLY reply says that the server is a
+ * replica now: the command fails as if the connection broke, and the
+ * connection does.  NGX_ERROR: the connection failed.
  */
 
 static ngx_int_t
 ngx_http_loyalty_redis_reply(ngx_http_loyalty_conn_t *conn,
     ngx_http_loyalty_reply_t *reply)
 {
-    ngx_queue_t             *q;
-    ngx_connection_t        *c;
-    ngx_http_loyalty_cmd_t  *cmd;
+    ngx_queue_t                *q;
+    ngx_connection_t           *c;
+    ngx_http_loyalty_cmd_t     *cmd;
+    ngx_http_loyalty_server_t  *server;
 
     c = conn->connection;
+    server = conn->server;
 
     if (ngx_queue_empty(&conn->pending)) {
-        goto unexpected;
+
+        if (server->message == NULL) {
+            goto unexpected;
+        }
+
+        if (server->message(server->message_data, reply, &conn->log)
+            != NGX_OK)
+        {
+            ngx_http_loyalty_redis_fail(conn);
+            return NGX_ERROR;
+        }
+
+        return NGX_OK;
     }
 
     q = ngx_queue_head(&conn->pending);
@@ -1569,19 +1719,42 @@ ngx_http_loyalty_redis_reply(ngx_http_loyalty_conn_t *conn,
 
     conn->heard = ngx_current_msec;
 
+    if (!cmd->timedout) {
+        conn->waiting--;
+    }
+
+    if (reply->type == NGX_HTTP_LOYALTY_REPLY_ERROR
+        && conn->node == NULL
+        && reply->str.len >= sizeof("READONLY") - 1
+        && ngx_strncmp(reply->str.data, "READONLY", sizeof("READONLY") - 1)
+           == 0)
+    {
+        ngx_log_error(NGX_LOG_WARN, c->log, 0,
+                      "loyalty: redis answered READONLY, looking for the "
+                      "master again");
+
+        ngx_http_loyalty_redis_done(cmd, NGX_ERROR, NULL);
+        ngx_http_loyalty_redis_free(server, cmd);
+
+        if (conn->connection == c) {
+            ngx_http_loyalty_redis_fail(conn);
+        }
+
+        return NGX_ERROR;
+    }
+
     if (cmd->timedout) {
         ngx_log_debug0(NGX_LOG_DEBUG_HTTP, c->log, 0,
                        "loyalty redis late reply dropped");
 
     } else {
-        conn->waiting--;
 
         /* a cluster node redirects: the command goes on elsewhere */
 
         if (conn->node
             && reply->type == NGX_HTTP_LOYALTY_REPLY_ERROR
             && cmd->handler
-            && ngx_http_loyalty_cluster_reply(conn->server, conn, cmd, reply)
+            && ngx_http_loyalty_cluster_reply(server, conn, cmd, reply)
                == NGX_DONE)
         {
             goto next;
@@ -1590,7 +1763,7 @@ ngx_http_loyalty_redis_reply(ngx_http_loyalty_conn_t *conn,
         ngx_http_loyalty_redis_done(cmd, NGX_OK, reply);
     }
 
-    ngx_http_loyalty_redis_free(conn->server, cmd);
+    ngx_http_loyalty_redis_free(server, cmd);
 
 next:
 
@@ -1723,19 +1896,267 @@ ngx_http_loyalty_redis_backoff_handler(ngx_event_t *ev)
         return;
     }
 
-    conn->state = ngx_http_loyalty_conn_closed;
-
-    if (conn->node) {
+    if (conn->node || conn->addr == NULL) {
         /*
          * a cluster node is connected again on demand: after a failover
-         * it may serve no slot any more
+         * it may serve no slot any more; a master that Sentinel has not
+         * named yet, once it has
          */
+        conn->state = ngx_http_loyalty_conn_closed;
         return;
     }
+
+    if (conn->server->resolver
+        && ngx_http_loyalty_redis_resolve(conn) == NGX_OK)
+    {
+        /* the connection stays down until the name is resolved */
+        return;
+    }
+
+    conn->state = ngx_http_loyalty_conn_closed;
 
     if (ngx_http_loyalty_redis_connect(conn) != NGX_OK) {
         ngx_http_loyalty_redis_fail(conn);
     }
+}
+
+
+/*
+ * With nginx's "resolver" in force, a host name is resolved again, without
+ * blocking, before each reconnect: a managed Redis that fails over behind
+ * its name is followed.  NGX_OK: the reconnect waits for the answer.
+ */
+
+static ngx_int_t
+ngx_http_loyalty_redis_resolve(ngx_http_loyalty_conn_t *conn)
+{
+    ngx_resolver_ctx_t         *ctx;
+    ngx_http_loyalty_server_t  *server;
+
+    server = conn->server;
+
+    ctx = ngx_resolve_start(server->resolver, NULL);
+
+    if (ctx == NULL) {
+        return NGX_ERROR;
+    }
+
+    if (ctx == NGX_NO_RESOLVER) {
+        /* a "resolver" without addresses: never again */
+        server->resolver = NULL;
+        return NGX_DECLINED;
+    }
+
+    ctx->name = server->host;
+    ctx->handler = ngx_http_loyalty_redis_resolved;
+    ctx->data = conn;
+    ctx->timeout = server->resolver_timeout;
+
+    conn->resolving = ctx;
+
+    /* the handler may be called from here, with a cached answer */
+
+    if (ngx_resolve_name(ctx) != NGX_OK) {
+        conn->resolving = NULL;
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_http_loyalty_redis_resolved(ngx_resolver_ctx_t *ctx)
+{
+    ngx_http_loyalty_conn_t  *conn;
+
+    conn = ctx->data;
+
+    if (ctx->state) {
+        ngx_log_error(NGX_LOG_WARN, &conn->log, 0,
+                      "loyalty: could not resolve redis host \"%V\" "
+                      "(%i: %s), trying its last addresses",
+                      &ctx->name, ctx->state,
+                      ngx_resolver_strerror(ctx->state));
+
+    } else {
+        ngx_http_loyalty_redis_resolved_addrs(conn, ctx);
+    }
+
+    ngx_resolve_name_done(ctx);
+    conn->resolving = NULL;
+
+    if (conn->state != ngx_http_loyalty_conn_down
+        || ngx_exiting || ngx_terminate)
+    {
+        return;
+    }
+
+    conn->state = ngx_http_loyalty_conn_closed;
+
+    if (ngx_http_loyalty_redis_connect(conn) != NGX_OK) {
+        ngx_http_loyalty_redis_fail(conn);
+    }
+}
+
+
+/*
+ * The addresses of an answer replace those in use when they differ, the
+ * port kept: in room of the connection's own, made once.
+ */
+
+static void
+ngx_http_loyalty_redis_resolved_addrs(ngx_http_loyalty_conn_t *conn,
+    ngx_resolver_ctx_t *ctx)
+{
+    u_char                     *p, *names, *last;
+    in_port_t                   port;
+    ngx_uint_t                  i, j, n;
+    ngx_addr_t                 *addr;
+    ngx_sockaddr_t             *sa;
+    ngx_http_loyalty_server_t  *server;
+    u_char                      text[NGX_HTTP_LOYALTY_RESOLVED_MAX
+                                     * (NGX_SOCKADDR_STRLEN + 1)];
+
+    server = conn->server;
+
+    n = ngx_min(ctx->naddrs, NGX_HTTP_LOYALTY_RESOLVED_MAX);
+
+    if (n == 0) {
+        return;
+    }
+
+    /* the same addresses, in any order: nothing changes */
+
+    if (n == server->naddrs) {
+        for (i = 0; i < n; i++) {
+            for (j = 0; j < n; j++) {
+                if (ngx_cmp_sockaddr(ctx->addrs[i].sockaddr,
+                                     ctx->addrs[i].socklen,
+                                     server->addrs[j].sockaddr,
+                                     server->addrs[j].socklen, 0)
+                    == NGX_OK)
+                {
+                    break;
+                }
+            }
+
+            if (j == n) {
+                break;
+            }
+        }
+
+        if (i == n) {
+            return;
+        }
+    }
+
+    if (conn->resolved == NULL) {
+        p = ngx_pnalloc(conn->pool, NGX_HTTP_LOYALTY_RESOLVED_MAX
+                                    * (sizeof(ngx_addr_t)
+                                       + sizeof(ngx_sockaddr_t)
+                                       + NGX_SOCKADDR_STRLEN));
+        if (p == NULL) {
+            return;
+        }
+
+        conn->resolved = (ngx_addr_t *) p;
+        conn->names = p + NGX_HTTP_LOYALTY_RESOLVED_MAX
+                          * (sizeof(ngx_addr_t) + sizeof(ngx_sockaddr_t));
+    }
+
+    port = ngx_inet_get_port(server->addr.sockaddr);
+
+    sa = (ngx_sockaddr_t *) (conn->resolved + NGX_HTTP_LOYALTY_RESOLVED_MAX);
+    names = conn->names;
+
+    p = text;
+    last = text + sizeof(text);
+
+    for (i = 0; i < n; i++) {
+        addr = &conn->resolved[i];
+
+        ngx_memcpy(&sa[i], ctx->addrs[i].sockaddr, ctx->addrs[i].socklen);
+        ngx_inet_set_port(&sa[i].sockaddr, port);
+
+        addr->sockaddr = &sa[i].sockaddr;
+        addr->socklen = ctx->addrs[i].socklen;
+        addr->name.data = names + i * NGX_SOCKADDR_STRLEN;
+        addr->name.len = ngx_sock_ntop(addr->sockaddr, addr->socklen,
+                                       addr->name.data, NGX_SOCKADDR_STRLEN,
+                                       1);
+
+        p = ngx_slprintf(p, last, "%s%V", i ? " " : "", &addr->name);
+    }
+
+    ngx_log_error(NGX_LOG_INFO, &conn->log, 0,
+                  "loyalty: redis host \"%V\" resolves to %*s now",
+                  &ctx->name, (size_t) (p - text), text);
+
+    server->addrs = conn->resolved;
+    server->naddrs = n;
+
+    conn->addr = &server->addrs[0];
+    conn->tried = 0;
+}
+
+
+/*
+ * The server is elsewhere now (Sentinel named another master): what is
+ * queued fails, as when a connection breaks, and the new address is
+ * connected at once.
+ */
+
+void
+ngx_http_loyalty_redis_conn_move(ngx_http_loyalty_conn_t *conn,
+    ngx_addr_t *addr, ngx_str_t *host)
+{
+    conn->addr = addr;
+    conn->host = *host;
+    conn->tried = 0;
+
+    ngx_http_loyalty_redis_reconnect(conn);
+}
+
+
+/*
+ * Connects again at once, the connection open or not; what was queued on
+ * it fails.
+ */
+
+void
+ngx_http_loyalty_redis_reconnect(ngx_http_loyalty_conn_t *conn)
+{
+    if (ngx_exiting || ngx_terminate) {
+        return;
+    }
+
+    if (conn->resolving) {
+        ngx_resolve_name_done(conn->resolving);
+        conn->resolving = NULL;
+    }
+
+    if (conn->backoff.timer_set) {
+        ngx_del_timer(&conn->backoff);
+    }
+
+    ngx_http_loyalty_redis_close(conn);
+
+    if (conn->addr == NULL) {
+        return;
+    }
+
+    /*
+     * the new connection first: handlers of the failed commands that
+     * send again find it connecting
+     */
+
+    if (ngx_http_loyalty_redis_connect(conn) != NGX_OK) {
+        ngx_http_loyalty_redis_fail(conn);
+        return;
+    }
+
+    ngx_http_loyalty_redis_fail_pending(conn);
 }
 
 
@@ -1828,9 +2249,10 @@ ngx_http_loyalty_redis_close_connection(ngx_connection_t *c)
 static void
 ngx_http_loyalty_redis_fail(ngx_http_loyalty_conn_t *conn)
 {
-    ngx_msec_t               delay;
-    ngx_queue_t              *q, pending;
-    ngx_http_loyalty_cmd_t   *cmd;
+    ngx_msec_t                  delay;
+    ngx_http_loyalty_server_t  *server;
+
+    server = conn->server;
 
     ngx_http_loyalty_redis_close(conn);
 
@@ -1843,10 +2265,10 @@ ngx_http_loyalty_redis_fail(ngx_http_loyalty_conn_t *conn)
     conn->state = ngx_http_loyalty_conn_down;
     conn->failed = 1;
 
-    if (conn->node == NULL && conn->server->naddrs > 1) {
+    if (conn->node == NULL && server->naddrs > 1) {
         /* the reconnect starts from another address of the name */
-        conn->addr = &conn->server->addrs[(conn->addr - conn->server->addrs
-                                           + 1) % conn->server->naddrs];
+        ngx_http_loyalty_redis_use_addr(conn, (conn->addr - server->addrs + 1)
+                                              % server->naddrs);
     }
 
     if (conn->delay == 0) {
@@ -1866,8 +2288,24 @@ ngx_http_loyalty_redis_fail(ngx_http_loyalty_conn_t *conn)
 
     if (conn->node) {
         /* the node may have failed over: the slot map is looked at again */
-        ngx_http_loyalty_cluster_failed(conn->server, conn->node);
+        ngx_http_loyalty_cluster_failed(server, conn->node);
+
+    } else if (server->sentinel) {
+        /* so may the master: the sentinels are asked again */
+        ngx_http_loyalty_sentinel_lost(server);
     }
+
+    ngx_http_loyalty_redis_fail_pending(conn);
+}
+
+
+/* every command queued on a connection just closed fails */
+
+static void
+ngx_http_loyalty_redis_fail_pending(ngx_http_loyalty_conn_t *conn)
+{
+    ngx_queue_t             *q, pending;
+    ngx_http_loyalty_cmd_t  *cmd;
 
     if (ngx_queue_empty(&conn->pending)) {
         return;
@@ -1919,6 +2357,11 @@ ngx_http_loyalty_redis_exit(ngx_http_loyalty_conn_t *conn)
         ngx_del_timer(&conn->backoff);
     }
 
+    if (conn->resolving) {
+        ngx_resolve_name_done(conn->resolving);
+        conn->resolving = NULL;
+    }
+
     while (!ngx_queue_empty(&conn->pending)) {
         q = ngx_queue_head(&conn->pending);
         ngx_queue_remove(q);
@@ -1944,6 +2387,16 @@ ngx_http_loyalty_redis_log_error(ngx_log_t *log, u_char *buf, size_t len)
     if (conn->node) {
         return ngx_snprintf(buf, len, ", redis: %V, cluster: %V",
                             &conn->addr->name, &conn->server->name);
+    }
+
+    if (conn->server->sentinels) {
+        return ngx_snprintf(buf, len, ", sentinel: %V, master: \"%V\"",
+                            &conn->addr->name, &conn->server->master);
+    }
+
+    if (conn->server->master.len && conn->addr) {
+        return ngx_snprintf(buf, len, ", redis: %V, master: \"%V\"",
+                            &conn->addr->name, &conn->server->master);
     }
 
     return ngx_snprintf(buf, len, ", redis: %V", &conn->server->name);

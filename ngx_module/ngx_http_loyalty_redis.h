@@ -75,6 +75,13 @@ typedef void (*ngx_http_loyalty_redis_count_pt)(void *data, ngx_uint_t what);
 #define NGX_HTTP_LOYALTY_COUNT_TLS_REUSED 6
 #define NGX_HTTP_LOYALTY_COUNT_EVENTS    7
 
+/*
+ * A reply that no command waits for, on a subscribed connection: data is
+ * the server's message_data; NGX_ERROR fails the connection.
+ */
+typedef ngx_int_t (*ngx_http_loyalty_redis_message_pt)(void *data,
+    ngx_http_loyalty_reply_t *reply, ngx_log_t *log);
+
 /* what a server's connections tell whoever keeps count of them */
 typedef struct {
     ngx_http_loyalty_redis_event_pt  ready;     /* one got ready */
@@ -84,7 +91,8 @@ typedef struct {
 } ngx_http_loyalty_redis_events_t;
 
 
-typedef struct ngx_http_loyalty_cluster_s  ngx_http_loyalty_cluster_t;
+typedef struct ngx_http_loyalty_cluster_s   ngx_http_loyalty_cluster_t;
+typedef struct ngx_http_loyalty_sentinel_s  ngx_http_loyalty_sentinel_t;
 
 
 #if (NGX_SSL)
@@ -112,9 +120,10 @@ typedef struct {
 
 
 /*
- * A Redis server as configured, or a Redis Cluster known by its seeds:
- * one connection per worker, or one per worker and master node.  Its
- * owners add setup commands and set events as the worker starts.
+ * A Redis server as configured, a Redis Cluster known by its seeds, or
+ * the master that Sentinels name: one connection per worker, or one per
+ * worker and master node.  Its owners add setup commands and set events as
+ * the worker starts.
  */
 typedef struct {
     ngx_str_t                  name;            /* as written, for logs */
@@ -122,15 +131,24 @@ typedef struct {
     ngx_str_t                  host;            /* its host, a C string */
     ngx_addr_t                *addrs;           /* all of its addresses */
     ngx_uint_t                 naddrs;
-    ngx_addr_t                *seeds;           /* Redis Cluster */
+    ngx_addr_t                *seeds;           /* cluster, sentinels */
+    ngx_str_t                 *hosts;           /* of the seeds */
     ngx_uint_t                 nseeds;
     ngx_uint_t                 db;
     ngx_str_t                  user;
     ngx_str_t                  password;
+    ngx_str_t                  master;          /* sentinel=NAME */
+    ngx_str_t                  sentinel_user;
+    ngx_str_t                  sentinel_password;
     ngx_msec_t                 connect_timeout;
+
+    ngx_resolver_t            *resolver;        /* resolves host again */
+    ngx_msec_t                 resolver_timeout;
 
     ngx_array_t                setup;   /* ngx_http_loyalty_redis_setup_t */
     ngx_http_loyalty_redis_events_t  events;
+    ngx_http_loyalty_redis_message_pt  message;
+    void                      *message_data;
 
     /* in each worker */
     ngx_pool_t                *pool;            /* commands */
@@ -139,6 +157,7 @@ typedef struct {
     time_t                     full_logged;
     ngx_http_loyalty_conn_t   *conn;
     ngx_http_loyalty_cluster_t  *nodes;
+    ngx_http_loyalty_sentinel_t  *sentinel;
 
 #if (NGX_SSL)
     ngx_http_loyalty_ssl_t    *ssl;
@@ -146,6 +165,8 @@ typedef struct {
 
     unsigned                   cluster:1;
     unsigned                   tls:1;
+    unsigned                   named:1;         /* host is a name */
+    unsigned                   sentinels:1;     /* a worker's sentinels */
 } ngx_http_loyalty_server_t;
 
 
@@ -218,6 +239,9 @@ ngx_uint_t ngx_http_loyalty_redis_conn_usable(ngx_http_loyalty_conn_t *conn,
     ngx_uint_t ready);
 ngx_uint_t ngx_http_loyalty_redis_conn_failed(ngx_http_loyalty_conn_t *conn);
 ngx_addr_t *ngx_http_loyalty_redis_conn_addr(ngx_http_loyalty_conn_t *conn);
+void ngx_http_loyalty_redis_conn_move(ngx_http_loyalty_conn_t *conn,
+    ngx_addr_t *addr, ngx_str_t *host);
+void ngx_http_loyalty_redis_reconnect(ngx_http_loyalty_conn_t *conn);
 ngx_int_t ngx_http_loyalty_redis_submit(ngx_http_loyalty_conn_t *conn,
     ngx_http_loyalty_cmd_t *cmd);
 ngx_http_loyalty_cmd_t *ngx_http_loyalty_redis_command(
@@ -240,6 +264,13 @@ ngx_int_t ngx_http_loyalty_cluster_reply(ngx_http_loyalty_server_t *server,
     ngx_http_loyalty_reply_t *reply);
 void ngx_http_loyalty_cluster_failed(ngx_http_loyalty_server_t *server,
     void *node);
+
+
+/* ngx_http_loyalty_sentinel.c */
+ngx_int_t ngx_http_loyalty_sentinel_init_process(ngx_cycle_t *cycle,
+    ngx_http_loyalty_server_t *server);
+void ngx_http_loyalty_sentinel_exit_process(ngx_http_loyalty_server_t *server);
+void ngx_http_loyalty_sentinel_lost(ngx_http_loyalty_server_t *server);
 
 
 #if (NGX_SSL)

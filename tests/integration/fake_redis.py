@@ -3,7 +3,7 @@
 FakeRedis listens on a free 127.0.0.1 port and speaks just enough RESP to
 stand in for redis-server in front of the module: it parses the commands
 the module sends (arrays of bulk strings) and answers AUTH and SELECT
-(+OK), SCRIPT LOAD (the SHA1), HMGET (from an in-memory table of records)
+(+OK), ROLE (master), SCRIPT LOAD (the SHA1), HMGET (from an in-memory table of records)
 and EVALSHA/EVAL (always "applied") like Redis would, unless a test has
 queued a hostile answer for the next such command.
 
@@ -89,7 +89,7 @@ class FakeRedis:
         self.accepted = 0
         self.errors = []            # exceptions raised in server threads
         self._answers = {"HMGET": [], "EVALSHA": [], "SCRIPT": [],
-                         "AUTH": [], "SELECT": []}
+                         "AUTH": [], "SELECT": [], "ROLE": []}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._conns = []
@@ -234,7 +234,7 @@ class FakeRedis:
             return [b"+PONG\r\n"]
         key = {b"HMGET": "HMGET", b"EVALSHA": "EVALSHA", b"EVAL": "EVALSHA",
                b"SCRIPT": "SCRIPT", b"AUTH": "AUTH",
-               b"SELECT": "SELECT"}.get(name)
+               b"SELECT": "SELECT", b"ROLE": "ROLE"}.get(name)
         if key:
             with self._lock:
                 answer = (self._answers[key].pop(0) if self._answers[key]
@@ -248,6 +248,8 @@ class FakeRedis:
         name = args[0].upper()
         if name in (b"AUTH", b"SELECT"):
             return b"+OK\r\n"
+        if name == b"ROLE":
+            return array(bulk(b"master"), integer(0), array())
         if name == b"SCRIPT" and len(args) == 3 and args[1].upper() == b"LOAD":
             return bulk(hashlib.sha1(args[2]).hexdigest())
         if name == b"HMGET":

@@ -1409,12 +1409,73 @@ def test_fake_redis_auth_select_replies(fake_redis, nginx, answer, drops):
     with_auth = [no for no in range(1, fake.accepted + 1)
                  if fake.connection_commands(no)[:1] == ["AUTH"]]
     assert len(with_auth) == (2 if drops else 1), with_auth
+    # ROLE: a replica where the master was is not used.  A connection
+    # dropped at the AUTH reply may close before the fake read it all.
+    handshake = ["AUTH", "SELECT", "ROLE", "SCRIPT"]
     for no in with_auth:
-        assert fake.connection_commands(no)[:3] == ["AUTH", "SELECT",
-                                                    "SCRIPT"]
+        sent = fake.connection_commands(no)[:4]
+        assert sent == handshake[:len(sent)] and len(sent) >= 3, sent
+    assert fake.connection_commands(with_auth[-1])[:4] == handshake
     if answer.startswith(b"-"):
         assert level_lines(n, 'redis refused AUTH: '
                               '"ERR invalid password"', ("error",))
+
+
+ROLE_CASES = [
+    ("master", array(bulk("master"), integer(0), array()), None),
+    ("replica", array(bulk("slave"), bulk("127.0.0.1"), integer(6379),
+                      bulk("connected"), integer(0)),
+     'redis is not the master (ROLE "slave")'),
+    ("sentinel", array(bulk("sentinel"), array(bulk("mymaster"))),
+     'redis is a sentinel: name its master with "sentinel="'),
+    ("refused", b"-NOPERM this user has no permissions to run the 'role' "
+                b"command\r\n", None),
+    ("integer", integer(1), "unexpected reply from redis to ROLE"),
+]
+
+
+@pytest.mark.parametrize("case", ROLE_CASES, ids=[c[0] for c in ROLE_CASES])
+def test_fake_redis_role(fake_redis, nginx, case):
+    """Each connection asks ROLE in its handshake: a replica or a sentinel
+    is not used (reads unavailable, an error naming it); a Redis that
+    refuses ROLE is taken at its word."""
+    label, answer, error = case
+    fake = fake_redis
+    fake.seed("h", **GOOD)
+    n = fake_nginx(nginx, fake)
+    workers = n.workers()
+    fake.queue("ROLE", answer)
+    r = n.get("/checkout", cookies={"cid": "h"})
+    assert r.status == 200
+    assert r.loyalty == (expected("unavailable") if error else GOOD_OK), \
+        r.loyalty
+    assert fake.connection_commands(1)[:2] == ["ROLE", "SCRIPT"]
+    if error:
+        assert level_lines(n, error, ("error",)), n.error_log()
+        # the next connection finds a master again
+        recovered(n, fake)
+        assert fake.accepted >= 2
+    else:
+        assert fake.accepted == 1
+    assert_alive(n, workers)
+
+
+def test_fake_redis_readonly_read_drops_connection(fake_redis, nginx):
+    """A READONLY reply (the server was demoted under us) fails what is on
+    that connection and the connection: the next one asks ROLE again."""
+    fake = fake_redis
+    fake.seed("h", **GOOD)
+    n = fake_nginx(nginx, fake)
+    assert n.get("/checkout", cookies={"cid": "h"}).loyalty == GOOD_OK
+    fake.queue("HMGET", b"-READONLY You can't write against a read only "
+                        b"replica.\r\n")
+    r = n.get("/checkout", cookies={"cid": "h"})
+    assert r.loyalty == expected("unavailable"), r.loyalty
+    assert level_lines(n, "redis answered READONLY, looking for the master "
+                          "again", ("warn",))
+    recovered(n, fake)
+    assert fake.accepted == 2
+    assert fake.connection_commands(2)[:1] == ["ROLE"]
 
 
 def test_fake_redis_error_replies_rate_limited(fake_redis, nginx):
@@ -1525,6 +1586,12 @@ CREDIT_CASES = [
     ("negative-array-count", b"*-2\r\n", "retried"),
     ("array-count-2^31", b"*2147483648\r\n" + b":1\r\n" * 4, "retried"),
     ("garbage", b"xyz\r\n", "retried"),
+    # a replica where the master was: the connection goes, the credit waits
+    ("readonly", b"-READONLY You can't write against a read only "
+                 b"replica.\r\n", "retried"),
+    # a master under min-replicas-to-write: retried, the connection kept
+    ("noreplicas", b"-NOREPLICAS Not enough good replicas to write.\r\n",
+     "retried"),
     ("close-mid-reply", [array(integer(1), bulk("5:0"))[:6], ("close",)],
      "retried"),
     ("1MB-error", b"-" + b"E" * MB + b"\r\n", "retried"),
@@ -1590,6 +1657,10 @@ def test_fake_redis_credit_reply(fake_redis, nginx, case):
     wait_until(lambda: http_request(n.port, "/buy", headers={
         "X-Customer": "c"}).header("X-Loyalty-Points") == "5", 5, 0.05,
         "a normal read after the case")
+    if label == "readonly":
+        wait_until(lambda: fake.accepted == 2, 5, 0.05, "a new connection")
+    if label == "noreplicas":
+        assert fake.accepted == 1, "NOREPLICAS is no reason to reconnect"
     if outcome == "retried":
         # not dropped: sent again (within about a second) and applied
         wait_until(lambda: len(credit_calls(fake, "o1")) >= 2, 5, 0.05,
