@@ -33,10 +33,8 @@ static char *ngx_http_loyalty_redis(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static ngx_http_loyalty_server_t *ngx_http_loyalty_add_server(ngx_conf_t *cf,
     ngx_str_t **names, ngx_uint_t n, ngx_http_loyalty_server_t *key);
-static ngx_uint_t ngx_http_loyalty_ip_literal(ngx_str_t *host);
 static ngx_uint_t ngx_http_loyalty_same_server(ngx_http_loyalty_server_t *a,
     ngx_http_loyalty_server_t *b);
-static ngx_uint_t ngx_http_loyalty_same_str(ngx_str_t *a, ngx_str_t *b);
 #if (NGX_SSL)
 static ngx_http_loyalty_server_t *ngx_http_loyalty_tls_server(ngx_conf_t *cf,
     ngx_http_loyalty_loc_conf_t *conf);
@@ -1080,7 +1078,9 @@ ngx_http_loyalty_add_server(ngx_conf_t *cf, ngx_str_t **names, ngx_uint_t n,
 }
 
 
-static ngx_uint_t
+/* an IP address, [::1] included, not a host name */
+
+ngx_uint_t
 ngx_http_loyalty_ip_literal(ngx_str_t *host)
 {
     u_char  *p;
@@ -1126,7 +1126,7 @@ ngx_http_loyalty_same_server(ngx_http_loyalty_server_t *a,
 }
 
 
-static ngx_uint_t
+ngx_uint_t
 ngx_http_loyalty_same_str(ngx_str_t *a, ngx_str_t *b)
 {
     return a->len == b->len && ngx_strncmp(a->data, b->data, a->len) == 0;

@@ -266,6 +266,11 @@ void ngx_http_loyalty_cluster_failed(ngx_http_loyalty_server_t *server,
     void *node);
 
 
+/* ngx_http_loyalty_module.c */
+ngx_uint_t ngx_http_loyalty_ip_literal(ngx_str_t *host);
+ngx_uint_t ngx_http_loyalty_same_str(ngx_str_t *a, ngx_str_t *b);
+
+
 /* ngx_http_loyalty_sentinel.c */
 ngx_int_t ngx_http_loyalty_sentinel_init_process(ngx_cycle_t *cycle,
     ngx_http_loyalty_server_t *server);

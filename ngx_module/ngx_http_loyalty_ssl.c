@@ -37,8 +37,6 @@ static ngx_int_t ngx_http_loyalty_ssl_create(ngx_conf_t *cf,
     ngx_http_loyalty_ssl_t *ssl);
 static int ngx_http_loyalty_ssl_client_cert(ngx_ssl_conn_t *ssl_conn,
     X509 **x509, EVP_PKEY **pkey);
-static ngx_uint_t ngx_http_loyalty_ssl_same(ngx_str_t *a, ngx_str_t *b);
-static ngx_uint_t ngx_http_loyalty_ssl_ip(ngx_str_t *name);
 
 
 /* set on an SSL connection whose server asked for a certificate in vain */
@@ -252,12 +250,12 @@ ngx_http_loyalty_ssl_get(ngx_conf_t *cf, ngx_http_loyalty_ssl_conf_t *conf)
             && ssl->conf.verify_depth == conf->verify_depth
             && ssl->conf.server_name == conf->server_name
             && ssl->conf.protocols == conf->protocols
-            && ngx_http_loyalty_ssl_same(&ssl->conf.trusted_certificate,
+            && ngx_http_loyalty_same_str(&ssl->conf.trusted_certificate,
                                          &conf->trusted_certificate)
-            && ngx_http_loyalty_ssl_same(&ssl->conf.name, &conf->name)
-            && ngx_http_loyalty_ssl_same(&ssl->conf.certificate,
+            && ngx_http_loyalty_same_str(&ssl->conf.name, &conf->name)
+            && ngx_http_loyalty_same_str(&ssl->conf.certificate,
                                          &conf->certificate)
-            && ngx_http_loyalty_ssl_same(&ssl->conf.certificate_key,
+            && ngx_http_loyalty_same_str(&ssl->conf.certificate_key,
                                          &conf->certificate_key))
         {
             return ssl;
@@ -415,7 +413,7 @@ ngx_http_loyalty_ssl_start(ngx_connection_t *c, ngx_http_loyalty_ssl_t *ssl,
 
     if (ssl->conf.server_name
         && name->len
-        && !ngx_http_loyalty_ssl_ip(name)
+        && !ngx_http_loyalty_ip_literal(name)
         && SSL_set_tlsext_host_name(c->ssl->connection, (char *) name->data)
            != 1)
     {
@@ -514,7 +512,7 @@ ngx_http_loyalty_ssl_check(ngx_connection_t *c, ngx_http_loyalty_ssl_t *ssl,
 
     name = ssl->conf.name.len ? &ssl->conf.name : host;
 
-    if (ngx_http_loyalty_ssl_ip(name)) {
+    if (ngx_http_loyalty_ip_literal(name)) {
         ok = (X509_check_ip_asc(cert, (char *) name->data, 0) == 1);
 
     } else {
@@ -532,34 +530,6 @@ ngx_http_loyalty_ssl_check(ngx_connection_t *c, ngx_http_loyalty_ssl_t *ssl,
     }
 
     return NGX_OK;
-}
-
-
-static ngx_uint_t
-ngx_http_loyalty_ssl_same(ngx_str_t *a, ngx_str_t *b)
-{
-    return a->len == b->len && ngx_strncmp(a->data, b->data, a->len) == 0;
-}
-
-
-static ngx_uint_t
-ngx_http_loyalty_ssl_ip(ngx_str_t *name)
-{
-#if (NGX_HAVE_INET6)
-    u_char  addr6[16];
-#endif
-
-    if (ngx_inet_addr(name->data, name->len) != INADDR_NONE) {
-        return 1;
-    }
-
-#if (NGX_HAVE_INET6)
-    if (ngx_inet6_addr(name->data, name->len, addr6) == NGX_OK) {
-        return 1;
-    }
-#endif
-
-    return 0;
 }
 
 #endif

@@ -423,6 +423,7 @@ class RedisServer:
         self._clients = {}
 
     what = "redis-server"
+    bind = "127.0.0.1"
 
     def listen_args(self):
         """How it listens; a subclass may listen otherwise (TLS)."""
@@ -433,7 +434,7 @@ class RedisServer:
         """Start (or restart, on the same port)."""
         assert self.proc is None or self.proc.poll() is not None
         args = [REDIS_BIN] + self.listen_args() + [
-                "--bind", "127.0.0.1",
+                "--bind", self.bind,
                 "--save", "", "--appendonly", "no", "--dir", self.dir,
                 "--daemonize", "no",
                 "--logfile", os.path.join(self.dir, "redis.log")]

@@ -40,20 +40,17 @@ only.
 """
 
 import ipaddress
-import os
 import random
 import select
 import socket
 import struct
-import subprocess
 import threading
 import time
 
 import pytest
 import redis as redis_lib
 
-from conftest import (REDIS_BIN, RedisServer, _USED_PORTS, free_port, track,
-                      wait_until)
+from conftest import RedisServer, _USED_PORTS, free_port
 
 
 QTYPES = {1: "A", 28: "AAAA", 5: "CNAME", 6: "SOA", 2: "NS", 12: "PTR",
@@ -395,40 +392,11 @@ def dual_port():
 
 
 class V6RedisServer(RedisServer):
-    """A RedisServer on [::1]:port only: nothing on 127.0.0.1.
-
-    RedisServer.start() puts "--bind 127.0.0.1" after listen_args(), and
-    redis-server takes the last --bind it is given, so this start() is
-    its own: the same arguments with --bind ::1.  The test's client (and
-    the ready check) connects to [::1]:port."""
+    """A RedisServer on [::1]:port only: nothing on 127.0.0.1.  The
+    test's client (and the ready check) connects to [::1]:port."""
 
     what = "redis-server [::1]"
-
-    def start(self):
-        assert self.proc is None or self.proc.poll() is not None
-        args = [REDIS_BIN] + self.listen_args() + [
-            "--bind", "::1",
-            "--save", "", "--appendonly", "no", "--dir", self.dir,
-            "--daemonize", "no",
-            "--logfile", os.path.join(self.dir, "redis.log")]
-        if self.password:
-            args += ["--requirepass", self.password]
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        track(self.proc.pid, "%s :%d" % (self.what, self.port))
-        self._clients = {}
-
-        def up():
-            if self.proc.poll() is not None:
-                raise AssertionError("redis-server exited: %s" %
-                                     self.log()[-2000:])
-            try:
-                return self.client.ping()
-            except redis_lib.exceptions.ConnectionError:
-                return False
-        wait_until(up, 10, message="%s on port %d" % (self.what, self.port))
-        return self
+    bind = "::1"
 
     def db(self, n):
         if n not in self._clients:
