@@ -427,7 +427,8 @@ def test_tls_to_a_plain_port(redis, nginx, pki):
     for _ in range(3):
         r = n.get("/tls", cookies={"cid": "c"})
         assert r.status == 200 and r.loyalty == UNAVAILABLE, r
-        assert r.elapsed < 1.5, r
+        # within the timeout (10s under valgrind), never hanging
+        assert r.elapsed < 1.5 * SLOW, r
         assert read(n, "c", "/plainread") == expected("ok", "c", 8, 8, 1)
     hits = wait_log(n, re.compile("%s|%s" % (HANDSHAKE_FAILED, TIMED_OUT)),
                     "the failed handshake in the log")
