@@ -154,9 +154,14 @@ ngx_http_loyalty_sentinel_init_process(ngx_cycle_t *cycle,
 
     server->sentinel = sn;
 
-    /* asked now, so that the first requests find the master known */
+    /*
+     * asked now, so that the first requests find the master known; not by
+     * the cache manager and loader, which serve no request
+     */
 
-    ngx_http_loyalty_redis_reconnect(s->conn);
+    if (ngx_process != NGX_PROCESS_HELPER) {
+        ngx_http_loyalty_redis_reconnect(s->conn);
+    }
 
     return NGX_OK;
 
