@@ -1129,7 +1129,8 @@ ngx_http_loyalty_same_server(ngx_http_loyalty_server_t *a,
 ngx_uint_t
 ngx_http_loyalty_same_str(ngx_str_t *a, ngx_str_t *b)
 {
-    return a->len == b->len && ngx_strncmp(a->data, b->data, a->len) == 0;
+    return a->len == b->len
+           && (a->len == 0 || ngx_strncmp(a->data, b->data, a->len) == 0);
 }
 
 
