@@ -89,6 +89,12 @@ ngx_http_loyalty_journal(ngx_http_loyalty_credit_t *cr, const char *reason,
         p = ngx_slprintf(p, last, ",\"tls\":true");
     }
 
+    if (server->master.len) {
+        p = ngx_slprintf(p, last, ",\"sentinel\":");
+        p = ngx_http_loyalty_journal_string(p, last, server->master.data,
+                                            server->master.len);
+    }
+
     p = ngx_slprintf(p, last, ",\"db\":%ui,\"prefix\":", server->db);
     p = ngx_http_loyalty_journal_string(p, last, llcf->prefix.data,
                                         llcf->prefix.len);

@@ -28,7 +28,7 @@ import redis as redis_lib
 from conftest import SLOW, checkout_conf, expected, log_lines, wait_until
 from credit_support import (JOURNAL, amount_of, hkey, journal_path,
                             ledger_entries, marker, order, read_journal,
-                            record, settle, wait_marker)
+                            record, replay, settle, wait_marker)
 from sentinel_support import (NAME, make_fake_sentinel, sentinel_edge_conf,
                               start_group)
 
@@ -792,3 +792,51 @@ def test_failover_during_stream(groups, nginx):
 
 def test_kill_master_during_stream(groups, nginx):
     failover_during_stream(groups, nginx, "kill")
+
+
+# --------------------------------------------------------------------------
+# the journal
+
+
+def test_journal_replayed_through_sentinels(groups, nginx):
+    """A credit journaled while the master is gone names the sentinels and
+    the master's name; tools/loyalty-replay asks the sentinels and applies
+    it on the master they name after the failover, once."""
+    g = groups()
+    g.seed("j1")
+    n = nginx(sentinel_edge_conf(g.loyalty_redis(), http=JOURNAL),
+              workers=1)
+    wait_until(lambda: order(n, "j1", total=5, oid="warm").header(
+        "X-Loyalty-Status") == "ok" or None, 5 * SLOW, 0.05,
+        "an order read through the sentinels")
+    wait_until(lambda: g.master.client.get(marker("j1", "warm")), 5 * SLOW,
+               0.05, "the first credit")
+    g.wait_replicated()
+    old = g.master
+    old.kill()
+    # the master is gone before the sentinels know: the credit waits in
+    # the retry queue, and the worker journals it as it exits
+    r = order(n, "j1", total=7, oid="o1")
+    assert r.status == 200 and r.header("X-Loyalty-Status") == \
+        "unavailable", r
+    assert n.stop() is None
+    entries = [e for e in read_journal(journal_path(n)) if e["order"] == "o1"]
+    assert len(entries) == 1, read_journal(journal_path(n))
+    e = entries[0]
+    assert e["sentinel"] == NAME and e["redis"] == g.addresses(), e
+    assert e["reason"] == "worker exiting", e
+    # the sentinels promote the replica; the replay follows them
+    wait_until(lambda: g.agreed_master() not in (None, old.port),
+               20 * SLOW, 0.1, "the sentinels to name a new master")
+    new = g.server(g.agreed_master())
+    wait_until(lambda: new.role() == "master", 10 * SLOW, 0.1,
+               "the replica to be master")
+    rc, applied, already, failed, out = replay(journal_path(n))
+    assert (rc, applied, already, failed) == (0, 1, 0, 0), out
+    rec = record(new.client, "j1")
+    assert (rec["points"], rec["lifetime"], rec["orders"]) == (12, 12, 2), rec
+    assert new.client.get(marker("j1", "o1")) == "7:0"
+    # again: nothing more
+    rc, applied, already, failed, out = replay(journal_path(n))
+    assert (rc, applied, already, failed) == (0, 0, 1, 0), out
+    assert record(new.client, "j1")["points"] == 12

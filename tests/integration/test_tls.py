@@ -6,6 +6,8 @@ client and the module is pointed at its TLS port.
 test_fixture_* check the certificates and the TLS Redis themselves (no
 module involved)."""
 
+import json
+import os
 import re
 import ssl
 import threading
@@ -15,7 +17,7 @@ import pytest
 
 from cluster_support import cluster_edge_conf, metric, metrics
 from conftest import SLOW, checkout_conf, expected, wait_until
-from credit_support import order, record, wait_marker
+from credit_support import order, record, replay, wait_marker
 from tls_support import (SniProxy, pki, start_tls_cluster,  # noqa: F401
                          tls_ping, tls_redis, tls_redis_factory)
 
@@ -889,3 +891,28 @@ def test_cluster_over_tls(tmp_root, pki, nginx):
         assert not VERIFY_ERROR.search(log) and HANDSHAKE_FAILED not in log
     finally:
         c.stop()
+
+
+def test_replay_over_tls(tls_redis, tmp_root, pki):
+    """tools/loyalty-replay speaks TLS to a line marked "tls", verified
+    against --tls-ca: an untrusted certificate fails the line and loses
+    nothing, the trusted one applies it once."""
+    r = tls_redis
+    entry = {"ts": int(time.time()), "redis": "127.0.0.1:%d" % r.tls_port,
+             "tls": True, "db": 0, "prefix": "loyalty:", "customer": "t1",
+             "order": "o1", "amount": "9", "earned": 9, "redeem": 0,
+             "ledger": 100, "expire": 0, "reason": "retries exhausted"}
+    path = os.path.join(tmp_root, "tls.journal")
+    with open(path, "w") as f:
+        f.write(json.dumps(entry, separators=(",", ":")) + "\n")
+    rc, applied, already, failed, out = replay(path)
+    assert (rc, applied, already, failed) == (1, 0, 0, 1), out
+    assert "certificate verify failed" in out, out
+    assert record(r.client, "t1") == {}
+    rc, applied, already, failed, out = replay(
+        path, extra=["--tls-ca", pki.ca])
+    assert (rc, applied, already, failed) == (0, 1, 0, 0), out
+    assert record(r.client, "t1")["points"] == 9
+    rc, applied, already, failed, out = replay(
+        path, extra=["--tls-ca", pki.ca])
+    assert (rc, applied, already, failed) == (0, 0, 1, 0), out
