@@ -316,7 +316,7 @@ def test_fixture_group_kill_restart_failover(groups, auth):
                 # plain ResponseError)
                 with pytest.raises((redis_lib.exceptions.AuthenticationError,
                                     redis_lib.exceptions.ResponseError),
-                                   match="NOAUTH|WRONGPASS|[Aa]uthentication"):
+                                   match="NOAUTH|WRONGPASS|[Aa]uthentication|invalid username-password"):
                     c.ping()
                 c.close()
     g.seed("fx", points=3, lifetime=3, orders=1)
