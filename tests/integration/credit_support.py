@@ -409,13 +409,18 @@ def journal_path(n):
     return n.prefix + "/loyalty.journal"
 
 
-def stream_orders(n, orders, progress, results, threads=1, pause=0.005):
+def stream_orders(n, orders, progress, results, threads=1, pause=0.005,
+                  stop=None):
     """Place the orders from `threads` threads (thread k takes every
-    threads-th order, in order); progress[0] counts the answered ones."""
+    threads-th order, in order); progress[0] counts the answered ones.
+    Once the `stop` event is set, no further order is placed (its result
+    stays None)."""
     lock = threading.Lock()
 
     def run(k):
         for i in range(k, len(orders), threads):
+            if stop is not None and stop.is_set():
+                return
             cid, oid, total = orders[i]
             try:
                 results[i] = order(n, cid, total, oid, timeout=10).status

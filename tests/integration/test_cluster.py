@@ -367,12 +367,15 @@ def test_reshard_during_stream(cluster, nginx):
     cids = moving + c.customers_covering_every_master(6, tag="rx")
     for cid in cids:
         c.seed(cid)
-    N = 600
+    # the stream goes on until both reshards are over (however long
+    # redis-cli takes on a busy machine), then for 40 orders more
+    N = 4000
     orders = [(cids[k % len(cids)], "rs-%04d" % k, amount_of(k * 7))
               for k in range(N)]
     progress, results = [0], [None] * N
+    stop = threading.Event()
     threads = stream_orders(n, orders, progress, results, threads=4,
-                            pause=0.02)
+                            pause=0.02, stop=stop)
     try:
         wait_until(lambda: progress[0] >= 80, 30 * SLOW, message="80 orders")
         at = [progress[0]]
@@ -380,7 +383,11 @@ def test_reshard_during_stream(cluster, nginx):
         at.append(progress[0])
         c.reshard(300, b, a).wait()
         at.append(progress[0])
+        after = at[-1] + 40
+        wait_until(lambda: progress[0] >= min(after, N), 30 * SLOW,
+                   message="40 orders after the reshards")
     finally:
+        stop.set()
         for t in threads:
             t.join(90 * SLOW)
     assert not any(t.is_alive() for t in threads)
