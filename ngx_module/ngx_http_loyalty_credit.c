@@ -70,8 +70,13 @@ static void ngx_http_loyalty_credit_post(ngx_http_loyalty_credit_t *cr,
     ngx_log_t *log);
 static ngx_int_t ngx_http_loyalty_credit_send(ngx_http_loyalty_credit_t *cr,
     ngx_log_t *log);
+static ngx_int_t ngx_http_loyalty_credit_wait(ngx_http_loyalty_credit_t *cr);
 static void ngx_http_loyalty_credit_handler(void *data, ngx_int_t rc,
     ngx_http_loyalty_reply_t *reply);
+static void ngx_http_loyalty_credit_waited(void *data, ngx_int_t rc,
+    ngx_http_loyalty_reply_t *reply);
+static void ngx_http_loyalty_credit_done(ngx_http_loyalty_credit_t *cr);
+static void ngx_http_loyalty_credit_unwait(ngx_http_loyalty_credit_t *cr);
 static void ngx_http_loyalty_credit_retry(ngx_http_loyalty_credit_t *cr,
     const char *reason, ngx_log_t *log);
 static ngx_int_t ngx_http_loyalty_credit_loaded(
@@ -128,7 +133,12 @@ ngx_http_loyalty_credit(ngx_http_request_t *r, ngx_http_loyalty_ctx_t *ctx)
     local.offer = ctx->offer ? ctx->offer->slot : 0;
     local.ts = ngx_time();
     local.attempts = 0;
+    local.cmd = NULL;
+    local.wait = NULL;
     local.eval = 0;
+    local.applied = 0;
+    local.shortfall = 0;
+    local.replied = 0;
     local.customer_len = ctx->customer.len;
     ngx_memcpy(local.customer, ctx->customer.data, ctx->customer.len);
 
@@ -299,8 +309,10 @@ static ngx_int_t
 ngx_http_loyalty_credit_send(ngx_http_loyalty_credit_t *cr, ngx_log_t *log)
 {
     u_char                        *p;
-    ngx_str_t                      argv[13];
+    ngx_str_t                      argv[14];
+    ngx_uint_t                     argc;
     ngx_http_loyalty_cmd_t        *cmd;
+    ngx_http_loyalty_server_t     *server;
     ngx_http_loyalty_loc_conf_t   *llcf;
     ngx_http_loyalty_main_conf_t  *lmcf;
     u_char                         keys[3 * (NGX_HTTP_LOYALTY_PREFIX_MAX
@@ -372,11 +384,76 @@ ngx_http_loyalty_credit_send(ngx_http_loyalty_credit_t *cr, ngx_log_t *log)
     argv[12].data = cr->amount;
     argv[12].len = cr->amount_len;
 
-    cmd = ngx_http_loyalty_redis_send(llcf->server, &argv[3], 13, argv,
+    server = llcf->server;
+    argc = 13;
+
+    if (llcf->credit_wait) {
+        /*
+         * the credits' own connection; and a duplicate writes too, so
+         * that the WAIT behind it covers the order's first write
+         */
+
+        server = server->credits;
+        ngx_str_set(&argv[13], "1");
+        argc = 14;
+    }
+
+    cmd = ngx_http_loyalty_redis_send(server, &argv[3], argc, argv,
                                       llcf->timeout,
                                       ngx_http_loyalty_credit_handler, cr,
                                       log);
     if (cmd == NULL) {
+        return NGX_DECLINED;
+    }
+
+    cr->cmd = cmd;
+    cr->replied = 0;
+
+    if (llcf->credit_wait == 0) {
+        return NGX_OK;
+    }
+
+    return ngx_http_loyalty_credit_wait(cr);
+}
+
+
+/*
+ * loyalty_credit_wait: "WAIT replicas time" right behind the credit, on
+ * the connection that runs it.  A credit that no WAIT follows proves
+ * nothing: it is cancelled (it may still run, which a resend settles) and
+ * sent again later.
+ */
+
+static ngx_int_t
+ngx_http_loyalty_credit_wait(ngx_http_loyalty_credit_t *cr)
+{
+    u_char                       *p;
+    ngx_str_t                     argv[3];
+    ngx_http_loyalty_loc_conf_t  *llcf;
+    u_char                        nums[2 * NGX_INT_T_LEN];
+
+    llcf = cr->conf;
+
+    ngx_str_set(&argv[0], "WAIT");
+
+    p = nums;
+
+    argv[1].data = p;
+    p = ngx_sprintf(p, "%ui", llcf->credit_wait);
+    argv[1].len = p - argv[1].data;
+
+    argv[2].data = p;
+    p = ngx_sprintf(p, "%M", llcf->credit_wait_time);
+    argv[2].len = p - argv[2].data;
+
+    cr->wait = ngx_http_loyalty_redis_send_after(cr->cmd, 3, argv,
+                                                 llcf->credit_wait_time
+                                                 + llcf->timeout,
+                                                 ngx_http_loyalty_credit_waited,
+                                                 cr);
+    if (cr->wait == NULL) {
+        ngx_http_loyalty_redis_cancel(cr->cmd);
+        cr->cmd = NULL;
         return NGX_DECLINED;
     }
 
@@ -388,27 +465,35 @@ static void
 ngx_http_loyalty_credit_handler(void *data, ngx_int_t rc,
     ngx_http_loyalty_reply_t *reply)
 {
-    uint64_t                    redeemed;
     ngx_log_t                  *log;
-    ngx_http_loyalty_shctx_t   *sh;
+    ngx_uint_t                  redirected;
     ngx_http_loyalty_reply_t   *e;
     ngx_http_loyalty_credit_t  *cr;
 
     cr = data;
     log = cr->credits->log;
 
+    /* sent again after a redirection, it is not what its WAIT follows */
+
+    redirected = (cr->cmd->redirects != 0);
+    cr->cmd = NULL;
+
     if (rc == NGX_ABORT) {
+        ngx_http_loyalty_credit_unwait(cr);
         ngx_http_loyalty_journal(cr, "worker exiting", log);
         ngx_http_loyalty_credit_free(cr);
         return;
     }
 
     if (rc != NGX_OK) {
+        ngx_http_loyalty_credit_unwait(cr);
         ngx_http_loyalty_credit_retry(cr, "redis unavailable", log);
         return;
     }
 
     if (reply->type == NGX_HTTP_LOYALTY_REPLY_ERROR) {
+
+        ngx_http_loyalty_credit_unwait(cr);
 
         if (reply->str.len >= sizeof("NOSCRIPT") - 1
             && ngx_strncmp(reply->str.data, "NOSCRIPT",
@@ -442,6 +527,8 @@ ngx_http_loyalty_credit_handler(void *data, ngx_int_t rc,
         || reply->nelts < 2
         || reply->element[0]->type != NGX_HTTP_LOYALTY_REPLY_INTEGER)
     {
+        ngx_http_loyalty_credit_unwait(cr);
+
         ngx_log_error(NGX_LOG_WARN, log, 0,
                       "loyalty: unexpected reply to the credit of order "
                       "\"%*s\" for customer \"%*s\"",
@@ -453,9 +540,121 @@ ngx_http_loyalty_credit_handler(void *data, ngx_int_t rc,
         return;
     }
 
+    /* what the order did is that of the attempt that applied it */
+
+    if (reply->element[0]->integer != 0 && !cr->applied) {
+        cr->applied = 1;
+
+        e = (reply->nelts >= 4) ? reply->element[3] : NULL;
+
+        if (e
+            && e->type == NGX_HTTP_LOYALTY_REPLY_INTEGER
+            && e->integer == 1)
+        {
+            cr->shortfall = 1;
+            cr->redeemed =
+                        ngx_http_loyalty_credit_redeemed(reply->element[1]);
+        }
+    }
+
+    if (cr->conf->credit_wait == 0) {
+        ngx_http_loyalty_credit_done(cr);
+        return;
+    }
+
+    if (cr->wait == NULL || redirected) {
+        /* its WAIT went to a connection that it did not run on */
+
+        ngx_http_loyalty_credit_unwait(cr);
+        ngx_http_loyalty_credit_retry(cr, "redirected, not confirmed", log);
+        return;
+    }
+
+    cr->replied = 1;
+}
+
+
+/* the reply to the WAIT behind a credit, which decides once it is run */
+
+static void
+ngx_http_loyalty_credit_waited(void *data, ngx_int_t rc,
+    ngx_http_loyalty_reply_t *reply)
+{
+    ngx_log_t                     *log;
+    ngx_uint_t                     more;
+    ngx_http_loyalty_credit_t     *cr;
+    ngx_http_loyalty_main_conf_t  *lmcf;
+
+    cr = data;
+    log = cr->credits->log;
+
+    cr->wait = NULL;
+
+    if (!cr->replied) {
+        /* the credit was redirected: its own reply sends it again */
+        return;
+    }
+
+    cr->replied = 0;
+
+    if (rc == NGX_ABORT) {
+        ngx_http_loyalty_journal(cr, "worker exiting", log);
+        ngx_http_loyalty_credit_free(cr);
+        return;
+    }
+
+    if (rc != NGX_OK) {
+        ngx_http_loyalty_credit_retry(cr, "redis unavailable", log);
+        return;
+    }
+
+    if (reply->type != NGX_HTTP_LOYALTY_REPLY_INTEGER) {
+        ngx_log_error(NGX_LOG_WARN, log, 0,
+                      "loyalty: WAIT after the credit of order \"%*s\" for "
+                      "customer \"%*s\" failed: \"%V\"",
+                      cr->order_len, cr->order, cr->customer_len,
+                      cr->customer, &reply->str);
+
+        cr->attempts++;
+        ngx_http_loyalty_credit_retry(cr, "error reply", log);
+        return;
+    }
+
+    if (reply->integer >= (long long) cr->conf->credit_wait) {
+        ngx_http_loyalty_credit_done(cr);
+        return;
+    }
+
+    /* the replicas may yet have it, or never will: it is sent again */
+
+    lmcf = cr->lmcf;
+
+    if (ngx_http_loyalty_log_limit(&lmcf->wait_log, &more) == NGX_OK) {
+        ngx_log_error(NGX_LOG_WARN, log, 0,
+                      "loyalty: credit of order \"%*s\" for customer "
+                      "\"%*s\" reached %L of %ui replicas within %M ms, "
+                      "sent again (%ui more not logged)",
+                      cr->order_len, cr->order, cr->customer_len,
+                      cr->customer, reply->integer, cr->conf->credit_wait,
+                      cr->conf->credit_wait_time, more);
+    }
+
+    ngx_http_loyalty_credit_retry(cr, "not confirmed", log);
+}
+
+
+/* a credit has its final answer: counted, logged and freed */
+
+static void
+ngx_http_loyalty_credit_done(ngx_http_loyalty_credit_t *cr)
+{
+    ngx_log_t                 *log;
+    ngx_http_loyalty_shctx_t  *sh;
+
+    log = cr->credits->log;
     sh = cr->lmcf->sh;
 
-    if (reply->element[0]->integer == 0) {
+    if (!cr->applied) {
         ngx_http_loyalty_count(sh, credits[NGX_HTTP_LOYALTY_DUPLICATE]);
 
         ngx_log_error(NGX_LOG_INFO, log, 0,
@@ -464,32 +663,39 @@ ngx_http_loyalty_credit_handler(void *data, ngx_int_t rc,
                       cr->order_len, cr->order, cr->customer_len,
                       cr->customer);
 
-    } else {
-        ngx_http_loyalty_count(sh, credits[NGX_HTTP_LOYALTY_APPLIED]);
+        ngx_http_loyalty_credit_free(cr);
+        return;
+    }
 
-        if (cr->offer) {
-            ngx_http_loyalty_count(sh, offers[cr->offer - 1].converted);
-        }
+    ngx_http_loyalty_count(sh, credits[NGX_HTTP_LOYALTY_APPLIED]);
 
-        e = (reply->nelts >= 4) ? reply->element[3] : NULL;
+    if (cr->offer) {
+        ngx_http_loyalty_count(sh, offers[cr->offer - 1].converted);
+    }
 
-        if (e
-            && e->type == NGX_HTTP_LOYALTY_REPLY_INTEGER
-            && e->integer == 1)
-        {
-            ngx_http_loyalty_count(sh, shortfall);
+    if (cr->shortfall) {
+        ngx_http_loyalty_count(sh, shortfall);
 
-            redeemed = ngx_http_loyalty_credit_redeemed(reply->element[1]);
-
-            ngx_log_error(NGX_LOG_WARN, log, 0,
-                          "loyalty: order \"%*s\" of customer \"%*s\" "
-                          "redeemed %uL points, %uL more than the balance",
-                          cr->order_len, cr->order, cr->customer_len,
-                          cr->customer, cr->redeem, cr->redeem - redeemed);
-        }
+        ngx_log_error(NGX_LOG_WARN, log, 0,
+                      "loyalty: order \"%*s\" of customer \"%*s\" "
+                      "redeemed %uL points, %uL more than the balance",
+                      cr->order_len, cr->order, cr->customer_len,
+                      cr->customer, cr->redeem, cr->redeem - cr->redeemed);
     }
 
     ngx_http_loyalty_credit_free(cr);
+}
+
+
+/* the WAIT behind a credit that failed is of no use */
+
+static void
+ngx_http_loyalty_credit_unwait(ngx_http_loyalty_credit_t *cr)
+{
+    if (cr->wait) {
+        ngx_http_loyalty_redis_cancel(cr->wait);
+        cr->wait = NULL;
+    }
 }
 
 

@@ -27,7 +27,10 @@ typedef struct {
     time_t                        ts;
     uint64_t                      earned;
     uint64_t                      redeem;
+    uint64_t                      redeemed;     /* as the script says */
     ngx_uint_t                    attempts;
+    ngx_http_loyalty_cmd_t       *cmd;          /* in flight */
+    ngx_http_loyalty_cmd_t       *wait;         /* the WAIT behind it */
     size_t                        customer_len;
     size_t                        order_len;
     size_t                        amount_len;
@@ -36,6 +39,9 @@ typedef struct {
     u_char                        amount[NGX_HTTP_LOYALTY_AMOUNT_DIGITS
                                          + 1 + NGX_HTTP_LOYALTY_FRAC_DIGITS];
     unsigned                      eval:1;
+    unsigned                      applied:1;    /* by one of its attempts */
+    unsigned                      shortfall:1;
+    unsigned                      replied:1;    /* its WAIT decides */
 } ngx_http_loyalty_credit_t;
 
 

@@ -11,6 +11,9 @@
 -- ARGV[5]  expire      seconds the record lives without a credit, 0: ever
 -- ARGV[6]  order       order id, for the ledger
 -- ARGV[7]  amount      order amount as sent by the shop, for the ledger
+-- ARGV[8]  "1": a duplicate writes its marker again (same value, same
+--          expiry), so that a WAIT behind it covers the first write too
+--          (loyalty_credit_wait); optional
 --
 -- Returns {1, "<earned>:<redeemed>", points, short} when applied, short
 -- being 1 when the order redeemed more than the balance,
@@ -101,7 +104,16 @@ end
 local mark = earned .. ':' .. redeemed
 
 if not redis.call('SET', marker, mark, 'NX', 'EX', '2592000') then
-    return {0, redis.call('GET', marker)}
+    local done = redis.call('GET', marker)
+    if ARGV[8] == '1' then
+        local ttl = redis.call('PTTL', marker)
+        if ttl > 0 then
+            redis.call('PEXPIRE', marker, ttl)
+        else
+            redis.call('SET', marker, done)
+        end
+    end
+    return {0, done}
 end
 
 local after = p - tonumber(redeemed) + e

@@ -61,6 +61,10 @@ static char *ngx_http_loyalty_expire(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_http_loyalty_ledger(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+static char *ngx_http_loyalty_credit_wait(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static ngx_int_t ngx_http_loyalty_credit_servers(ngx_conf_t *cf,
+    ngx_http_loyalty_main_conf_t *lmcf);
 static char *ngx_http_loyalty_prefix_check(ngx_conf_t *cf, void *post,
     void *data);
 static ngx_int_t ngx_http_loyalty_init_module(ngx_cycle_t *cycle);
@@ -273,6 +277,13 @@ static ngx_command_t  ngx_http_loyalty_commands[] = {
       0,
       NULL },
 
+    { ngx_string("loyalty_credit_wait"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE12,
+      ngx_http_loyalty_credit_wait,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
     { ngx_string("loyalty_journal"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
       ngx_http_loyalty_journal_directive,
@@ -371,6 +382,10 @@ ngx_http_loyalty_postconfiguration(ngx_conf_t *cf)
     *h = ngx_http_loyalty_handler;
 
     lmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_loyalty_module);
+
+    if (ngx_http_loyalty_credit_servers(cf, lmcf) != NGX_OK) {
+        return NGX_ERROR;
+    }
 
     if (ngx_http_loyalty_status_zone(cf, lmcf) != NGX_OK) {
         return NGX_ERROR;
@@ -473,6 +488,8 @@ ngx_http_loyalty_create_loc_conf(ngx_conf_t *cf)
     conf->expire = NGX_CONF_UNSET;
     conf->ledger = NGX_CONF_UNSET;
     conf->journal = NGX_CONF_UNSET_PTR;
+    conf->credit_wait = NGX_CONF_UNSET_UINT;
+    conf->credit_wait_time = NGX_CONF_UNSET_MSEC;
 
 #if (NGX_SSL)
     ngx_http_loyalty_ssl_init_conf(&conf->ssl);
@@ -519,6 +536,21 @@ ngx_http_loyalty_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
                              &lmcf->request_id);
     ngx_conf_merge_ptr_value(conf->journal, prev->journal, NULL);
 
+    /* the time goes with the replicas, and defaults to the timeout here */
+
+    if (conf->credit_wait == NGX_CONF_UNSET_UINT) {
+        conf->credit_wait = prev->credit_wait;
+        conf->credit_wait_time = prev->credit_wait_time;
+    }
+
+    if (conf->credit_wait == NGX_CONF_UNSET_UINT) {
+        conf->credit_wait = 0;
+    }
+
+    if (conf->credit_wait_time == NGX_CONF_UNSET_MSEC) {
+        conf->credit_wait_time = conf->timeout;
+    }
+
     /* lists are inherited whole when a level has none */
 
     if (conf->secrets == NULL) {
@@ -539,6 +571,12 @@ ngx_http_loyalty_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
 
     if (ngx_http_loyalty_merge_server(cf, prev, conf) != NGX_OK) {
         return NGX_CONF_ERROR;
+    }
+
+    if (conf->credit_wait && conf->server
+        && conf->server->wait < conf->credit_wait_time)
+    {
+        conf->server->wait = conf->credit_wait_time;
     }
 
     return ngx_http_loyalty_merge_offers(cf, conf);
@@ -668,6 +706,7 @@ ngx_http_loyalty_tls_server(ngx_conf_t *cf, ngx_http_loyalty_loc_conf_t *conf)
 
     *s = *server;
     s->ssl = ssl;
+    s->wait = 0;
 
     servers = ngx_array_push(&lmcf->servers);
     if (servers == NULL) {
@@ -1583,6 +1622,112 @@ ngx_http_loyalty_ledger(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     llcf->ledger = n;
 
     return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_http_loyalty_credit_wait(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_loyalty_loc_conf_t *llcf = conf;
+
+    ngx_int_t   n;
+    ngx_msec_t  t;
+    ngx_str_t  *value;
+
+    if (llcf->credit_wait != NGX_CONF_UNSET_UINT) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    if (ngx_strcmp(value[1].data, "off") == 0) {
+
+        if (cf->args->nelts > 2) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "\"loyalty_credit_wait off\" takes no time");
+            return NGX_CONF_ERROR;
+        }
+
+        llcf->credit_wait = 0;
+        return NGX_CONF_OK;
+    }
+
+    n = ngx_atoi(value[1].data, value[1].len);
+
+    if (n == NGX_ERROR || n == 0 || n > NGX_HTTP_LOYALTY_REPLICAS_MAX) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid number of replicas \"%V\" in "
+                           "\"loyalty_credit_wait\", it must be 1 to %d or "
+                           "\"off\"", &value[1], NGX_HTTP_LOYALTY_REPLICAS_MAX);
+        return NGX_CONF_ERROR;
+    }
+
+    llcf->credit_wait = n;
+
+    if (cf->args->nelts == 2) {
+        return NGX_CONF_OK;
+    }
+
+    /* WAIT with 0 would block the connection until the replicas answer */
+
+    t = ngx_parse_time(&value[2], 0);
+
+    if (t == (ngx_msec_t) NGX_ERROR || t == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid time \"%V\" in \"loyalty_credit_wait\"",
+                           &value[2]);
+        return NGX_CONF_ERROR;
+    }
+
+    llcf->credit_wait_time = t;
+
+    return NGX_CONF_OK;
+}
+
+
+/*
+ * A server that credits wait on (loyalty_credit_wait) gets a copy of its
+ * own for them, made once every location is merged: its connections run
+ * those credits and their WAITs, so that no read queues behind a WAIT.
+ * The servers added here come after those they copy, which the worker
+ * initializes first (a Sentinel master's copy joins its sentinels).
+ */
+
+static ngx_int_t
+ngx_http_loyalty_credit_servers(ngx_conf_t *cf,
+    ngx_http_loyalty_main_conf_t *lmcf)
+{
+    ngx_uint_t                  i, n;
+    ngx_http_loyalty_server_t  *server, *s, **servers;
+
+    n = lmcf->servers.nelts;
+
+    for (i = 0; i < n; i++) {
+        server = ((ngx_http_loyalty_server_t **) lmcf->servers.elts)[i];
+
+        if (server->wait == 0) {
+            continue;
+        }
+
+        s = ngx_palloc(cf->pool, sizeof(ngx_http_loyalty_server_t));
+        if (s == NULL) {
+            return NGX_ERROR;
+        }
+
+        *s = *server;
+        s->credits = NULL;
+
+        servers = ngx_array_push(&lmcf->servers);
+        if (servers == NULL) {
+            return NGX_ERROR;
+        }
+
+        *servers = s;
+
+        server->credits = s;
+    }
+
+    return NGX_OK;
 }
 
 

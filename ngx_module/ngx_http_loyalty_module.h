@@ -25,6 +25,8 @@
 #define NGX_HTTP_LOYALTY_FAIL_PASS     0
 #define NGX_HTTP_LOYALTY_FAIL_REJECT   1
 
+#define NGX_HTTP_LOYALTY_REPLICAS_MAX  64      /* loyalty_credit_wait */
+
 
 typedef struct ngx_http_loyalty_credits_s ngx_http_loyalty_credits_t;
 
@@ -128,6 +130,7 @@ typedef struct {
     /* per worker: warnings about invalid ids and Redis error replies */
     ngx_http_loyalty_log_limit_t  invalid_log;
     ngx_http_loyalty_log_limit_t  error_reply_log;
+    ngx_http_loyalty_log_limit_t  wait_log;     /* credits unconfirmed */
 
     ngx_array_t                ssl;       /* ngx_http_loyalty_ssl_t * */
 } ngx_http_loyalty_main_conf_t;
@@ -158,6 +161,8 @@ typedef struct {
     time_t                     expire;          /* 0: off */
     ngx_int_t                  ledger;          /* 0: off */
     ngx_open_file_t           *journal;         /* NULL: error log */
+    ngx_uint_t                 credit_wait;     /* replicas, 0: off */
+    ngx_msec_t                 credit_wait_time;
 
 #if (NGX_SSL)
     ngx_http_loyalty_ssl_conf_t  ssl;

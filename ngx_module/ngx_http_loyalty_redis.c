@@ -267,8 +267,12 @@ ngx_http_loyalty_redis_conn_create(ngx_http_loyalty_server_t *server,
                                        0);
         conn->host.data[conn->host.len] = '\0';
     }
+
+    /* a WAIT is silent for as long as it may wait */
+
     conn->dead = ngx_max(10 * server->connect_timeout,
-                         NGX_HTTP_LOYALTY_DEAD_MIN);
+                         NGX_HTTP_LOYALTY_DEAD_MIN)
+                 + (server->credits ? 0 : server->wait);
 
     ngx_queue_init(&conn->pending);
 
@@ -533,6 +537,37 @@ failed:
 }
 
 
+/*
+ * Queues a command right behind one just sent, on the connection that
+ * took it: the WAIT that follows a credit.  NULL when it cannot be sent
+ * there now.
+ */
+
+ngx_http_loyalty_cmd_t *
+ngx_http_loyalty_redis_send_after(ngx_http_loyalty_cmd_t *prev,
+    ngx_uint_t argc, ngx_str_t *argv, ngx_msec_t timeout,
+    ngx_http_loyalty_reply_pt handler, void *data)
+{
+    ngx_http_loyalty_cmd_t     *cmd;
+    ngx_http_loyalty_server_t  *server;
+
+    server = prev->conn->server;
+
+    cmd = ngx_http_loyalty_redis_command(server, argc, argv, timeout, handler,
+                                         data);
+    if (cmd == NULL) {
+        return NULL;
+    }
+
+    if (ngx_http_loyalty_redis_submit(prev->conn, cmd) != NGX_OK) {
+        ngx_http_loyalty_redis_free(server, cmd);
+        return NULL;
+    }
+
+    return cmd;
+}
+
+
 /* a command, encoded, that is yet to be submitted */
 
 ngx_http_loyalty_cmd_t *
@@ -637,6 +672,7 @@ ngx_http_loyalty_redis_submit(ngx_http_loyalty_conn_t *conn,
     conn->queued += len;
 
     cmd->end = conn->queued;
+    cmd->conn = conn;
     cmd->timedout = 0;
 
     if (ngx_queue_empty(&conn->pending)) {

@@ -125,7 +125,9 @@ typedef struct {
  * worker and master node.  Its owners add setup commands and set events as
  * the worker starts.
  */
-typedef struct {
+typedef struct ngx_http_loyalty_server_s  ngx_http_loyalty_server_t;
+
+struct ngx_http_loyalty_server_s {
     ngx_str_t                  name;            /* as written, for logs */
     ngx_addr_t                 addr;            /* the first seed */
     ngx_str_t                  host;            /* its host, a C string */
@@ -144,6 +146,13 @@ typedef struct {
 
     ngx_resolver_t            *resolver;        /* resolves host again */
     ngx_msec_t                 resolver_timeout;
+
+    /*
+     * loyalty_credit_wait: the longest WAIT of the locations, and the copy
+     * of the server whose connections run their credits
+     */
+    ngx_msec_t                 wait;
+    ngx_http_loyalty_server_t *credits;
 
     ngx_array_t                setup;   /* ngx_http_loyalty_redis_setup_t */
     ngx_http_loyalty_redis_events_t  events;
@@ -167,7 +176,7 @@ typedef struct {
     unsigned                   tls:1;
     unsigned                   named:1;         /* host is a name */
     unsigned                   sentinels:1;     /* a worker's sentinels */
-} ngx_http_loyalty_server_t;
+};
 
 
 /* a reply as built by our hiredis reader functions */
@@ -205,6 +214,7 @@ typedef void (*ngx_http_loyalty_reply_pt)(void *data, ngx_int_t rc,
  */
 struct ngx_http_loyalty_cmd_s {
     ngx_queue_t                 queue;
+    ngx_http_loyalty_conn_t    *conn;           /* the last it was put on */
     ngx_str_t                   command;        /* encoded */
     size_t                      size;           /* of command.data */
     off_t                       end;            /* in the bytes queued */
@@ -229,6 +239,9 @@ ngx_http_loyalty_cmd_t *ngx_http_loyalty_redis_send(
     ngx_http_loyalty_server_t *server, ngx_str_t *key, ngx_uint_t argc,
     ngx_str_t *argv, ngx_msec_t timeout, ngx_http_loyalty_reply_pt handler,
     void *data, ngx_log_t *log);
+ngx_http_loyalty_cmd_t *ngx_http_loyalty_redis_send_after(
+    ngx_http_loyalty_cmd_t *prev, ngx_uint_t argc, ngx_str_t *argv,
+    ngx_msec_t timeout, ngx_http_loyalty_reply_pt handler, void *data);
 void ngx_http_loyalty_redis_cancel(ngx_http_loyalty_cmd_t *cmd);
 
 /* for ngx_http_loyalty_cluster.c: the connections to nodes */

@@ -34,6 +34,7 @@
 
 struct ngx_http_loyalty_sentinel_s {
     ngx_http_loyalty_server_t  *server;         /* the master */
+    ngx_http_loyalty_server_t  *credits;        /* its copy for credits */
     ngx_http_loyalty_server_t   sentinels;
     ngx_pool_t                 *pool;
 
@@ -47,6 +48,8 @@ struct ngx_http_loyalty_sentinel_s {
 };
 
 
+static ngx_int_t ngx_http_loyalty_sentinel_join(
+    ngx_http_loyalty_server_t *server);
 static ngx_int_t ngx_http_loyalty_sentinel_master(
     ngx_http_loyalty_reply_t *reply, void *data, ngx_log_t *log);
 static ngx_int_t ngx_http_loyalty_sentinel_subscribed(
@@ -68,6 +71,10 @@ ngx_http_loyalty_sentinel_init_process(ngx_cycle_t *cycle,
     ngx_pool_t                   *pool;
     ngx_http_loyalty_server_t    *s;
     ngx_http_loyalty_sentinel_t  *sn;
+
+    if (server->sentinel) {
+        return ngx_http_loyalty_sentinel_join(server);
+    }
 
     pool = ngx_create_pool(1024, cycle->log);
     if (pool == NULL) {
@@ -154,6 +161,12 @@ ngx_http_loyalty_sentinel_init_process(ngx_cycle_t *cycle,
 
     server->sentinel = sn;
 
+    if (server->credits) {
+        /* initialized next: its master's connection follows this one */
+        sn->credits = server->credits;
+        server->credits->sentinel = sn;
+    }
+
     /*
      * asked now, so that the first requests find the master known; not by
      * the cache manager and loader, which serve no request
@@ -173,6 +186,38 @@ failed:
 }
 
 
+/*
+ * The copy of a server that runs credits under loyalty_credit_wait asks
+ * no sentinel of its own: one subscribed connection per worker moves the
+ * master's connections of both.
+ */
+
+static ngx_int_t
+ngx_http_loyalty_sentinel_join(ngx_http_loyalty_server_t *server)
+{
+    ngx_http_loyalty_sentinel_t  *sn;
+
+    sn = server->sentinel;
+
+    server->addrs = &sn->addr;
+    server->naddrs = 1;
+    server->hosts = NULL;
+
+    server->conn = ngx_http_loyalty_redis_conn_create(server, NULL, NULL);
+    if (server->conn == NULL) {
+        server->sentinel = NULL;
+        sn->credits = NULL;
+        return NGX_ERROR;
+    }
+
+    if (sn->known) {
+        ngx_http_loyalty_redis_conn_move(server->conn, &sn->addr, &sn->host);
+    }
+
+    return NGX_OK;
+}
+
+
 void
 ngx_http_loyalty_sentinel_exit_process(ngx_http_loyalty_server_t *server)
 {
@@ -180,6 +225,19 @@ ngx_http_loyalty_sentinel_exit_process(ngx_http_loyalty_server_t *server)
 
     sn = server->sentinel;
     server->sentinel = NULL;
+
+    if (sn->server != server) {
+        /* the copy, if it goes first */
+        sn->credits = NULL;
+        ngx_http_loyalty_redis_conn_destroy(server->conn);
+        server->conn = NULL;
+        return;
+    }
+
+    if (sn->credits) {
+        /* the copy's connection goes with the copy */
+        sn->credits->sentinel = NULL;
+    }
 
     ngx_http_loyalty_redis_exit_process(&sn->sentinels);
 
@@ -437,6 +495,11 @@ ngx_http_loyalty_sentinel_set(ngx_http_loyalty_sentinel_t *sn, ngx_str_t *ip,
     sn->known = 1;
 
     ngx_http_loyalty_redis_conn_move(server->conn, &sn->addr, &sn->host);
+
+    if (sn->credits) {
+        ngx_http_loyalty_redis_conn_move(sn->credits->conn, &sn->addr,
+                                         &sn->host);
+    }
 
     return NGX_OK;
 

@@ -89,7 +89,7 @@ class FakeRedis:
         self.accepted = 0
         self.errors = []            # exceptions raised in server threads
         self._answers = {"HMGET": [], "EVALSHA": [], "SCRIPT": [],
-                         "AUTH": [], "SELECT": [], "ROLE": []}
+                         "AUTH": [], "SELECT": [], "ROLE": [], "WAIT": []}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._conns = []
@@ -111,7 +111,7 @@ class FakeRedis:
 
     def queue(self, command, *answers):
         """Queue hostile answers for the next HMGET, EVALSHA/EVAL, SCRIPT,
-        AUTH or SELECT commands, one per command: each a list of steps,
+        AUTH, SELECT, ROLE or WAIT commands, one per command: each a list of steps,
         plain bytes, one step, or a callable(args) returning steps."""
         with self._lock:
             for a in answers:
@@ -234,7 +234,8 @@ class FakeRedis:
             return [b"+PONG\r\n"]
         key = {b"HMGET": "HMGET", b"EVALSHA": "EVALSHA", b"EVAL": "EVALSHA",
                b"SCRIPT": "SCRIPT", b"AUTH": "AUTH",
-               b"SELECT": "SELECT", b"ROLE": "ROLE"}.get(name)
+               b"SELECT": "SELECT", b"ROLE": "ROLE",
+               b"WAIT": "WAIT"}.get(name)
         if key:
             with self._lock:
                 answer = (self._answers[key].pop(0) if self._answers[key]
@@ -255,6 +256,9 @@ class FakeRedis:
         if name == b"HMGET":
             rec = self.records.get(args[1].decode("utf-8", "replace"), {})
             return array(*[bulk(rec.get(f.decode())) for f in args[2:]])
+        if name == b"WAIT":
+            # a master without replicas
+            return integer(0)
         if name in (b"EVALSHA", b"EVAL"):
             # applied: earned:redeem as asked, balance 0, no shortfall
             return array(integer(1), bulk(b"%s:%s" % (args[6], args[7])),

@@ -41,6 +41,10 @@ Tools for the tests:
                                    replica of the current master
     g.wait_ready(), g.wait_replicated(), g.reset(), g.stop()
 
+Without sentinels: pair(redis_factory) gives a master and its replica
+(two conftest.RedisServer of the test), wait_replicated(m, r) waits for
+the replica to catch up.
+
 FakeSentinel is a scripted sentinel (on fake_redis.FakeRedis) for what
 real sentinels do not do on demand: it names the master the test sets
 (fake.master, a port, or None: "does not know"), confirms SUBSCRIBEs and
@@ -496,6 +500,27 @@ class SentinelGroup:
                    0.05, "the restarted :%d to replicate :%d"
                    % (server.port, self.master.port))
         self.wait_ready()
+
+
+def pair(redis_factory):
+    """Two redis-servers of this test, the second a replica of the first
+    with its link up (a full sync at once: no diskless delay)."""
+    m, r = redis_factory(), redis_factory()
+    for s in (m, r):
+        s.client.config_set("repl-diskless-sync-delay", 0)
+    r.client.replicaof("127.0.0.1", m.port)
+    wait_until(lambda: r.client.info("replication").get(
+        "master_link_status") == "up", 10 * SLOW, 0.05,
+        "the replica's link up")
+    return m, r
+
+
+def wait_replicated(m, r):
+    def caught_up():
+        off = int(m.client.info("replication")["master_repl_offset"])
+        return int(r.client.info("replication").get(
+            "slave_repl_offset", -1)) >= off
+    wait_until(caught_up, 10 * SLOW, 0.02, "the replica caught up")
 
 
 def start_group(tmp_root, **kw):

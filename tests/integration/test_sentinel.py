@@ -29,8 +29,8 @@ from conftest import SLOW, checkout_conf, expected, log_lines, wait_until
 from credit_support import (JOURNAL, amount_of, hkey, journal_path,
                             ledger_entries, marker, order, read_journal,
                             record, replay, settle, wait_marker)
-from sentinel_support import (NAME, make_fake_sentinel, sentinel_edge_conf,
-                              start_group)
+from sentinel_support import (NAME, make_fake_sentinel, pair,
+                              sentinel_edge_conf, start_group, wait_replicated)
 
 
 UNAVAILABLE = expected("unavailable")
@@ -179,27 +179,6 @@ def stays(fn, want, seconds, what="reads"):
         count += 1
         time.sleep(0.05)
     return count
-
-
-def pair(redis_factory):
-    """Two redis-servers of this test, the second a replica of the first
-    with its link up (a full sync at once: no diskless delay)."""
-    m, r = redis_factory(), redis_factory()
-    for s in (m, r):
-        s.client.config_set("repl-diskless-sync-delay", 0)
-    r.client.replicaof("127.0.0.1", m.port)
-    wait_until(lambda: r.client.info("replication").get(
-        "master_link_status") == "up", 10 * SLOW, 0.05,
-        "the replica's link up")
-    return m, r
-
-
-def wait_replicated(m, r):
-    def caught_up():
-        off = int(m.client.info("replication")["master_repl_offset"])
-        return int(r.client.info("replication").get(
-            "slave_repl_offset", -1)) >= off
-    wait_until(caught_up, 10 * SLOW, 0.02, "the replica caught up")
 
 
 def subscribed(g):
