@@ -684,20 +684,24 @@ def test_readonly_reply_finds_the_master(fakes, redis_factory, nginx):
 # failovers during a stream of orders
 
 
-def failover_during_stream(groups, nginx, how):
+def failover_during_stream(groups, nginx, how, wait=False):
     """Orders from 4 threads on 2 workers; after 60 of them the master is
     failed over (SENTINEL FAILOVER) or killed (kill -9).  Right after the
     sentinels name the new master, a probe customer gets a value there
     only: reads must give it within RECOVERY s; every order answered
     later than that reads ok; none is credited twice in the new master.
-    Prints what was lost."""
+    Prints what was lost.  With wait (loyalty_credit_wait 1), nothing may
+    be lost: every confirmed order is applied in the new master or
+    journaled; a killed master is started again as a replica, so that the
+    new master has one to confirm credits."""
     g = groups()
     cids = ["%s%02d" % (how[:2], i) for i in range(8)]
     for cid in cids:
         g.seed(cid)
     g.seed("probe", points=1, lifetime=1, orders=1)
     g.wait_replicated()
-    n = nginx(sentinel_edge_conf(g.loyalty_redis(), http=JOURNAL),
+    http = JOURNAL + ("\nloyalty_credit_wait 1;\n" if wait else "")
+    n = nginx(sentinel_edge_conf(g.loyalty_redis(), http=http),
               workers=2)
     wait_streak(lambda: visit(n, "probe"), ("ok", "1"), 5 * SLOW,
                 allowed=[("unavailable", None)], what="reads before")
@@ -714,6 +718,8 @@ def failover_during_stream(groups, nginx, how):
             allowed=[("ok", "1"), ("unavailable", None)],
             what="reads on the new master")
         new_before = g.master.hmget_calls()
+        if wait and how == "kill":
+            g.restart_as_replica(old)
         # orders go on past the recovery bound
         wait_until(lambda: time.monotonic() > sw.reported + RECOVERY + 1.5,
                    RECOVERY + 5, 0.05, "the stream to go on")
@@ -752,17 +758,20 @@ def failover_during_stream(groups, nginx, how):
     applied = at_most_once(client, orders)
     lost = [o for o in orders if (o[0], o[1]) not in applied
             and (o[0], o[1]) not in journaled]
-    print("%s of :%d after %d orders: :%d named %.2f s later, reads ok "
+    print("%s%s of :%d after %d orders: :%d named %.2f s later, reads ok "
           "%.2f s after that; %d orders confirmed, %d applied in the new "
           "master, %d journaled, LOST %d (confirmed, in neither), none "
           "credited twice"
           % ("SENTINEL FAILOVER" if how == "failover" else "kill -9",
+             " (loyalty_credit_wait 1)" if wait else "",
              sw.old, at, sw.new, sw.reported - sw.started, recovery,
              len(orders), len(applied), len(entries), len(lost)))
     if lost:
         print("lost: %r" % lost[:20])
     assert recovery <= RECOVERY, "reads ok %.2f s after the sentinels " \
         "named the new master" % recovery
+    if wait:
+        assert lost == [], "confirmed orders lost with loyalty_credit_wait"
 
 
 def test_failover_during_stream(groups, nginx):
@@ -771,6 +780,14 @@ def test_failover_during_stream(groups, nginx):
 
 def test_kill_master_during_stream(groups, nginx):
     failover_during_stream(groups, nginx, "kill")
+
+
+def test_failover_during_stream_credit_wait(groups, nginx):
+    failover_during_stream(groups, nginx, "failover", wait=True)
+
+
+def test_kill_master_during_stream_credit_wait(groups, nginx):
+    failover_during_stream(groups, nginx, "kill", wait=True)
 
 
 # --------------------------------------------------------------------------
