@@ -311,6 +311,7 @@ ngx_http_loyalty_credit_send(ngx_http_loyalty_credit_t *cr, ngx_log_t *log)
     u_char                        *p;
     ngx_str_t                      argv[14];
     ngx_uint_t                     argc;
+    ngx_msec_t                     timeout;
     ngx_http_loyalty_cmd_t        *cmd;
     ngx_http_loyalty_server_t     *server;
     ngx_http_loyalty_loc_conf_t   *llcf;
@@ -386,20 +387,22 @@ ngx_http_loyalty_credit_send(ngx_http_loyalty_credit_t *cr, ngx_log_t *log)
 
     server = llcf->server;
     argc = 13;
+    timeout = llcf->timeout;
 
     if (llcf->credit_wait) {
         /*
-         * the credits' own connection; and a duplicate writes too, so
-         * that the WAIT behind it covers the order's first write
+         * the credits' own connection, where a credit may follow the WAIT
+         * of another; and a duplicate writes too, so that the WAIT behind
+         * it covers the order's first write
          */
 
         server = server->credits;
+        timeout += llcf->credit_wait_time;
         ngx_str_set(&argv[13], "1");
         argc = 14;
     }
 
-    cmd = ngx_http_loyalty_redis_send(server, &argv[3], argc, argv,
-                                      llcf->timeout,
+    cmd = ngx_http_loyalty_redis_send(server, &argv[3], argc, argv, timeout,
                                       ngx_http_loyalty_credit_handler, cr,
                                       log);
     if (cmd == NULL) {
@@ -447,7 +450,7 @@ ngx_http_loyalty_credit_wait(ngx_http_loyalty_credit_t *cr)
     argv[2].len = p - argv[2].data;
 
     cr->wait = ngx_http_loyalty_redis_send_after(cr->cmd, 3, argv,
-                                                 llcf->credit_wait_time
+                                                 2 * llcf->credit_wait_time
                                                  + llcf->timeout,
                                                  ngx_http_loyalty_credit_waited,
                                                  cr);

@@ -1029,6 +1029,21 @@ def fake_redis():
 # small helpers shared by the test files
 
 
+class Paused:
+    """The replica stopped (SIGSTOP) for the with block: its master keeps
+    the link, and no acknowledgement comes."""
+
+    def __init__(self, server):
+        self.server = server        # a RedisServer, a cluster node
+
+    def __enter__(self):
+        os.kill(self.server.proc.pid, signal.SIGSTOP)
+        return self
+
+    def __exit__(self, *exc):
+        os.kill(self.server.proc.pid, signal.SIGCONT)
+
+
 def run_parallel(fn, args, threads=20, timeout=30):
     """[fn(a) for a in args] on a thread pool; results in order."""
     import concurrent.futures

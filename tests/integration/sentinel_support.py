@@ -512,6 +512,11 @@ def pair(redis_factory):
     wait_until(lambda: r.client.info("replication").get(
         "master_link_status") == "up", 10 * SLOW, 0.05,
         "the replica's link up")
+    # after a diskless sync the master streams to the replica (and counts
+    # it in WAIT) only from its first REPLCONF ACK, up to a second later
+    wait_until(lambda: m.client.info("replication").get(
+        "slave0", {}).get("state") == "online", 10 * SLOW, 0.05,
+        "the replica online in the master's view")
     return m, r
 
 

@@ -16,7 +16,7 @@ from cluster_support import (ASK, CONNECTIONS, FAILOVERS, MOVED, REFRESHES,
                              TRYAGAIN, cluster_edge_conf, customer_slot,
                              key_slot, make_fake_node, metric, metrics,
                              slots_reply, start_cluster)
-from conftest import SLOW, run_parallel, wait_until
+from conftest import SLOW, Paused, run_parallel, wait_until
 from credit_support import (JOURNAL, REPLAY, amount_of, check_covered,
                             check_exact, hkey, journal_path, ledger, marker,
                             order, read_journal, record, replay, settle,
@@ -683,3 +683,55 @@ def test_clusterdown_reply(fakes, nginx):
     wait_until(lambda: metric(metrics(n.port),
                               'loyalty_credits_total{result="applied"}') >= 1,
                10 * SLOW, 0.1, "the retried credit applied")
+
+
+# --------------------------------------------------------------------------
+# loyalty_credit_wait
+
+
+def test_credit_wait_per_node(own_cluster, nginx):
+    """loyalty_credit_wait 1 in a cluster: each credit's WAIT runs on the
+    master that ran the credit.  With one master's replica stopped, the
+    credits of that master's customers are not counted applied (sent
+    again), those of the other masters are; once it runs again, every
+    credit is applied exactly once."""
+    c = own_cluster
+    applied = 'loyalty_credits_total{result="applied"}'
+    retried = 'loyalty_credits_total{result="retried"}'
+    n = edge(nginx, c, http=JOURNAL + "\nloyalty_credit_wait 1 300ms;\n")
+    cids = c.customers_covering_every_master(2, tag="cw")
+    for cid in cids:
+        c.seed(cid)
+    masters = c.master_ports()
+    def wait_calls(port):
+        stats = c.client(port).info("commandstats")
+        return int(stats.get("cmdstat_wait", {}).get("calls", 0))
+    waits = {p: wait_calls(p) for p in masters}
+    for cid in cids:
+        assert order(n, cid, "10.00", cid + "-a").status == 200
+    wait_until(lambda: metric(metrics(n.port), applied) == len(cids),
+               10 * SLOW, 0.05, "every credit applied")
+    for p in masters:
+        assert wait_calls(p) - waits[p] >= 2, "no WAIT on :%d" % p
+    victim = masters[0]
+    mine = [cid for cid in cids if c.owner_of(cid) == victim]
+    assert len(mine) == 2
+    with Paused(c.node(c.replicas_of(victim)[0])):
+        before = metric(metrics(n.port), retried)
+        for cid in cids:
+            assert order(n, cid, "10.00", cid + "-b").status == 200
+        wait_until(lambda: metric(metrics(n.port), applied)
+                   == 2 * len(cids) - len(mine), 10 * SLOW, 0.05,
+                   "the other masters' credits applied")
+        wait_until(lambda: metric(metrics(n.port), retried) >= before + 2,
+                   10 * SLOW, 0.05, "the paused master's credits again")
+        assert metric(metrics(n.port), applied) == 2 * len(cids) - len(mine)
+    wait_until(lambda: metric(metrics(n.port), applied) == 2 * len(cids),
+               10 * SLOW, 0.05, "every credit applied once it runs")
+    cc = c.cluster_client()
+    for cid in cids:
+        rec = record(cc, cid)
+        assert (rec["points"], rec["orders"]) == (20, 2), (cid, rec)
+        assert cc.xlen(ledger(cid)) == 2
+    assert n.stop() is None
+    assert read_journal(journal_path(n)) == []

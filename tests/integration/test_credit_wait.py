@@ -11,14 +11,12 @@ Real servers: a master and a replica (sentinel_support.pair); the
 replica is paused with SIGSTOP to hold the WAITs back.  The Sentinel and
 Cluster cases are in test_sentinel.py and test_cluster.py."""
 
-import os
 import re
-import signal
 
 import pytest
 
 from cluster_support import metric, metrics
-from conftest import SLOW, log_lines, wait_until
+from conftest import SLOW, Paused, log_lines, wait_until
 from credit_support import (JOURNAL, edge_conf, hkey, journal_path, ledger,
                             marker, order, read_journal, record, settle,
                             wait_marker)
@@ -52,21 +50,6 @@ def waits(server):
     """WAIT commands the server has run."""
     stats = server.client.info("commandstats")
     return int(stats.get("cmdstat_wait", {}).get("calls", 0))
-
-
-class Paused:
-    """The replica stopped (SIGSTOP) for the with block: its master keeps
-    the link, and no acknowledgement comes."""
-
-    def __init__(self, server):
-        self.server = server
-
-    def __enter__(self):
-        os.kill(self.server.proc.pid, signal.SIGSTOP)
-        return self
-
-    def __exit__(self, *exc):
-        os.kill(self.server.proc.pid, signal.SIGCONT)
 
 
 # --------------------------------------------------------------------------
