@@ -326,3 +326,47 @@ def test_script_wrong_type_refused(script):
                   "o", "1")
     assert r.get("loyalty:{m}") == "not a hash"
     assert not r.exists("loyalty:{m}:order:o", "loyalty:{m}:ledger")
+
+
+@pytest.mark.parametrize("ttl", [MARK_TTL, None], ids=["marker-ttl",
+                                                       "marker-no-ttl"])
+def test_script_duplicate_writes_for_wait(script, ttl):
+    """ARGV[8] "1" (loyalty_credit_wait): a duplicate writes its marker
+    again, the same value and expiry, so that a WAIT behind it covers the
+    order's first write (Redis counts a change).  Without it a
+    duplicate writes nothing.  The record, ledger and reply are those of
+    any duplicate."""
+    r, sha = script
+    key, marker, ledger = "loyalty:{w}", "loyalty:{w}:order:o", \
+        "loyalty:{w}:ledger"
+    r.delete(key, marker, ledger)
+    r.hset(key, mapping={"points": "5", "lifetime": "5", "orders": "1"})
+    if ttl:
+        r.set(marker, "5:0", ex=ttl)
+    else:
+        r.set(marker, "5:0")
+    args = ["5", "0", "1700000000", "100", "0", "o", "5.00"]
+
+    def offset():
+        # writes since the last save: what is replicated, and WAIT covers
+        return int(r.info("persistence")["rdb_changes_since_last_save"])
+
+    def run(*extra):
+        before = offset()
+        reply = r.evalsha(sha, 3, key, marker, ledger, *(args + list(extra)))
+        return reply, offset() - before
+
+    pttl = r.pttl(marker)
+    reply, moved = run()
+    assert (reply, moved) == ([0, "5:0"], 0)
+    for extra in ("0", ""):
+        assert run(extra) == ([0, "5:0"], 0), extra
+    reply, moved = run("1")
+    assert reply == [0, "5:0"] and moved > 0
+    assert r.get(marker) == "5:0"
+    if ttl:
+        assert pttl - 2000 <= r.pttl(marker) <= pttl
+    else:
+        assert r.ttl(marker) == -1
+    assert r.hgetall(key) == {"points": "5", "lifetime": "5", "orders": "1"}
+    assert not r.exists(ledger)
