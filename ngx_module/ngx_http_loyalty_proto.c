@@ -28,7 +28,7 @@
  */
 
 
-#define NGX_HTTP_LOYALTY_REPLY_ELTS_MAX   16
+#define NGX_HTTP_LOYALTY_REPLY_ELTS_MAX   16384   /* CLUSTER SLOTS ranges */
 #define NGX_HTTP_LOYALTY_REPLY_DEPTH_MAX  8
 
 
@@ -390,8 +390,9 @@ ngx_http_loyalty_reply_array(const redisReadTask *task,
     }
 
     /*
-     * No reply of ours has more than a few elements: a larger count is
-     * refused before anything is allocated for it, and the reader fails.
+     * No reply of ours has more elements than CLUSTER SLOTS can have
+     * ranges, one per slot at most: a larger count is refused before
+     * anything is allocated for it, and the reader fails.
      */
 
     if (elements > NGX_HTTP_LOYALTY_REPLY_ELTS_MAX) {

@@ -16,7 +16,7 @@ from cluster_support import (ASK, CONNECTIONS, FAILOVERS, MOVED, REFRESHES,
                              TRYAGAIN, cluster_edge_conf, customer_slot,
                              key_slot, make_fake_node, metric, metrics,
                              slots_reply, start_cluster)
-from conftest import SLOW, Paused, run_parallel, wait_until
+from conftest import SLOW, Paused, check_location, run_parallel, wait_until
 from credit_support import (JOURNAL, REPLAY, amount_of, check_covered,
                             check_exact, hkey, journal_path, ledger, marker,
                             order, read_journal, record, replay, settle,
@@ -140,21 +140,6 @@ def test_fixture_failover(own_cluster):
 # nginx -t
 
 
-def check(nginx, lines, http=""):
-    conf = http + """
-    server {
-        listen 127.0.0.1:{port};
-        location / {
-            loyalty on;
-            loyalty_customer $cookie_cid;
-            %s
-            return 204;
-        }
-    }
-""" % lines
-    return nginx.check_config(conf)
-
-
 def assert_rejected(chk, directive, line_text):
     import re
     rc, out = chk
@@ -175,9 +160,9 @@ SEEDS = "127.0.0.1:7001 127.0.0.1:7002 127.0.0.1:7003"
     "loyalty_redis %s cluster db=0;" % SEEDS,
 ])
 def test_config_cluster_accepted(nginx, line):
-    rc, out = check(nginx, line)
+    rc, out = check_location(nginx, line)
     assert rc == 0, out
-    rc, out = check(nginx, "", http=line + "\n")
+    rc, out = check_location(nginx, "", http=line + "\n")
     assert rc == 0, out
 
 
@@ -191,7 +176,7 @@ def test_config_cluster_accepted(nginx, line):
 ], ids=["db1", "seeds-without-cluster", "prefix-open-brace",
         "prefix-close-brace"])
 def test_config_cluster_refused(nginx, lines, directive, line):
-    assert_rejected(check(nginx, lines), directive, line or lines.strip())
+    assert_rejected(check_location(nginx, lines), directive, line or lines.strip())
 
 
 # --------------------------------------------------------------------------
@@ -663,6 +648,29 @@ def test_failed_refresh_still_works_by_moved(fakes, nginx):
     print("%d CLUSTER SLOTS in %.1f s with %d workers" % (calls, elapsed,
                                                           workers))
     assert calls <= workers * (elapsed + 2), "refresh storm: %d" % calls
+
+
+@pytest.mark.parametrize("ranges", [17, 16384])
+def test_many_slot_ranges(fakes, nginx, ranges):
+    """A slot map of many ranges (a cluster resharded slot by slot, or
+    with many masters): the map is taken whole.  Regression: replies of
+    more than 16 elements were refused as a protocol error, so that no map
+    of more than 16 ranges was ever used."""
+    a, b = fakes(), fakes()
+    size = 16384 // ranges
+    spans = [(i * size, 16383 if i == ranges - 1 else (i + 1) * size - 1,
+              (a, b)[i % 2].port) for i in range(ranges)]
+    a.slots = slots_reply(spans)
+    cids = ["mr%d" % i for i in range(40)]
+    for cid in cids:
+        owner = [p for first, last, p in spans
+                 if first <= customer_slot(cid) <= last][0]
+        (a if owner == a.port else b).seed(cid, points=4, lifetime=4,
+                                           orders=1)
+    n = edge(nginx, None, seeds="127.0.0.1:%d" % a.port)
+    for cid in cids:
+        assert read(n, cid) == ("ok", "4"), cid
+    assert a.calls("HMGET") and b.calls("HMGET")
 
 
 def test_clusterdown_reply(fakes, nginx):
