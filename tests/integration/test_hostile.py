@@ -1449,7 +1449,10 @@ def test_fake_redis_role(fake_redis, nginx, case):
     assert r.status == 200
     assert r.loyalty == (expected("unavailable") if error else GOOD_OK), \
         r.loyalty
-    assert fake.connection_commands(1)[:2] == ["ROLE", "SCRIPT"]
+    # ROLE first, then the script; a connection that ROLE fails may be
+    # closed before the fake has read the SCRIPT LOAD behind it
+    sent = fake.connection_commands(1)[:2]
+    assert sent == ["ROLE", "SCRIPT"] or (error and sent == ["ROLE"]), sent
     if error:
         assert level_lines(n, error, ("error",)), n.error_log()
         # the next connection finds a master again
