@@ -30,7 +30,6 @@ static ngx_int_t ngx_http_loyalty_balance_send(ngx_http_request_t *r,
     ngx_http_loyalty_ctx_t *ctx);
 static ngx_int_t ngx_http_loyalty_balance_json(ngx_http_request_t *r,
     ngx_http_loyalty_ctx_t *ctx, ngx_uint_t known, ngx_str_t *json);
-static ngx_int_t ngx_http_loyalty_balance_no_store(ngx_http_request_t *r);
 
 
 /* a known customer's fields after "status" and "customer" */
@@ -136,7 +135,7 @@ ngx_http_loyalty_balance_send(ngx_http_request_t *r,
         status = NGX_HTTP_UNAUTHORIZED;
     }
 
-    if (ngx_http_loyalty_balance_no_store(r) != NGX_OK) {
+    if (ngx_http_loyalty_no_store(r) != NGX_OK) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
@@ -221,8 +220,8 @@ ngx_http_loyalty_balance_json(ngx_http_request_t *r,
  * "expires" in the location says otherwise (it replaces this header).
  */
 
-static ngx_int_t
-ngx_http_loyalty_balance_no_store(ngx_http_request_t *r)
+ngx_int_t
+ngx_http_loyalty_no_store(ngx_http_request_t *r)
 {
     ngx_table_elt_t   *h;
 #if (nginx_version < 1023000)

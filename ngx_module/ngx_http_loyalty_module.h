@@ -274,6 +274,11 @@ ngx_http_loyalty_ssl_t *ngx_http_loyalty_ssl_get(ngx_conf_t *cf,
 /* ngx_http_loyalty_balance.c */
 char *ngx_http_loyalty_balance(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+ngx_int_t ngx_http_loyalty_no_store(ngx_http_request_t *r);
+
+
+/* ngx_http_loyalty_api.c */
+char *ngx_http_loyalty_api(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 
 
 #endif /* _NGX_HTTP_LOYALTY_MODULE_H_INCLUDED_ */

@@ -1029,6 +1029,23 @@ def fake_redis():
 # small helpers shared by the test files
 
 
+def check_location(nginx, lines, http=""):
+    """`nginx -t` of a location with `loyalty on` and the given lines (and
+    http-level lines): a ConfigCheck."""
+    conf = http + """
+    server {
+        listen 127.0.0.1:{port};
+        location / {
+            loyalty on;
+            loyalty_customer $cookie_cid;
+            %s
+            return 204;
+        }
+    }
+""" % lines
+    return nginx.check_config(conf)
+
+
 class Paused:
     """The replica stopped (SIGSTOP) for the with block: its master keeps
     the link, and no acknowledgement comes."""

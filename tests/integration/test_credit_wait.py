@@ -16,7 +16,7 @@ import re
 import pytest
 
 from cluster_support import metric, metrics
-from conftest import SLOW, Paused, log_lines, wait_until
+from conftest import SLOW, Paused, check_location, log_lines, wait_until
 from credit_support import (JOURNAL, edge_conf, hkey, journal_path, ledger,
                             marker, order, read_journal, record, settle,
                             wait_marker)
@@ -56,21 +56,6 @@ def waits(server):
 # nginx -t
 
 
-def check(nginx, lines_, http=""):
-    conf = http + """
-    server {
-        listen 127.0.0.1:{port};
-        location / {
-            loyalty on;
-            loyalty_customer $cookie_cid;
-            %s
-            return 204;
-        }
-    }
-""" % lines_
-    return nginx.check_config(conf)
-
-
 @pytest.mark.parametrize("line", [
     "loyalty_credit_wait 1;",
     "loyalty_credit_wait 2 250ms;",
@@ -78,9 +63,9 @@ def check(nginx, lines_, http=""):
     "loyalty_credit_wait off;",
 ])
 def test_config_accepted(nginx, line):
-    rc, out = check(nginx, line)
+    rc, out = check_location(nginx, line)
     assert rc == 0, out
-    rc, out = check(nginx, "", http=line + "\n")
+    rc, out = check_location(nginx, "", http=line + "\n")
     assert rc == 0, out
 
 
@@ -97,7 +82,7 @@ def test_config_accepted(nginx, line):
     ("loyalty_credit_wait 1; loyalty_credit_wait 2;", ["is duplicate"]),
 ])
 def test_config_refused(nginx, line, words):
-    chk = check(nginx, line)
+    chk = check_location(nginx, line)
     rc, out = chk
     assert rc != 0, "nginx -t accepted:\n%s" % out
     where = "in %s:%d" % (chk.conf, chk.line_of(line))

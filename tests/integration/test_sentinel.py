@@ -25,7 +25,8 @@ import time
 import pytest
 import redis as redis_lib
 
-from conftest import SLOW, checkout_conf, expected, log_lines, wait_until
+from conftest import (SLOW, check_location, checkout_conf, expected,
+                      log_lines, wait_until)
 from credit_support import (JOURNAL, amount_of, hkey, journal_path,
                             ledger_entries, marker, order, read_journal,
                             record, replay, settle, wait_marker)
@@ -367,21 +368,6 @@ def test_fixture_fake_sentinel(fakes):
 # nginx -t
 
 
-def check(nginx, lines_, http=""):
-    conf = http + """
-    server {
-        listen 127.0.0.1:{port};
-        location / {
-            loyalty on;
-            loyalty_customer $cookie_cid;
-            %s
-            return 204;
-        }
-    }
-""" % lines_
-    return nginx.check_config(conf)
-
-
 SENTINELS = "127.0.0.1:26379 127.0.0.1:26380 127.0.0.1:26381"
 
 
@@ -393,9 +379,9 @@ SENTINELS = "127.0.0.1:26379 127.0.0.1:26380 127.0.0.1:26381"
     "loyalty_redis %s sentinel=mymaster sentinel_password=sp;" % SENTINELS,
 ], ids=["three", "one", "every-param", "sentinel-password"])
 def test_config_sentinel_accepted(nginx, line):
-    rc, out = check(nginx, line)
+    rc, out = check_location(nginx, line)
     assert rc == 0, out
-    rc, out = check(nginx, "", http=line + "\n")
+    rc, out = check_location(nginx, "", http=line + "\n")
     assert rc == 0, out
 
 
@@ -424,8 +410,8 @@ REFUSED = [
                          ids=[c[0] for c in REFUSED])
 @pytest.mark.parametrize("level", ["location", "http"])
 def test_config_sentinel_refused(nginx, line, words, good, level):
-    chk = check(nginx, line) if level == "location" else \
-        check(nginx, "", http=line + "\n")
+    chk = check_location(nginx, line) if level == "location" else \
+        check_location(nginx, "", http=line + "\n")
     rc, out = chk
     assert rc != 0, "nginx -t accepted:\n%s" % out
     where = "in %s:%d" % (chk.conf, chk.line_of(line))
@@ -435,7 +421,7 @@ def test_config_sentinel_refused(nginx, line, words, good, level):
     for w in words:
         assert w in hits[0], (w, hits[0])
     # the same line without the fault is valid: the refusal is about it
-    rc, out = check(nginx, good)
+    rc, out = check_location(nginx, good)
     assert rc == 0, out
 
 
