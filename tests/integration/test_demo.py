@@ -9,8 +9,8 @@ import json
 import os
 import subprocess
 
-from conftest import (NGINX_BIN, _module_path, free_port, http_request,
-                      track, wait_until)
+from conftest import (NGINX_BIN, SLOW, _module_path, free_port,
+                      http_request, track, wait_until)
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -91,6 +91,15 @@ def test_demo_conf(redis, tmp_root):
         assert r.header("Cache-Control") == "no-store"
 
         assert http_request(edge, "/api/loyalty").status == 401
+
+        # the checkout's credit, in the ledger the shop's API shows
+        wait_until(lambda: json.loads(http_request(
+            edge, "/loyalty-api/ledger?customer=alice").body)["entries"],
+            5 * SLOW, 0.05, "alice's ledger entry")
+        r = http_request(edge, "/loyalty-api/ledger?customer=alice")
+        entry = json.loads(r.body)["entries"][0]
+        # gold earns twice: 59.90 x 2, rounded down
+        assert (entry["amount"], entry["earned"]) == ("59.90", 119), entry
 
         r = http_request(edge, "/metrics")
         assert r.status == 200, r
