@@ -162,6 +162,8 @@ static ngx_int_t ngx_http_loyalty_redis_process(
     ngx_http_loyalty_conn_t *conn);
 static ngx_int_t ngx_http_loyalty_redis_reply(ngx_http_loyalty_conn_t *conn,
     ngx_http_loyalty_reply_t *reply);
+static ngx_uint_t ngx_http_loyalty_redis_pushed(
+    ngx_http_loyalty_reply_t *reply);
 static void ngx_http_loyalty_redis_dummy_handler(ngx_event_t *ev);
 static void ngx_http_loyalty_redis_deadline_handler(ngx_event_t *ev);
 static void ngx_http_loyalty_redis_backoff_handler(ngx_event_t *ev);
@@ -1727,8 +1729,14 @@ ngx_http_loyalty_redis_reply(ngx_http_loyalty_conn_t *conn,
     c = conn->connection;
     server = conn->server;
 
-    if (ngx_queue_empty(&conn->pending)) {
+    /*
+     * on a subscribed connection, a message comes whenever it is sent,
+     * between the replies to commands (PING)
+     */
 
+    if (ngx_queue_empty(&conn->pending)
+        || (server->message && ngx_http_loyalty_redis_pushed(reply)))
+    {
         if (server->message == NULL) {
             goto unexpected;
         }
@@ -1817,6 +1825,25 @@ unexpected:
     ngx_http_loyalty_redis_fail(conn);
 
     return NGX_ERROR;
+}
+
+
+/* a published message: ["message", channel, text] */
+
+static ngx_uint_t
+ngx_http_loyalty_redis_pushed(ngx_http_loyalty_reply_t *reply)
+{
+    ngx_http_loyalty_reply_t  *e;
+
+    if (reply->type != NGX_HTTP_LOYALTY_REPLY_ARRAY || reply->nelts != 3) {
+        return 0;
+    }
+
+    e = reply->element[0];
+
+    return e->type == NGX_HTTP_LOYALTY_REPLY_STRING
+           && e->str.len == sizeof("message") - 1
+           && ngx_strncmp(e->str.data, "message", e->str.len) == 0;
 }
 
 

@@ -26,10 +26,14 @@
  * that connection, and the next sentinel is asked after the backoff.
  * When the master's connection fails (lost, READONLY, ROLE not master),
  * the sentinels are asked again: the subscribed connection is made anew.
+ * A PING every second keeps a reply due on the subscribed connection, so
+ * that a sentinel cut off without a reset is found silent (no reply for
+ * 10 times the timeout, at least a second) and the next one asked.
  */
 
 
 #define NGX_HTTP_LOYALTY_SENTINEL_CHANNEL  "+switch-master"
+#define NGX_HTTP_LOYALTY_SENTINEL_PING     1000
 
 
 struct ngx_http_loyalty_sentinel_s {
@@ -37,6 +41,7 @@ struct ngx_http_loyalty_sentinel_s {
     ngx_http_loyalty_server_t  *credits;        /* its copy for credits */
     ngx_http_loyalty_server_t   sentinels;
     ngx_pool_t                 *pool;
+    ngx_event_t                 ping;
 
     ngx_addr_t                  addr;           /* of the master */
     ngx_sockaddr_t              sockaddr;
@@ -61,6 +66,7 @@ static ngx_int_t ngx_http_loyalty_sentinel_set(
     ngx_uint_t switched, ngx_log_t *log);
 static ngx_uint_t ngx_http_loyalty_sentinel_is(ngx_http_loyalty_reply_t *r,
     char *s, size_t len);
+static void ngx_http_loyalty_sentinel_ping(ngx_event_t *ev);
 
 
 ngx_int_t
@@ -174,6 +180,13 @@ ngx_http_loyalty_sentinel_init_process(ngx_cycle_t *cycle,
 
     if (ngx_process != NGX_PROCESS_HELPER) {
         ngx_http_loyalty_redis_reconnect(s->conn);
+
+        sn->ping.handler = ngx_http_loyalty_sentinel_ping;
+        sn->ping.data = sn;
+        sn->ping.log = cycle->log;
+        sn->ping.cancelable = 1;
+
+        ngx_add_timer(&sn->ping, NGX_HTTP_LOYALTY_SENTINEL_PING);
     }
 
     return NGX_OK;
@@ -237,6 +250,10 @@ ngx_http_loyalty_sentinel_exit_process(ngx_http_loyalty_server_t *server)
     if (sn->credits) {
         /* the copy's connection goes with the copy */
         sn->credits->sentinel = NULL;
+    }
+
+    if (sn->ping.timer_set) {
+        ngx_del_timer(&sn->ping);
     }
 
     ngx_http_loyalty_redis_exit_process(&sn->sentinels);
@@ -520,4 +537,30 @@ ngx_http_loyalty_sentinel_is(ngx_http_loyalty_reply_t *r, char *s, size_t len)
     return r->type == NGX_HTTP_LOYALTY_REPLY_STRING
            && r->str.len == len
            && ngx_strncmp(r->str.data, s, len) == 0;
+}
+
+
+/* a PING on the subscribed connection, its reply dropped when it comes */
+
+static void
+ngx_http_loyalty_sentinel_ping(ngx_event_t *ev)
+{
+    ngx_str_t                     ping;
+    ngx_http_loyalty_sentinel_t  *sn;
+
+    sn = ev->data;
+
+    if (ngx_exiting) {
+        return;
+    }
+
+    if (ngx_http_loyalty_redis_conn_usable(sn->sentinels.conn, 1)) {
+        ngx_str_set(&ping, "PING");
+
+        (void) ngx_http_loyalty_redis_send(&sn->sentinels, &ping, 1, &ping,
+                                           sn->sentinels.connect_timeout,
+                                           NULL, NULL, ev->log);
+    }
+
+    ngx_add_timer(ev, NGX_HTTP_LOYALTY_SENTINEL_PING);
 }

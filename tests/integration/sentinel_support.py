@@ -570,12 +570,14 @@ def make_fake_sentinel(name=NAME, master=None):
         SENTINEL get-master-addr-by-name (from self.master, nil when None
         or another name), SUBSCRIBE (then only PING and SUBSCRIBE), ROLE,
         AUTH, CLIENT, PING; anything else is an unknown command, as
-        SELECT or HMGET are to a real sentinel."""
+        SELECT or HMGET are to a real sentinel.  With silent set, PINGs
+        get no answer, as from a sentinel cut off by a partition."""
 
         def __init__(self):
             super().__init__()
             self.name = name
             self.master = master
+            self.silent = False         # PINGs unanswered: cut off
             self._local = threading.local()
             self._subscribed = {}       # connection no -> _LockedSocket
 
@@ -600,6 +602,8 @@ def make_fake_sentinel(name=NAME, master=None):
                               integer(i + 1))
                         for i, ch in enumerate(args[1:])]
             if cmd == b"PING":
+                if self.silent:
+                    return []
                 return [array(bulk("pong"), bulk("")) if subscribed
                         else b"+PONG\r\n"]
             if subscribed:

@@ -610,6 +610,32 @@ def test_switch_master_message(fakes, redis_factory, nginx):
     assert a.hmget_calls() == before
 
 
+def test_silent_sentinel_left(fakes, redis_factory, nginx):
+    """A subscribed sentinel that stops answering without closing (cut
+    off): the PING every second finds it silent, its connection is
+    closed, and the next sentinel is asked and subscribed to; reads on
+    the master go on meanwhile."""
+    a = redis_factory()
+    a.seed("q1", points=3, lifetime=3, orders=1)
+    f1, f2 = fakes(master=a.port), fakes(master=a.port)
+    n = nginx(checkout_conf(redis="127.0.0.1:%d 127.0.0.1:%d sentinel=%s"
+                            % (f1.port, f2.port, NAME)))
+    on_a = expected("ok", "q1", 3, 3, 1)
+    wait_until(lambda: checkout(n, "q1") == on_a and f1.subscriptions() == 1,
+               5 * SLOW, 0.05, "subscribed to the first sentinel")
+    wait_until(lambda: f1.calls("PING"), 3 * SLOW, 0.05, "a PING")
+    assert f2.asked() == []
+    f1.silent = True
+    t0 = time.monotonic()
+    wait_until(lambda: f2.subscriptions() == 1, 10 * SLOW, 0.05,
+               "subscribed to the second sentinel")
+    print("the silent sentinel left %.2f s later" % (time.monotonic() - t0))
+    assert f2.asked()
+    wait_line(n, "warn", r"loyalty: no reply from redis for \d+ ms, "
+              r"closing the connection")
+    stays(lambda: checkout(n, "q1"), on_a, 0.5)
+
+
 def test_sentinel_names_a_replica(fakes, redis_factory, nginx):
     m, r = pair(redis_factory)
     m.seed("n1", points=6, lifetime=6, orders=1)
