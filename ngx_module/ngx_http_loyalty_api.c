@@ -27,6 +27,7 @@
 
 
 #define NGX_HTTP_LOYALTY_API_COUNT     20       /* ledger entries by default */
+#define NGX_HTTP_LOYALTY_API_COUNT_MAX 1000     /* and at most */
 
 
 typedef struct {
@@ -180,9 +181,10 @@ ngx_http_loyalty_api_ledger(ngx_http_request_t *r)
         }
     }
 
-    /* no more than the ledger keeps */
+    /* no more than the ledger keeps, and a reply of bounded size */
 
     n = ngx_min(n, llcf->ledger);
+    n = ngx_min(n, NGX_HTTP_LOYALTY_API_COUNT_MAX);
 
     ctx = ngx_pcalloc(r->pool, sizeof(ngx_http_loyalty_api_ctx_t));
     if (ctx == NULL) {
@@ -243,13 +245,13 @@ ngx_http_loyalty_api_ledger_handler(void *data, ngx_int_t rc,
     ngx_http_request_t          *r;
     ngx_http_loyalty_api_ctx_t  *ctx;
 
+    ctx = data;
+    ctx->cmd = NULL;
+
     if (rc == NGX_ABORT) {
         /* the worker exits: the request is gone */
         return;
     }
-
-    ctx = data;
-    ctx->cmd = NULL;
 
     r = ctx->request;
     c = r->connection;
@@ -310,7 +312,8 @@ ngx_http_loyalty_api_entries(ngx_http_request_t *r,
                 continue;
             }
 
-            size += sizeof("{\"id\":\"\"},") + e->element[0]->str.len;
+            size += sizeof("{\"id\":\"\"},")
+                    + e->element[0]->str.len * NGX_HTTP_LOYALTY_JSON_ESCAPE;
 
             f = e->element[1];
 

@@ -70,7 +70,7 @@ static void ngx_http_loyalty_credit_post(ngx_http_loyalty_credit_t *cr,
     ngx_log_t *log);
 static ngx_int_t ngx_http_loyalty_credit_send(ngx_http_loyalty_credit_t *cr,
     ngx_log_t *log);
-static ngx_int_t ngx_http_loyalty_credit_wait(ngx_http_loyalty_credit_t *cr);
+static void ngx_http_loyalty_credit_wait(ngx_http_loyalty_credit_t *cr);
 static void ngx_http_loyalty_credit_handler(void *data, ngx_int_t rc,
     ngx_http_loyalty_reply_t *reply);
 static void ngx_http_loyalty_credit_waited(void *data, ngx_int_t rc,
@@ -412,22 +412,22 @@ ngx_http_loyalty_credit_send(ngx_http_loyalty_credit_t *cr, ngx_log_t *log)
     cr->cmd = cmd;
     cr->replied = 0;
 
-    if (llcf->credit_wait == 0) {
-        return NGX_OK;
+    if (llcf->credit_wait) {
+        ngx_http_loyalty_credit_wait(cr);
     }
 
-    return ngx_http_loyalty_credit_wait(cr);
+    return NGX_OK;
 }
 
 
 /*
  * loyalty_credit_wait: "WAIT replicas time" right behind the credit, on
- * the connection that runs it.  A credit that no WAIT follows proves
- * nothing: it is cancelled (it may still run, which a resend settles) and
- * sent again later.
+ * the connection that runs it.  A credit that no WAIT can follow (the
+ * connection's buffer is full) proves nothing: its reply, which tells
+ * what it did, sends it again.
  */
 
-static ngx_int_t
+static void
 ngx_http_loyalty_credit_wait(ngx_http_loyalty_credit_t *cr)
 {
     u_char                       *p;
@@ -454,13 +454,6 @@ ngx_http_loyalty_credit_wait(ngx_http_loyalty_credit_t *cr)
                                                  + llcf->timeout,
                                                  ngx_http_loyalty_credit_waited,
                                                  cr);
-    if (cr->wait == NULL) {
-        ngx_http_loyalty_redis_cancel(cr->cmd);
-        cr->cmd = NULL;
-        return NGX_DECLINED;
-    }
-
-    return NGX_OK;
 }
 
 
@@ -566,10 +559,10 @@ ngx_http_loyalty_credit_handler(void *data, ngx_int_t rc,
     }
 
     if (cr->wait == NULL || redirected) {
-        /* its WAIT went to a connection that it did not run on */
+        /* no WAIT could follow it, or it went to another connection */
 
         ngx_http_loyalty_credit_unwait(cr);
-        ngx_http_loyalty_credit_retry(cr, "redirected, not confirmed", log);
+        ngx_http_loyalty_credit_retry(cr, "no WAIT behind it", log);
         return;
     }
 

@@ -420,12 +420,13 @@ ngx_http_loyalty_read_handler(void *data, ngx_int_t rc,
     ngx_http_request_t      *r;
     ngx_http_loyalty_ctx_t  *ctx;
 
+    ctx = data;
+
     if (rc == NGX_ABORT) {
-        /* the worker exits: the request is gone */
+        /* the worker exits: the request is gone, its cleanup to come */
+        ctx->cmd = NULL;
         return;
     }
-
-    ctx = data;
 
     r = ctx->request;
     c = r->connection;

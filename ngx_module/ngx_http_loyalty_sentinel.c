@@ -248,8 +248,14 @@ ngx_http_loyalty_sentinel_exit_process(ngx_http_loyalty_server_t *server)
     }
 
     if (sn->credits) {
-        /* the copy's connection goes with the copy */
+        /* the copy's connection uses the master's address, freed here */
+
         sn->credits->sentinel = NULL;
+
+        if (sn->credits->conn) {
+            ngx_http_loyalty_redis_conn_destroy(sn->credits->conn);
+            sn->credits->conn = NULL;
+        }
     }
 
     if (sn->ping.timer_set) {

@@ -89,7 +89,8 @@ class FakeRedis:
         self.accepted = 0
         self.errors = []            # exceptions raised in server threads
         self._answers = {"HMGET": [], "EVALSHA": [], "SCRIPT": [],
-                         "AUTH": [], "SELECT": [], "ROLE": [], "WAIT": []}
+                         "AUTH": [], "SELECT": [], "ROLE": [], "WAIT": [],
+                         "XREVRANGE": []}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._conns = []
@@ -111,7 +112,7 @@ class FakeRedis:
 
     def queue(self, command, *answers):
         """Queue hostile answers for the next HMGET, EVALSHA/EVAL, SCRIPT,
-        AUTH, SELECT, ROLE or WAIT commands, one per command: each a list of steps,
+        AUTH, SELECT, ROLE, WAIT or XREVRANGE commands, one per command: each a list of steps,
         plain bytes, one step, or a callable(args) returning steps."""
         with self._lock:
             for a in answers:
@@ -235,7 +236,7 @@ class FakeRedis:
         key = {b"HMGET": "HMGET", b"EVALSHA": "EVALSHA", b"EVAL": "EVALSHA",
                b"SCRIPT": "SCRIPT", b"AUTH": "AUTH",
                b"SELECT": "SELECT", b"ROLE": "ROLE",
-               b"WAIT": "WAIT"}.get(name)
+               b"WAIT": "WAIT", b"XREVRANGE": "XREVRANGE"}.get(name)
         if key:
             with self._lock:
                 answer = (self._answers[key].pop(0) if self._answers[key]

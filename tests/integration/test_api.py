@@ -160,3 +160,38 @@ def test_ledger_not_a_stream(redis, nginx):
     assert (r.status, doc) == (503, {"status": "unavailable"})
     assert any('ledger of customer "la4" not read: "WRONGTYPE' in x
                for x in log_lines(n.error_log(), "warn")), n.error_log()
+
+
+def test_ledger_hostile_entry_ids(fake_redis, nginx):
+    """Entry ids are escaped like every other string, however many bytes
+    JSON makes of them.  Regression: the answer's buffer counted an id's
+    bytes once, so that ids of quotes and control bytes from a hostile
+    Redis overflowed it."""
+    from fake_redis import array, bulk
+    f = fake_redis
+    weird = '"\\\x01' * 40
+    f.queue("XREVRANGE", array(
+        array(bulk(weird), array(bulk("order"), bulk("o1"))),
+        array(bulk("1-0"), array(bulk("order"), bulk("o0")))))
+    n = nginx(edge_conf(locations=API), redis_port=f.port)
+    r, doc = api(n, "/api/ledger?customer=h1")
+    assert r.status == 200, r
+    assert [(e["id"], e["order"]) for e in doc["entries"]] == [
+        (weird, "o1"), ("1-0", "o0")]
+
+
+def test_ledger_count_bounded(redis, nginx):
+    """count is capped at 1000 entries, whatever loyalty_ledger keeps, so
+    that an answer stays within what the connection reads."""
+    n = nginx(edge_conf(locations=API.replace("loyalty_ledger 2;",
+                                              "loyalty_ledger 100000;")),
+              redis_port=redis.port)
+    pipe = redis.client.pipeline()
+    for i in range(1200):
+        pipe.xadd(ledger("lb"), {"order": "o%d" % i})
+    pipe.execute()
+    _, doc = api(n, "/short/ledger?customer=lb&count=5000")
+    assert len(doc["entries"]) == 1000
+    assert doc["entries"][0]["order"] == "o1199"
+    r, _ = api(n, "/api/ledger?customer=lb")
+    assert r.status == 200

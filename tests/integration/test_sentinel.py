@@ -636,6 +636,35 @@ def test_silent_sentinel_left(fakes, redis_factory, nginx):
     stays(lambda: checkout(n, "q1"), on_a, 0.5)
 
 
+def test_credit_wait_exit_through_sentinel(fakes, redis_factory, nginx):
+    """loyalty_credit_wait with Sentinel: nginx stopped fast (SIGTERM)
+    while a credit's WAIT is pending on the credits' connection.  That
+    connection closes with the master's address still valid (it lives
+    with the sentinel state, freed with the master's server): the exit
+    line names it, and the credit is journaled.  Regression: the master's
+    server went first and freed the address the copy's connection logged
+    with."""
+    import signal as signal_lib
+    a = redis_factory()                         # no replica: WAIT waits
+    f = fakes(master=a.port)
+    http = JOURNAL + "\nloyalty_credit_wait 1 5s;\n"
+    n = nginx(sentinel_edge_conf("127.0.0.1:%d sentinel=%s" % (f.port, NAME),
+                                 http=http))
+    wait_line(n, "info", SAYS % (NAME, a.port))
+    assert order(n, "x1", "6.00", "x1-a").status == 200
+    wait_marker(a.client, "x1", "x1-a")
+    n.proc.send_signal(signal_lib.SIGTERM)
+    n.proc.wait(10 * SLOW)
+    exits = [x for x in log_lines(n.error_log(), "info")
+             if "worker exiting" in x and "redis replies not waited" in x]
+    assert exits, n.error_log()
+    assert all(", redis: 127.0.0.1:%d, master: \"%s\"" % (a.port, NAME)
+               in x for x in exits), exits
+    entries = read_journal(journal_path(n))
+    assert [(e["order"], e["reason"]) for e in entries] == \
+        [("x1-a", "worker exiting")], entries
+
+
 def test_sentinel_names_a_replica(fakes, redis_factory, nginx):
     m, r = pair(redis_factory)
     m.seed("n1", points=6, lifetime=6, orders=1)
