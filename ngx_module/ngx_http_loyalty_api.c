@@ -147,9 +147,9 @@ ngx_http_loyalty_api_handler(ngx_http_request_t *r)
 static ngx_int_t
 ngx_http_loyalty_api_ledger(ngx_http_request_t *r)
 {
-    u_char                       *p;
+    u_char                       *p, *src;
     ngx_int_t                     n;
-    ngx_str_t                     customer, count, argv[6];
+    ngx_str_t                     arg, customer, count, argv[6];
     ngx_http_cleanup_t           *cln;
     ngx_http_loyalty_api_ctx_t   *ctx;
     ngx_http_loyalty_loc_conf_t  *llcf;
@@ -159,11 +159,26 @@ ngx_http_loyalty_api_ledger(ngx_http_request_t *r)
 
     llcf = ngx_http_get_module_loc_conf(r, ngx_http_loyalty_module);
 
-    if (ngx_http_arg(r, (u_char *) "customer", sizeof("customer") - 1,
-                     &customer)
-        != NGX_OK
-        || ngx_http_loyalty_valid_id(customer.data, customer.len) != NGX_OK)
+    if (ngx_http_arg(r, (u_char *) "customer", sizeof("customer") - 1, &arg)
+        != NGX_OK)
     {
+        return ngx_http_loyalty_api_status(r, NGX_HTTP_BAD_REQUEST,
+                                           "invalid");
+    }
+
+    /* "alice%40example" is "alice@example" */
+
+    customer.data = ngx_pnalloc(r->pool, arg.len);
+    if (customer.data == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    p = customer.data;
+    src = arg.data;
+    ngx_unescape_uri(&p, &src, arg.len, 0);
+    customer.len = p - customer.data;
+
+    if (ngx_http_loyalty_valid_id(customer.data, customer.len) != NGX_OK) {
         return ngx_http_loyalty_api_status(r, NGX_HTTP_BAD_REQUEST,
                                            "invalid");
     }

@@ -86,6 +86,17 @@ def test_ledger_default_count(redis, nginx):
     assert doc["entries"][0]["order"] == "o24"
 
 
+def test_ledger_escaped_customer(redis, nginx):
+    """The customer argument is URL-decoded: %40 is "@", as a form or a
+    client library sends it; "%20" gives an id with a blank: invalid."""
+    n = edge(nginx, redis)
+    redis.client.xadd(ledger("a@b:c"), {"order": "o1"})
+    r, doc = api(n, "/api/ledger?customer=a%40b%3Ac")
+    assert r.status == 200, r
+    assert doc["customer"] == "a@b:c"
+    assert [e["order"] for e in doc["entries"]] == ["o1"]
+
+
 def test_ledger_unknown_customer(redis, nginx):
     n = edge(nginx, redis)
     r, doc = api(n, "/api/ledger?customer=nobody")
