@@ -17,12 +17,17 @@
  * URI names the call:
  *
  *     GET  .../ledger?customer=ID[&count=N]    the last N ledger entries
- *     POST .../refund, POST .../adjust         not implemented yet: 501
+ *     POST .../refund   customer, order, refunded (the total so far, or
+ *                       "all") [, reason]
+ *     POST .../adjust   customer, points (signed), id, reason
  *
- * Every answer is JSON with a "status" word.  The customer id is taken as
- * given (the caller is trusted), checked as a cookie's would be.  Redis is
- * waited for within loyalty_redis_timeout: "unavailable" and 503 when it
- * does not answer.
+ * Arguments come from the query string or an
+ * application/x-www-form-urlencoded body, the body first.  Every answer
+ * is JSON with a "status" word.  The customer id is taken as given (the
+ * caller is trusted), checked as a cookie's would be.  A refund or an
+ * adjustment is one call of the API script, idempotent, so a caller that
+ * got no answer sends it again.  Redis is waited for within
+ * loyalty_redis_timeout: "unavailable" and 503 when it does not answer.
  */
 
 
@@ -30,14 +35,20 @@
 #define NGX_HTTP_LOYALTY_API_COUNT_MAX 1000     /* and at most */
 
 
+#define NGX_HTTP_LOYALTY_API_NONE      NGX_HTTP_LOYALTY_API_OPS
+
+
 typedef struct {
     ngx_http_request_t           *request;
     ngx_http_loyalty_cmd_t       *cmd;
+    ngx_uint_t                    op;
     ngx_str_t                     customer;
+    ngx_str_t                     id;           /* order or adjustment */
 } ngx_http_loyalty_api_ctx_t;
 
 
 static ngx_int_t ngx_http_loyalty_api_handler(ngx_http_request_t *r);
+static ngx_uint_t ngx_http_loyalty_api_op(ngx_http_request_t *r);
 static ngx_int_t ngx_http_loyalty_api_ledger(ngx_http_request_t *r);
 static void ngx_http_loyalty_api_ledger_handler(void *data, ngx_int_t rc,
     ngx_http_loyalty_reply_t *reply);
@@ -45,10 +56,25 @@ static ngx_int_t ngx_http_loyalty_api_entries(ngx_http_request_t *r,
     ngx_http_loyalty_api_ctx_t *ctx, ngx_http_loyalty_reply_t *reply);
 static ngx_uint_t ngx_http_loyalty_api_number(ngx_str_t *name,
     ngx_str_t *value);
+static void ngx_http_loyalty_api_body(ngx_http_request_t *r);
+static char *ngx_http_loyalty_api_form(ngx_http_request_t *r,
+    ngx_str_t *body);
+static ngx_int_t ngx_http_loyalty_api_write(ngx_http_request_t *r,
+    ngx_uint_t op, ngx_str_t *body);
+static void ngx_http_loyalty_api_written(void *data, ngx_int_t rc,
+    ngx_http_loyalty_reply_t *reply);
+static ngx_int_t ngx_http_loyalty_api_result(ngx_http_request_t *r,
+    ngx_http_loyalty_api_ctx_t *ctx, ngx_http_loyalty_reply_t *reply);
+static ngx_int_t ngx_http_loyalty_api_arg(ngx_http_request_t *r,
+    ngx_str_t *body, char *name, ngx_str_t *value);
+static ngx_int_t ngx_http_loyalty_api_customer(ngx_http_request_t *r,
+    ngx_str_t *body, ngx_str_t *customer);
 static ngx_int_t ngx_http_loyalty_api_not_allowed(ngx_http_request_t *r,
-    char *allow);
+    ngx_uint_t op, char *allow);
+static ngx_int_t ngx_http_loyalty_api_invalid(ngx_http_request_t *r,
+    ngx_uint_t op, char *error);
 static ngx_int_t ngx_http_loyalty_api_status(ngx_http_request_t *r,
-    ngx_uint_t status, char *word);
+    ngx_uint_t op, ngx_uint_t http, ngx_uint_t status, char *error);
 static ngx_int_t ngx_http_loyalty_api_send(ngx_http_request_t *r,
     ngx_uint_t status, ngx_str_t *json);
 static void ngx_http_loyalty_api_cleanup(void *data);
@@ -57,11 +83,35 @@ static void ngx_http_loyalty_api_cleanup(void *data);
 static ngx_str_t  ngx_http_loyalty_api_type = ngx_string("application/json");
 
 
+/* the calls, by op */
+static ngx_str_t  ngx_http_loyalty_api_calls[] = {
+    ngx_string("ledger"),
+    ngx_string("refund"),
+    ngx_string("adjust")
+};
+
+
+/* the status words, by NGX_HTTP_LOYALTY_API_*, and their HTTP codes */
+ngx_http_loyalty_api_status_t  ngx_http_loyalty_api_statuses[] = {
+    { ngx_string("ok"), NGX_HTTP_OK },
+    { ngx_string("applied"), NGX_HTTP_OK },
+    { ngx_string("unchanged"), NGX_HTTP_OK },
+    { ngx_string("unknown_order"), NGX_HTTP_NOT_FOUND },
+    { ngx_string("invalid"), NGX_HTTP_BAD_REQUEST },
+    { ngx_string("insufficient"), NGX_HTTP_CONFLICT },
+    { ngx_string("unavailable"), NGX_HTTP_SERVICE_UNAVAILABLE }
+};
+
+
 /* the ledger fields that are counts: numbers in JSON, not strings */
 static ngx_str_t  ngx_http_loyalty_api_counts[] = {
     ngx_string("earned"),
     ngx_string("redeemed"),
     ngx_string("points"),
+    ngx_string("pending"),
+    ngx_string("reversed"),
+    ngx_string("restored"),
+    ngx_string("forgiven"),
     ngx_string("ts"),
     ngx_null_string
 };
@@ -92,19 +142,66 @@ ngx_http_loyalty_api(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 static ngx_int_t
 ngx_http_loyalty_api_handler(ngx_http_request_t *r)
 {
-    u_char     *p, *last;
     ngx_int_t   rc;
-    ngx_str_t   call;
+    ngx_uint_t  op;
 
-    /* none of the calls so far takes a body */
+    op = ngx_http_loyalty_api_op(r);
 
-    rc = ngx_http_discard_request_body(r);
+    switch (op) {
 
-    if (rc != NGX_OK) {
-        return rc;
+    case NGX_HTTP_LOYALTY_API_LEDGER:
+
+        if (!(r->method & (NGX_HTTP_GET|NGX_HTTP_HEAD))) {
+            return ngx_http_loyalty_api_not_allowed(r, op, "GET, HEAD");
+        }
+
+        rc = ngx_http_discard_request_body(r);
+
+        if (rc != NGX_OK) {
+            return rc;
+        }
+
+        return ngx_http_loyalty_api_ledger(r);
+
+    case NGX_HTTP_LOYALTY_API_REFUND:
+    case NGX_HTTP_LOYALTY_API_ADJUST:
+
+        if (!(r->method & NGX_HTTP_POST)) {
+            return ngx_http_loyalty_api_not_allowed(r, op, "POST");
+        }
+
+        rc = ngx_http_read_client_request_body(r, ngx_http_loyalty_api_body);
+
+        if (rc >= NGX_HTTP_SPECIAL_RESPONSE) {
+            return rc;
+        }
+
+        return NGX_DONE;
+
+    default:
+
+        rc = ngx_http_discard_request_body(r);
+
+        if (rc != NGX_OK) {
+            return rc;
+        }
+
+        return ngx_http_loyalty_api_status(r, NGX_HTTP_LOYALTY_API_NONE,
+                                           NGX_HTTP_NOT_FOUND,
+                                           NGX_HTTP_LOYALTY_API_INVALID,
+                                           "no such call");
     }
+}
 
-    /* the last part of the URI */
+
+/* the call that the last part of the URI names */
+
+static ngx_uint_t
+ngx_http_loyalty_api_op(ngx_http_request_t *r)
+{
+    u_char      *p, *last;
+    ngx_str_t    call;
+    ngx_uint_t   op;
 
     last = r->uri.data + r->uri.len;
 
@@ -115,30 +212,14 @@ ngx_http_loyalty_api_handler(ngx_http_request_t *r)
     call.data = p;
     call.len = last - p;
 
-    if (call.len == sizeof("ledger") - 1
-        && ngx_strncmp(call.data, "ledger", call.len) == 0)
-    {
-        if (!(r->method & (NGX_HTTP_GET|NGX_HTTP_HEAD))) {
-            return ngx_http_loyalty_api_not_allowed(r, "GET, HEAD");
+    for (op = 0; op < NGX_HTTP_LOYALTY_API_OPS; op++) {
+        if (ngx_http_loyalty_same_str(&call, &ngx_http_loyalty_api_calls[op]))
+        {
+            return op;
         }
-
-        return ngx_http_loyalty_api_ledger(r);
     }
 
-    if ((call.len == sizeof("refund") - 1
-         && ngx_strncmp(call.data, "refund", call.len) == 0)
-        || (call.len == sizeof("adjust") - 1
-            && ngx_strncmp(call.data, "adjust", call.len) == 0))
-    {
-        if (!(r->method & NGX_HTTP_POST)) {
-            return ngx_http_loyalty_api_not_allowed(r, "POST");
-        }
-
-        return ngx_http_loyalty_api_status(r, NGX_HTTP_NOT_IMPLEMENTED,
-                                           "unsupported");
-    }
-
-    return ngx_http_loyalty_api_status(r, NGX_HTTP_NOT_FOUND, "invalid");
+    return NGX_HTTP_LOYALTY_API_NONE;
 }
 
 
@@ -147,9 +228,9 @@ ngx_http_loyalty_api_handler(ngx_http_request_t *r)
 static ngx_int_t
 ngx_http_loyalty_api_ledger(ngx_http_request_t *r)
 {
-    u_char                       *p, *src;
-    ngx_int_t                     n;
-    ngx_str_t                     arg, customer, count, argv[6];
+    u_char                       *p;
+    ngx_int_t                     n, rc;
+    ngx_str_t                     customer, count, argv[6];
     ngx_http_cleanup_t           *cln;
     ngx_http_loyalty_api_ctx_t   *ctx;
     ngx_http_loyalty_loc_conf_t  *llcf;
@@ -159,41 +240,28 @@ ngx_http_loyalty_api_ledger(ngx_http_request_t *r)
 
     llcf = ngx_http_get_module_loc_conf(r, ngx_http_loyalty_module);
 
-    if (ngx_http_arg(r, (u_char *) "customer", sizeof("customer") - 1, &arg)
-        != NGX_OK)
-    {
-        return ngx_http_loyalty_api_status(r, NGX_HTTP_BAD_REQUEST,
-                                           "invalid");
-    }
+    rc = ngx_http_loyalty_api_customer(r, NULL, &customer);
 
-    /* "alice%40example" is "alice@example" */
-
-    customer.data = ngx_pnalloc(r->pool, arg.len);
-    if (customer.data == NULL) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-
-    p = customer.data;
-    src = arg.data;
-    ngx_unescape_uri(&p, &src, arg.len, 0);
-    customer.len = p - customer.data;
-
-    if (ngx_http_loyalty_valid_id(customer.data, customer.len) != NGX_OK) {
-        return ngx_http_loyalty_api_status(r, NGX_HTTP_BAD_REQUEST,
-                                           "invalid");
+    if (rc != NGX_OK) {
+        return (rc == NGX_DECLINED)
+               ? ngx_http_loyalty_api_invalid(r, NGX_HTTP_LOYALTY_API_LEDGER,
+                                              "customer is not a customer "
+                                              "id")
+               : rc;
     }
 
     n = NGX_HTTP_LOYALTY_API_COUNT;
 
-    if (ngx_http_arg(r, (u_char *) "count", sizeof("count") - 1, &count)
-        == NGX_OK)
-    {
-        n = ngx_atoi(count.data, count.len);
+    rc = ngx_http_loyalty_api_arg(r, NULL, "count", &count);
 
-        if (n == NGX_ERROR || n == 0) {
-            return ngx_http_loyalty_api_status(r, NGX_HTTP_BAD_REQUEST,
-                                               "invalid");
-        }
+    if (rc == NGX_OK) {
+        n = ngx_atoi(count.data, count.len);
+    }
+
+    if (rc == NGX_ERROR || n == NGX_ERROR || n == 0) {
+        return ngx_http_loyalty_api_invalid(r, NGX_HTTP_LOYALTY_API_LEDGER,
+                                            "count is not a positive "
+                                            "integer");
     }
 
     /* no more than the ledger keeps, and a reply of bounded size */
@@ -207,6 +275,7 @@ ngx_http_loyalty_api_ledger(ngx_http_request_t *r)
     }
 
     ctx->request = r;
+    ctx->op = NGX_HTTP_LOYALTY_API_LEDGER;
     ctx->customer = customer;
 
     if (n == 0) {
@@ -237,8 +306,10 @@ ngx_http_loyalty_api_ledger(ngx_http_request_t *r)
                                            ngx_http_loyalty_api_ledger_handler,
                                            ctx, r->connection->log);
     if (ctx->cmd == NULL) {
-        return ngx_http_loyalty_api_status(r, NGX_HTTP_SERVICE_UNAVAILABLE,
-                                           "unavailable");
+        return ngx_http_loyalty_api_status(r, NGX_HTTP_LOYALTY_API_LEDGER,
+                                           NGX_HTTP_SERVICE_UNAVAILABLE,
+                                           NGX_HTTP_LOYALTY_API_UNAVAILABLE,
+                                           NULL);
     }
 
     cln->handler = ngx_http_loyalty_api_cleanup;
@@ -284,9 +355,10 @@ ngx_http_loyalty_api_ledger_handler(void *data, ngx_int_t rc,
         }
 
         ngx_http_finalize_request(r,
-                      ngx_http_loyalty_api_status(r,
+                      ngx_http_loyalty_api_status(r, ctx->op,
                                                   NGX_HTTP_SERVICE_UNAVAILABLE,
-                                                  "unavailable"));
+                                              NGX_HTTP_LOYALTY_API_UNAVAILABLE,
+                                                  NULL));
 
     } else {
         ngx_http_finalize_request(r, ngx_http_loyalty_api_entries(r, ctx,
@@ -412,6 +484,8 @@ ngx_http_loyalty_api_entries(ngx_http_request_t *r,
 
     json.len = p - json.data;
 
+    ngx_http_loyalty_api_count(r, ctx->op, NGX_HTTP_LOYALTY_API_OK);
+
     return ngx_http_loyalty_api_send(r, NGX_HTTP_OK, &json);
 }
 
@@ -446,10 +520,597 @@ ngx_http_loyalty_api_number(ngx_str_t *name, ngx_str_t *value)
 }
 
 
-static ngx_int_t
-ngx_http_loyalty_api_not_allowed(ngx_http_request_t *r, char *allow)
+/*
+ * POST .../refund, POST .../adjust, once the body is read: NGX_DONE while
+ * Redis is asked, else the request is answered here
+ */
+
+static void
+ngx_http_loyalty_api_body(ngx_http_request_t *r)
 {
+    char       *error;
+    ngx_int_t   rc;
+    ngx_str_t   body;
+    ngx_uint_t  op;
+
+    op = ngx_http_loyalty_api_op(r);
+
+    error = ngx_http_loyalty_api_form(r, &body);
+
+    if (error == NULL) {
+        rc = ngx_http_loyalty_api_write(r, op, &body);
+
+        if (rc == NGX_DONE) {
+            return;
+        }
+
+    } else if (error == NGX_CONF_ERROR) {
+        rc = NGX_HTTP_INTERNAL_SERVER_ERROR;
+
+    } else {
+        rc = ngx_http_loyalty_api_invalid(r, op, error);
+    }
+
+    ngx_http_finalize_request(r, rc);
+}
+
+
+/*
+ * The form in the body, if any, in one piece: NULL, or why it is refused,
+ * or NGX_CONF_ERROR without memory.
+ */
+
+static char *
+ngx_http_loyalty_api_form(ngx_http_request_t *r, ngx_str_t *body)
+{
+    u_char       *p;
+    size_t        len, n;
+    ngx_str_t    *type;
+    ngx_chain_t  *cl;
+
+    static char   form[] = "application/x-www-form-urlencoded";
+
+    ngx_str_null(body);
+
+    if (r->request_body == NULL || r->request_body->bufs == NULL) {
+        return NULL;
+    }
+
+    len = 0;
+
+    for (cl = r->request_body->bufs; cl; cl = cl->next) {
+        if (!ngx_buf_in_memory(cl->buf)) {
+            return "the body is larger than client_body_buffer_size";
+        }
+
+        len += cl->buf->last - cl->buf->pos;
+    }
+
+    if (len == 0) {
+        return NULL;
+    }
+
+    /* "application/x-www-form-urlencoded", parameters allowed */
+
+    type = r->headers_in.content_type ? &r->headers_in.content_type->value
+                                      : NULL;
+    n = sizeof(form) - 1;
+
+    if (type == NULL
+        || type->len < n
+        || ngx_strncasecmp(type->data, (u_char *) form, n) != 0
+        || (type->len > n && type->data[n] != ';' && type->data[n] != ' '))
+    {
+        return "the body is not application/x-www-form-urlencoded";
+    }
+
+    p = ngx_pnalloc(r->pool, len);
+    if (p == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    body->data = p;
+    body->len = len;
+
+    for (cl = r->request_body->bufs; cl; cl = cl->next) {
+        p = ngx_cpymem(p, cl->buf->pos, cl->buf->last - cl->buf->pos);
+    }
+
+    return NULL;
+}
+
+
+/*
+ * The arguments, checked, and the API script's call:
+ *
+ *     EVAL script 3 hash marker ledger op now ledger expire order_ttl
+ *          id value reason
+ */
+
+static ngx_int_t
+ngx_http_loyalty_api_write(ngx_http_request_t *r, ngx_uint_t op,
+    ngx_str_t *body)
+{
+    u_char                        *p;
+    uint64_t                       n;
+    ngx_int_t                      rc;
+    ngx_str_t                      customer, id, value, reason, argv[14];
+    ngx_uint_t                     negative;
+    ngx_http_cleanup_t            *cln;
+    ngx_http_loyalty_api_ctx_t    *ctx;
+    ngx_http_loyalty_loc_conf_t   *llcf;
+    ngx_http_loyalty_main_conf_t  *lmcf;
+    u_char                         keys[3 * (NGX_HTTP_LOYALTY_KEY_LEN
+                                             + NGX_HTTP_LOYALTY_ORDER_MAX
+                                             + sizeof(":adjust:"))];
+    u_char                         nums[4 * NGX_INT64_LEN];
+
+    llcf = ngx_http_get_module_loc_conf(r, ngx_http_loyalty_module);
+    lmcf = ngx_http_get_module_main_conf(r, ngx_http_loyalty_module);
+
+    rc = ngx_http_loyalty_api_customer(r, body, &customer);
+
+    if (rc != NGX_OK) {
+        return (rc == NGX_DECLINED)
+               ? ngx_http_loyalty_api_invalid(r, op, "customer is not a "
+                                                     "customer id")
+               : rc;
+    }
+
+    rc = ngx_http_loyalty_api_arg(r, body,
+                                  (op == NGX_HTTP_LOYALTY_API_REFUND)
+                                  ? "order" : "id", &id);
+
+    if (rc == NGX_OK
+        && ngx_http_loyalty_valid_order(id.data, id.len) != NGX_OK)
+    {
+        rc = NGX_DECLINED;
+    }
+
+    if (rc != NGX_OK) {
+        return ngx_http_loyalty_api_invalid(r, op,
+                                 (op == NGX_HTTP_LOYALTY_API_REFUND)
+                                 ? "order is not an order id"
+                                 : "id is not an adjustment id");
+    }
+
+    if (op == NGX_HTTP_LOYALTY_API_REFUND) {
+        rc = ngx_http_loyalty_api_arg(r, body, "refunded", &value);
+
+        if (rc != NGX_OK
+            || ((value.len != 3 || ngx_strncmp(value.data, "all", 3) != 0)
+                && ngx_http_loyalty_parse_amount(value.data, value.len, &n)
+                   != NGX_OK))
+        {
+            return ngx_http_loyalty_api_invalid(r, op,
+                                 "refunded is neither an amount nor "
+                                 "\"all\"");
+        }
+
+    } else {
+        rc = ngx_http_loyalty_api_arg(r, body, "points", &value);
+
+        if (rc != NGX_OK
+            || ngx_http_loyalty_parse_signed(value.data, value.len, &n,
+                                             &negative)
+               != NGX_OK)
+        {
+            return ngx_http_loyalty_api_invalid(r, op,
+                                 "points is not an integer of at most 18 "
+                                 "digits");
+        }
+    }
+
+    /* a refund may say why, an adjustment must */
+
+    rc = ngx_http_loyalty_api_arg(r, body, "reason", &reason);
+
+    if (rc == NGX_DECLINED && op == NGX_HTTP_LOYALTY_API_REFUND) {
+        ngx_str_set(&reason, "");
+
+    } else if (rc != NGX_OK
+               || ngx_http_loyalty_valid_reason(reason.data, reason.len)
+                  != NGX_OK)
+    {
+        return ngx_http_loyalty_api_invalid(r, op,
+                                 "reason is not 1 to 200 printable "
+                                 "characters");
+    }
+
+    ctx = ngx_pcalloc(r->pool, sizeof(ngx_http_loyalty_api_ctx_t));
+    if (ctx == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    ctx->request = r;
+    ctx->op = op;
+    ctx->customer = customer;
+    ctx->id = id;
+
+    ngx_str_set(&argv[0], "EVAL");
+    argv[1] = lmcf->api_script;
+    ngx_str_set(&argv[2], "3");
+
+    p = keys;
+
+    argv[3].data = p;
+    p = ngx_http_loyalty_hash_key(p, &llcf->prefix, customer.data,
+                                  customer.len);
+    argv[3].len = p - argv[3].data;
+
+    argv[4].data = p;
+    p = ngx_cpymem(p, argv[3].data, argv[3].len);
+
+    if (op == NGX_HTTP_LOYALTY_API_REFUND) {
+        p = ngx_cpymem(p, ":order:", sizeof(":order:") - 1);
+
+    } else {
+        p = ngx_cpymem(p, ":adjust:", sizeof(":adjust:") - 1);
+    }
+
+    p = ngx_cpymem(p, id.data, id.len);
+    argv[4].len = p - argv[4].data;
+
+    argv[5].data = p;
+    p = ngx_cpymem(p, argv[3].data, argv[3].len);
+    p = ngx_cpymem(p, ":ledger", sizeof(":ledger") - 1);
+    argv[5].len = p - argv[5].data;
+
+    argv[6] = ngx_http_loyalty_api_calls[op];
+
+    p = nums;
+
+    argv[7].data = p;
+    p = ngx_http_loyalty_write_uint(p, (uint64_t) ngx_time());
+    argv[7].len = p - argv[7].data;
+
+    argv[8].data = p;
+    p = ngx_http_loyalty_write_uint(p, (uint64_t) llcf->ledger);
+    argv[8].len = p - argv[8].data;
+
+    argv[9].data = p;
+    p = ngx_http_loyalty_write_uint(p, (uint64_t) llcf->expire);
+    argv[9].len = p - argv[9].data;
+
+    argv[10].data = p;
+    p = ngx_http_loyalty_write_uint(p, (uint64_t) llcf->order_ttl);
+    argv[10].len = p - argv[10].data;
+
+    argv[11] = id;
+    argv[12] = value;
+    argv[13] = reason;
+
+    cln = ngx_http_cleanup_add(r, 0);
+    if (cln == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    ctx->cmd = ngx_http_loyalty_redis_send(llcf->server, &argv[3], 14, argv,
+                                           llcf->timeout,
+                                           ngx_http_loyalty_api_written,
+                                           ctx, r->connection->log);
+    if (ctx->cmd == NULL) {
+        return ngx_http_loyalty_api_status(r, op,
+                                           NGX_HTTP_SERVICE_UNAVAILABLE,
+                                           NGX_HTTP_LOYALTY_API_UNAVAILABLE,
+                                           NULL);
+    }
+
+    cln->handler = ngx_http_loyalty_api_cleanup;
+    cln->data = ctx;
+
+    /* a client that goes away cancels the command */
+    r->read_event_handler = ngx_http_test_reading;
+
+    return NGX_DONE;
+}
+
+
+static void
+ngx_http_loyalty_api_written(void *data, ngx_int_t rc,
+    ngx_http_loyalty_reply_t *reply)
+{
+    ngx_uint_t                     more;
+    ngx_connection_t              *c;
+    ngx_http_request_t            *r;
+    ngx_http_loyalty_api_ctx_t    *ctx;
+    ngx_http_loyalty_main_conf_t  *lmcf;
+
+    ctx = data;
+    ctx->cmd = NULL;
+
+    if (rc == NGX_ABORT) {
+        /* the worker exits: the request is gone */
+        return;
+    }
+
+    r = ctx->request;
+    c = r->connection;
+
+    ngx_http_set_log_request(c->log, r);
+
+    if (reply == NULL) {
+        rc = ngx_http_loyalty_api_status(r, ctx->op,
+                                         NGX_HTTP_SERVICE_UNAVAILABLE,
+                                         NGX_HTTP_LOYALTY_API_UNAVAILABLE,
+                                         NULL);
+
+    } else if (reply->type == NGX_HTTP_LOYALTY_REPLY_ERROR) {
+
+        lmcf = ngx_http_get_module_main_conf(r, ngx_http_loyalty_module);
+
+        if (ngx_http_loyalty_log_limit(&lmcf->error_reply_log, &more)
+            == NGX_OK)
+        {
+            ngx_log_error(NGX_LOG_WARN, c->log, 0,
+                          "loyalty: %V \"%V\" of customer \"%V\" failed: "
+                          "\"%V\"", &ngx_http_loyalty_api_calls[ctx->op],
+                          &ctx->id, &ctx->customer, &reply->str);
+        }
+
+        rc = ngx_http_loyalty_api_status(r, ctx->op,
+                                         NGX_HTTP_SERVICE_UNAVAILABLE,
+                                         NGX_HTTP_LOYALTY_API_UNAVAILABLE,
+                                         NULL);
+
+    } else {
+        rc = ngx_http_loyalty_api_result(r, ctx, reply);
+    }
+
+    ngx_http_finalize_request(r, rc);
+    ngx_http_run_posted_requests(c);
+}
+
+
+/*
+ * The script's answer {status, name, value, ...} as JSON:
+ * {"status":...,"customer":...,"order"|"id":...,name:value,...}, values
+ * that are integers as numbers.
+ */
+
+static ngx_int_t
+ngx_http_loyalty_api_result(ngx_http_request_t *r,
+    ngx_http_loyalty_api_ctx_t *ctx, ngx_http_loyalty_reply_t *reply)
+{
+    size_t                          size;
+    u_char                         *p;
+    ngx_str_t                       json, name, *word;
+    ngx_uint_t                      i, status;
+    ngx_atomic_int_t                forgiven;
+    ngx_http_loyalty_reply_t       *e, *v;
+    ngx_http_loyalty_shctx_t       *sh;
+    ngx_http_loyalty_main_conf_t   *lmcf;
+
+    lmcf = ngx_http_get_module_main_conf(r, ngx_http_loyalty_module);
+    sh = lmcf->sh;
+
+    status = NGX_HTTP_LOYALTY_API_STATUSES;
+
+    if (reply->type == NGX_HTTP_LOYALTY_REPLY_ARRAY && reply->nelts % 2 == 1
+        && reply->element[0]->type == NGX_HTTP_LOYALTY_REPLY_STRING)
+    {
+        for (status = NGX_HTTP_LOYALTY_API_APPLIED;
+             status < NGX_HTTP_LOYALTY_API_UNAVAILABLE;
+             status++)
+        {
+            if (ngx_http_loyalty_same_str(&reply->element[0]->str,
+                                       &ngx_http_loyalty_api_statuses[status].word))
+            {
+                break;
+            }
+        }
+    }
+
+    if (status >= NGX_HTTP_LOYALTY_API_UNAVAILABLE) {
+        ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
+                      "loyalty: unexpected reply to the %V \"%V\" of "
+                      "customer \"%V\"", &ngx_http_loyalty_api_calls[ctx->op],
+                      &ctx->id, &ctx->customer);
+
+        return ngx_http_loyalty_api_status(r, ctx->op,
+                                           NGX_HTTP_SERVICE_UNAVAILABLE,
+                                           NGX_HTTP_LOYALTY_API_UNAVAILABLE,
+                                           NULL);
+    }
+
+    word = &ngx_http_loyalty_api_statuses[status].word;
+
+    size = sizeof("{\"status\":\"\",\"customer\":,\"order\":}\n") + word->len
+           + (ctx->customer.len + ctx->id.len) * NGX_HTTP_LOYALTY_JSON_ESCAPE
+           + 4;
+
+    for (i = 1; i < reply->nelts; i++) {
+        e = reply->element[i];
+        size += sizeof(",\"\":") + NGX_INT64_LEN
+                + e->str.len * NGX_HTTP_LOYALTY_JSON_ESCAPE;
+    }
+
+    p = ngx_pnalloc(r->pool, size);
+    if (p == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    json.data = p;
+
+    p = ngx_sprintf(p, "{\"status\":\"%V\",\"customer\":", word);
+    p = ngx_http_loyalty_json_string(p, ctx->customer.data,
+                                     ctx->customer.len);
+
+    if (ctx->op == NGX_HTTP_LOYALTY_API_REFUND) {
+        p = ngx_cpymem(p, ",\"order\":", sizeof(",\"order\":") - 1);
+
+    } else {
+        p = ngx_cpymem(p, ",\"id\":", sizeof(",\"id\":") - 1);
+    }
+
+    p = ngx_http_loyalty_json_string(p, ctx->id.data, ctx->id.len);
+
+    forgiven = 0;
+
+    for (i = 1; i + 1 < reply->nelts; i += 2) {
+        e = reply->element[i];
+        v = reply->element[i + 1];
+
+        if (e->type != NGX_HTTP_LOYALTY_REPLY_STRING) {
+            continue;
+        }
+
+        name = e->str;
+
+        *p++ = ',';
+        p = ngx_http_loyalty_json_string(p, name.data, name.len);
+        *p++ = ':';
+
+        if (v->type == NGX_HTTP_LOYALTY_REPLY_INTEGER) {
+            p = ngx_sprintf(p, "%L", v->integer);
+
+        } else if (v->type == NGX_HTTP_LOYALTY_REPLY_STRING) {
+            p = ngx_http_loyalty_json_string(p, v->str.data, v->str.len);
+
+        } else {
+            p = ngx_cpymem(p, "null", sizeof("null") - 1);
+            continue;
+        }
+
+        if (status != NGX_HTTP_LOYALTY_API_APPLIED
+            || v->type != NGX_HTTP_LOYALTY_REPLY_INTEGER
+            || v->integer <= 0)
+        {
+            continue;
+        }
+
+        if (name.len == sizeof("reversed") - 1
+            && ngx_strncmp(name.data, "reversed", name.len) == 0
+            && sh)
+        {
+            (void) ngx_atomic_fetch_add(&sh->reversed, v->integer);
+
+        } else if (name.len == sizeof("forgiven") - 1
+                   && ngx_strncmp(name.data, "forgiven", name.len) == 0)
+        {
+            forgiven = v->integer;
+
+            if (sh) {
+                (void) ngx_atomic_fetch_add(&sh->forgiven, forgiven);
+            }
+        }
+    }
+
+    *p++ = '}';
+    *p++ = LF;
+
+    json.len = p - json.data;
+
+    if (forgiven) {
+        ngx_log_error(NGX_LOG_NOTICE, r->connection->log, 0,
+                      "loyalty: refund of order \"%V\" of customer \"%V\": "
+                      "%A points forgiven, more than the balance",
+                      &ctx->id, &ctx->customer, forgiven);
+    }
+
+    ngx_http_loyalty_api_count(r, ctx->op, status);
+
+    return ngx_http_loyalty_api_send(r,
+                                     ngx_http_loyalty_api_statuses[status].http,
+                                     &json);
+}
+
+
+/*
+ * An argument, form-decoded into the request's pool: from the body first,
+ * then from the query string.  NGX_DECLINED when there is none, NGX_ERROR
+ * when it is not well escaped; NGX_HTTP_INTERNAL_SERVER_ERROR without
+ * memory.
+ */
+
+static ngx_int_t
+ngx_http_loyalty_api_arg(ngx_http_request_t *r, ngx_str_t *body, char *name,
+    ngx_str_t *value)
+{
+    size_t     len;
+    ngx_str_t  raw;
+
+    len = ngx_strlen(name);
+
+    if ((body == NULL
+         || ngx_http_loyalty_form_arg(body->data, body->len, (u_char *) name,
+                                      len, &raw)
+            != NGX_OK)
+        && ngx_http_loyalty_form_arg(r->args.data, r->args.len,
+                                     (u_char *) name, len, &raw)
+           != NGX_OK)
+    {
+        return NGX_DECLINED;
+    }
+
+    value->data = ngx_pnalloc(r->pool, raw.len + 1);
+    if (value->data == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    if (ngx_http_loyalty_form_decode(value->data, raw.data, raw.len,
+                                     &value->len)
+        != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
+
+
+/* "customer", an id as in a cookie: NGX_DECLINED when there is none */
+
+static ngx_int_t
+ngx_http_loyalty_api_customer(ngx_http_request_t *r, ngx_str_t *body,
+    ngx_str_t *customer)
+{
+    ngx_int_t  rc;
+
+    rc = ngx_http_loyalty_api_arg(r, body, "customer", customer);
+
+    if (rc == NGX_HTTP_INTERNAL_SERVER_ERROR) {
+        return rc;
+    }
+
+    if (rc != NGX_OK
+        || ngx_http_loyalty_valid_id(customer->data, customer->len) != NGX_OK)
+    {
+        return NGX_DECLINED;
+    }
+
+    return NGX_OK;
+}
+
+
+void
+ngx_http_loyalty_api_count(ngx_http_request_t *r, ngx_uint_t op,
+    ngx_uint_t status)
+{
+    ngx_http_loyalty_main_conf_t  *lmcf;
+
+    if (op >= NGX_HTTP_LOYALTY_API_OPS) {
+        return;
+    }
+
+    lmcf = ngx_http_get_module_main_conf(r, ngx_http_loyalty_module);
+
+    ngx_http_loyalty_count(lmcf->sh, api[op][status]);
+}
+
+
+static ngx_int_t
+ngx_http_loyalty_api_not_allowed(ngx_http_request_t *r, ngx_uint_t op,
+    char *allow)
+{
+    ngx_int_t         rc;
     ngx_table_elt_t  *h;
+
+    rc = ngx_http_discard_request_body(r);
+
+    if (rc != NGX_OK) {
+        return rc;
+    }
 
     h = ngx_list_push(&r->headers_out.headers);
     if (h == NULL) {
@@ -464,26 +1125,59 @@ ngx_http_loyalty_api_not_allowed(ngx_http_request_t *r, char *allow)
     h->value.data = (u_char *) allow;
     h->value.len = ngx_strlen(allow);
 
-    return ngx_http_loyalty_api_status(r, NGX_HTTP_NOT_ALLOWED, "invalid");
+    return ngx_http_loyalty_api_status(r, op, NGX_HTTP_NOT_ALLOWED,
+                                       NGX_HTTP_LOYALTY_API_INVALID,
+                                       "method not allowed");
 }
 
 
 static ngx_int_t
-ngx_http_loyalty_api_status(ngx_http_request_t *r, ngx_uint_t status,
-    char *word)
+ngx_http_loyalty_api_invalid(ngx_http_request_t *r, ngx_uint_t op,
+    char *error)
 {
-    u_char     *p;
-    ngx_str_t   json;
+    return ngx_http_loyalty_api_status(r, op, NGX_HTTP_BAD_REQUEST,
+                                       NGX_HTTP_LOYALTY_API_INVALID, error);
+}
 
-    p = ngx_pnalloc(r->pool, sizeof("{\"status\":\"\"}\n") + 32);
+
+/* {"status":WORD[,"error":TEXT]}, counted for the call */
+
+static ngx_int_t
+ngx_http_loyalty_api_status(ngx_http_request_t *r, ngx_uint_t op,
+    ngx_uint_t http, ngx_uint_t status, char *error)
+{
+    size_t      len;
+    u_char     *p;
+    ngx_str_t   json, *word;
+
+    word = &ngx_http_loyalty_api_statuses[status].word;
+
+    len = error ? ngx_strlen(error) : 0;
+
+    p = ngx_pnalloc(r->pool, sizeof("{\"status\":\"\",\"error\":}\n")
+                             + word->len + 2
+                             + len * NGX_HTTP_LOYALTY_JSON_ESCAPE);
     if (p == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
     json.data = p;
-    json.len = ngx_sprintf(p, "{\"status\":\"%s\"}\n", word) - p;
 
-    return ngx_http_loyalty_api_send(r, status, &json);
+    p = ngx_sprintf(p, "{\"status\":\"%V\"", word);
+
+    if (error) {
+        p = ngx_cpymem(p, ",\"error\":", sizeof(",\"error\":") - 1);
+        p = ngx_http_loyalty_json_string(p, (u_char *) error, len);
+    }
+
+    *p++ = '}';
+    *p++ = LF;
+
+    json.len = p - json.data;
+
+    ngx_http_loyalty_api_count(r, op, status);
+
+    return ngx_http_loyalty_api_send(r, http, &json);
 }
 
 

@@ -169,7 +169,7 @@ ngx_http_loyalty_balance_json(ngx_http_request_t *r,
         }
     }
 
-    size = size * NGX_HTTP_LOYALTY_JSON_ESCAPE + 256 + 3 * NGX_INT64_LEN;
+    size = size * NGX_HTTP_LOYALTY_JSON_ESCAPE + 320 + 5 * NGX_INT64_LEN;
 
     p = ngx_pnalloc(r->pool, size);
     if (p == NULL) {
@@ -203,6 +203,20 @@ ngx_http_loyalty_balance_json(ngx_http_request_t *r,
             }
 
             p = ngx_http_loyalty_json_field(p, &f->name, &value, f->quote);
+        }
+
+        /* with loyalty_pending: what is locked, and when it next frees */
+
+        if (ctx->conf->pending) {
+            p = ngx_sprintf(p, ",\"pending\":%uL,\"pending_release\":",
+                            ctx->record.pending);
+
+            if (ctx->record.pending_release) {
+                p = ngx_sprintf(p, "%T", ctx->record.pending_release);
+
+            } else {
+                p = ngx_cpymem(p, "null", sizeof("null") - 1);
+            }
         }
     }
 

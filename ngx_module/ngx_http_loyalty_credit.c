@@ -90,7 +90,6 @@ static ngx_http_loyalty_credit_t *ngx_http_loyalty_credit_alloc(
 static void ngx_http_loyalty_credit_free(ngx_http_loyalty_credit_t *cr);
 static uint64_t ngx_http_loyalty_credit_redeemed(
     ngx_http_loyalty_reply_t *done);
-static ngx_int_t ngx_http_loyalty_valid_order(ngx_str_t *order);
 
 
 /*
@@ -268,7 +267,7 @@ ngx_http_loyalty_credit_order(ngx_http_request_t *r,
         return NGX_ERROR;
     }
 
-    if (ngx_http_loyalty_valid_order(&order) != NGX_OK) {
+    if (ngx_http_loyalty_valid_order(order.data, order.len) != NGX_OK) {
         ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
                       "loyalty: customer \"%V\": invalid order id \"%V\", "
                       "nothing credited", &ctx->customer, &order);
@@ -309,8 +308,7 @@ static ngx_int_t
 ngx_http_loyalty_credit_send(ngx_http_loyalty_credit_t *cr, ngx_log_t *log)
 {
     u_char                        *p;
-    ngx_str_t                      argv[14];
-    ngx_uint_t                     argc;
+    ngx_str_t                      argv[16];
     ngx_msec_t                     timeout;
     ngx_http_loyalty_cmd_t        *cmd;
     ngx_http_loyalty_server_t     *server;
@@ -320,7 +318,7 @@ ngx_http_loyalty_credit_send(ngx_http_loyalty_credit_t *cr, ngx_log_t *log)
                                              + NGX_HTTP_LOYALTY_ID_MAX
                                              + NGX_HTTP_LOYALTY_ORDER_MAX
                                              + sizeof("{}:order:"))];
-    u_char                         nums[5 * NGX_INT64_LEN];
+    u_char                         nums[7 * NGX_INT64_LEN];
 
     llcf = cr->conf;
     lmcf = cr->lmcf;
@@ -385,8 +383,17 @@ ngx_http_loyalty_credit_send(ngx_http_loyalty_credit_t *cr, ngx_log_t *log)
     argv[12].data = cr->amount;
     argv[12].len = cr->amount_len;
 
+    ngx_str_set(&argv[13], "");
+
+    argv[14].data = p;
+    p = ngx_http_loyalty_write_uint(p, (uint64_t) llcf->order_ttl);
+    argv[14].len = p - argv[14].data;
+
+    argv[15].data = p;
+    p = ngx_http_loyalty_write_uint(p, (uint64_t) llcf->pending);
+    argv[15].len = p - argv[15].data;
+
     server = llcf->server;
-    argc = 13;
     timeout = llcf->timeout;
 
     if (llcf->credit_wait) {
@@ -399,10 +406,9 @@ ngx_http_loyalty_credit_send(ngx_http_loyalty_credit_t *cr, ngx_log_t *log)
         server = server->credits;
         timeout += llcf->credit_wait_time;
         ngx_str_set(&argv[13], "1");
-        argc = 14;
     }
 
-    cmd = ngx_http_loyalty_redis_send(server, &argv[3], argc, argv, timeout,
+    cmd = ngx_http_loyalty_redis_send(server, &argv[3], 16, argv, timeout,
                                       ngx_http_loyalty_credit_handler, cr,
                                       log);
     if (cmd == NULL) {
@@ -996,12 +1002,12 @@ ngx_http_loyalty_credit_free(ngx_http_loyalty_credit_t *cr)
 }
 
 
-/* "<earned>:<redeemed>", as the script marks an order */
+/* "<earned>:<redeemed>[:...]", as the script marks an order */
 
 static uint64_t
 ngx_http_loyalty_credit_redeemed(ngx_http_loyalty_reply_t *done)
 {
-    u_char    *p, *last;
+    u_char    *p, *q, *last;
     uint64_t   redeemed;
 
     if (done->type != NGX_HTTP_LOYALTY_REPLY_STRING) {
@@ -1011,33 +1017,20 @@ ngx_http_loyalty_credit_redeemed(ngx_http_loyalty_reply_t *done)
     last = done->str.data + done->str.len;
     p = ngx_strlchr(done->str.data, last, ':');
 
-    if (p == NULL
-        || ngx_http_loyalty_parse_uint(p + 1, last - p - 1, &redeemed)
-           != NGX_OK)
-    {
+    if (p == NULL) {
+        return 0;
+    }
+
+    p++;
+    q = ngx_strlchr(p, last, ':');
+
+    if (q == NULL) {
+        q = last;
+    }
+
+    if (ngx_http_loyalty_parse_uint(p, q - p, &redeemed) != NGX_OK) {
         return 0;
     }
 
     return redeemed;
-}
-
-
-/* 1 to 128 printable ASCII characters, no blanks */
-
-static ngx_int_t
-ngx_http_loyalty_valid_order(ngx_str_t *order)
-{
-    u_char  *p, *last;
-
-    if (order->len == 0 || order->len > NGX_HTTP_LOYALTY_ORDER_MAX) {
-        return NGX_ERROR;
-    }
-
-    for (p = order->data, last = p + order->len; p < last; p++) {
-        if (*p <= ' ' || *p >= 0x7f) {
-            return NGX_ERROR;
-        }
-    }
-
-    return NGX_OK;
 }

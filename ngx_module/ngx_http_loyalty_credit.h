@@ -14,9 +14,6 @@
 #include "ngx_http_loyalty_module.h"
 
 
-#define NGX_HTTP_LOYALTY_ORDER_MAX     128
-
-
 /* a credit on its way to Redis; outlives its request */
 typedef struct {
     ngx_queue_t                   queue;

@@ -14,10 +14,25 @@
 -- ARGV[8]  "1": a duplicate writes its marker again (same value, same
 --          expiry), so that a WAIT behind it covers the first write too
 --          (loyalty_credit_wait); optional
+-- ARGV[9]  order_ttl   seconds the marker lives (refunds are possible while
+--                      it does); optional, 30 days
+-- ARGV[10] pending     seconds the earned points stay locked, 0: none;
+--                      optional
 --
--- Returns {1, "<earned>:<redeemed>", points, short} when applied, short
--- being 1 when the order redeemed more than the balance,
--- {0, "<earned>:<redeemed>"} when the order was credited before.
+-- The hash field "pending" holds the locked points of the customer as
+-- "<release>:<points>[,<release>:<points>...]", by release time (unix
+-- seconds); points whose release time has come are released into points
+-- and lifetime by the next write, and counted as released by every read.
+--
+-- The marker is "<earned>:<redeemed>:<amount>:<refunded>:<reversed>:
+-- <restored>:<release>": what the order did, what refunds have done to it
+-- since (the refund script), and when its points are released, 0 when
+-- they were never locked.  Markers written before refunds existed hold
+-- "<earned>:<redeemed>" only.
+--
+-- Returns {1, marker, points, short, pending} when applied, short being 1
+-- when the order redeemed more than the balance, pending the points still
+-- locked; {0, marker} when the order was credited before.
 -- Nothing is written before every check has passed: one HMGET, one SET NX,
 -- one XADD, one HSET (and EXPIREs) per order.  A ledger that is not a
 -- stream fails the XADD: the marker is deleted again and the error
@@ -29,7 +44,8 @@
 
 local hash, marker, ledger = KEYS[1], KEYS[2], KEYS[3]
 local keep, expire = tonumber(ARGV[4]), tonumber(ARGV[5])
-local find, byte, format = string.find, string.byte, string.format
+local find, byte, format, sub = string.find, string.byte, string.format,
+                                string.sub
 
 -- as sent, when already in the form Redis would give the number
 local function redis_number(s, n)
@@ -63,14 +79,55 @@ local function fmt(n)
     return format('%d', n)
 end
 
-local earned, redeem, ts = count(ARGV[1]), count(ARGV[2]), count(ARGV[3])
+-- the entries of a "pending" field, released ones added to "due", or nil
+local function locked(list, now)
+    local due, at, n, r, p = 0, 1, 0, {}, {}
+    local len = #list
 
-if not (earned and redeem and ts) then
+    if byte(list, len) == 44 then
+        return nil
+    end
+
+    while at <= len do
+        local colon = find(list, ':', at, true)
+        local comma = find(list, ',', at, true) or len + 1
+        if not colon or colon > comma then
+            return nil
+        end
+
+        local release = count(sub(list, at, colon - 1))
+        local points = count(sub(list, colon + 1, comma - 1))
+        if not release or not points or #release > 16 or #points > 16 then
+            return nil
+        end
+
+        release, points = tonumber(release), tonumber(points)
+        if release >= 2^53 or points >= 2^53 then
+            return nil
+        end
+
+        if release <= now then
+            due = due + points
+        else
+            n = n + 1
+            r[n], p[n] = release, points
+        end
+
+        at = comma + 1
+    end
+
+    return due, r, p, n
+end
+
+local earned, redeem, ts = count(ARGV[1]), count(ARGV[2]), count(ARGV[3])
+local ttl, lock = count(ARGV[9] or '2592000'), count(ARGV[10] or '0')
+
+if not (earned and redeem and ts and ttl and lock) or ttl == '0' then
     return redis.error_reply('LOYALTY bad arguments')
 end
 
 local rec = redis.call('HMGET', hash, 'points', 'lifetime', 'orders',
-                       'first_order', 'last_order')
+                       'first_order', 'last_order', 'pending')
 
 local points = count(rec[1] or '0')
 if not points then
@@ -88,22 +145,64 @@ if not orders then
     return redis.error_reply('LOYALTY orders of ' .. hash .. ' is not a count')
 end
 
+local e, p, l, o = tonumber(earned), tonumber(points), tonumber(lifetime),
+                   tonumber(orders)
+
+-- points locked until a release time: those due are released first
+local list, r, q, n = rec[6], nil, nil, 0
+local now, still = tonumber(ts), 0
+
+if list and list ~= '' then
+    local due
+    due, r, q, n = locked(list, now)
+    if not due then
+        return redis.error_reply('LOYALTY pending of ' .. hash
+                                 .. ' is not a list')
+    end
+
+    for i = 1, n do
+        still = still + q[i]
+    end
+
+    if p + due + still >= 2^53 or l + due + still >= 2^53 then
+        return redis.error_reply('LOYALTY balance of ' .. hash
+                                 .. ' would overflow')
+    end
+
+    if due > 0 then
+        p, l = p + due, l + due
+        points = fmt(p)
+    end
+end
+
 local redeemed, short = redeem, 0
 if less(points, redeem) then
     redeemed, short = points, 1
 end
 
-local e, p, l, o = tonumber(earned), tonumber(points), tonumber(lifetime),
-                   tonumber(orders)
-
-if p + e >= 2^53 or l + e >= 2^53 or o + 1 >= 2^53 then
+if p + e + still >= 2^53 or l + e + still >= 2^53 or o + 1 >= 2^53 then
     return redis.error_reply('LOYALTY balance of ' .. hash
                              .. ' would overflow')
 end
 
-local mark = earned .. ':' .. redeemed
+-- the order's points are locked only when it earns some
+local release = '0'
+if lock ~= '0' and e > 0 then
+    if now + tonumber(lock) >= 2^53 then
+        return redis.error_reply('LOYALTY bad arguments')
+    end
+    release = fmt(now + tonumber(lock))
+end
 
-if not redis.call('SET', marker, mark, 'NX', 'EX', '2592000') then
+local amount = ARGV[7] or ''
+if not find(amount, '^%d+%.?%d*$') then
+    amount = ''
+end
+
+local mark = earned .. ':' .. redeemed .. ':' .. amount .. ':0:0:0:'
+             .. release
+
+if not redis.call('SET', marker, mark, 'NX', 'EX', ttl) then
     local done = redis.call('GET', marker)
     if ARGV[8] == '1' then
         local ttl = redis.call('PTTL', marker)
@@ -116,10 +215,33 @@ if not redis.call('SET', marker, mark, 'NX', 'EX', '2592000') then
     return {0, done}
 end
 
-local after = p - tonumber(redeemed) + e
+local after = p - tonumber(redeemed)
+
+if release == '0' then
+    after, l = after + e, l + e
+
+else
+    -- by release time; an entry of the same second takes the points too
+    local at, t = n + 1, tonumber(release)
+    while at > 1 and r[at - 1] > t do
+        at = at - 1
+    end
+
+    if at > 1 and r[at - 1] == t then
+        q[at - 1] = q[at - 1] + e
+    else
+        r, q = r or {}, q or {}
+        table.insert(r, at, t)
+        table.insert(q, at, e)
+        n = n + 1
+    end
+
+    still = still + e
+end
+
 local balance = fmt(after)
 
-local set = {'points', balance, 'lifetime', fmt(l + e), 'orders', fmt(o + 1)}
+local set = {'points', balance, 'lifetime', fmt(l), 'orders', fmt(o + 1)}
 
 local first, last = count(rec[4]), count(rec[5])
 
@@ -133,12 +255,24 @@ if not last or less(last, ts) then
     set[#set + 1] = ts
 end
 
+if n > 0 then
+    local entries = {}
+    for i = 1, n do
+        entries[i] = fmt(r[i]) .. ':' .. fmt(q[i])
+    end
+    set[#set + 1] = 'pending'
+    set[#set + 1] = table.concat(entries, ',')
+end
+
 if keep > 0 then
+    local entry = {'order', ARGV[6], 'amount', ARGV[7],
+                   'earned', earned, 'redeemed', redeemed,
+                   'points', balance, 'ts', ts}
+    if release ~= '0' then
+        entry[13], entry[14] = 'pending', fmt(still)
+    end
     local id = redis.pcall('XADD', ledger, 'MAXLEN', '~',
-                           redis_number(ARGV[4], keep), '*',
-                           'order', ARGV[6], 'amount', ARGV[7],
-                           'earned', earned, 'redeemed', redeemed,
-                           'points', balance, 'ts', ts)
+                           redis_number(ARGV[4], keep), '*', unpack(entry))
     if type(id) == 'table' then
         redis.call('DEL', marker)
         return redis.error_reply('LOYALTY ledger ' .. ledger .. ': '
@@ -148,6 +282,10 @@ end
 
 redis.call('HSET', hash, unpack(set))
 
+if n == 0 and list and list ~= '' then
+    redis.call('HDEL', hash, 'pending')
+end
+
 if expire > 0 then
     expire = redis_number(ARGV[5], expire)
     redis.call('EXPIRE', hash, expire)
@@ -156,4 +294,4 @@ if expire > 0 then
     end
 end
 
-return {1, mark, after, short}
+return {1, mark, after, short, still}

@@ -504,7 +504,8 @@ ngx_http_loyalty_parse_record(ngx_http_request_t *r,
         return NGX_HTTP_LOYALTY_UNAVAILABLE;
     }
 
-    rc = ngx_http_loyalty_reply_record(reply, &ctx->record, &bad);
+    rc = ngx_http_loyalty_reply_record(reply, &ctx->record, ngx_time(),
+                                       &bad);
 
     if (rc == NGX_ERROR) {
         ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,

@@ -109,9 +109,10 @@ ngx_http_loyalty_journal(ngx_http_loyalty_credit_t *cr, const char *reason,
                                         cr->amount_len);
     p = ngx_slprintf(p, last,
                      ",\"earned\":%uL,\"redeem\":%uL,\"ledger\":%i,"
-                     "\"expire\":%T,\"reason\":\"%s\"}",
+                     "\"expire\":%T,\"order_ttl\":%T,\"pending\":%T,"
+                     "\"reason\":\"%s\"}",
                      cr->earned, cr->redeem, llcf->ledger, llcf->expire,
-                     reason);
+                     llcf->order_ttl, llcf->pending, reason);
 
     if (llcf->journal == NULL) {
         ngx_log_error(NGX_LOG_ERR, log, 0,

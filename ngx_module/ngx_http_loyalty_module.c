@@ -57,7 +57,7 @@ static char *ngx_http_loyalty_secret(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_http_loyalty_earn_rate(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
-static char *ngx_http_loyalty_expire(ngx_conf_t *cf, ngx_command_t *cmd,
+static char *ngx_http_loyalty_time_off(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_http_loyalty_ledger(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
@@ -67,6 +67,8 @@ static ngx_int_t ngx_http_loyalty_credit_servers(ngx_conf_t *cf,
     ngx_http_loyalty_main_conf_t *lmcf);
 static char *ngx_http_loyalty_prefix_check(ngx_conf_t *cf, void *post,
     void *data);
+static char *ngx_http_loyalty_positive(ngx_conf_t *cf, void *post,
+    void *data);
 static ngx_int_t ngx_http_loyalty_init_module(ngx_cycle_t *cycle);
 static ngx_int_t ngx_http_loyalty_init_process(ngx_cycle_t *cycle);
 static void ngx_http_loyalty_exit_process(ngx_cycle_t *cycle);
@@ -74,6 +76,9 @@ static void ngx_http_loyalty_exit_process(ngx_cycle_t *cycle);
 
 static ngx_conf_post_t  ngx_http_loyalty_prefix_post =
     { ngx_http_loyalty_prefix_check };
+
+static ngx_conf_post_t  ngx_http_loyalty_order_ttl_post =
+    { ngx_http_loyalty_positive };
 
 
 static ngx_conf_enum_t  ngx_http_loyalty_fail_values[] = {
@@ -251,10 +256,24 @@ static ngx_command_t  ngx_http_loyalty_commands[] = {
 
     { ngx_string("loyalty_expire"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
-      ngx_http_loyalty_expire,
+      ngx_http_loyalty_time_off,
       NGX_HTTP_LOC_CONF_OFFSET,
-      0,
+      offsetof(ngx_http_loyalty_loc_conf_t, expire),
       NULL },
+
+    { ngx_string("loyalty_pending"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_loyalty_time_off,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_loyalty_loc_conf_t, pending),
+      NULL },
+
+    { ngx_string("loyalty_order_ttl"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_sec_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_loyalty_loc_conf_t, order_ttl),
+      &ngx_http_loyalty_order_ttl_post },
 
     { ngx_string("loyalty_ledger"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
@@ -435,6 +454,9 @@ ngx_http_loyalty_create_main_conf(ngx_conf_t *cf)
     lmcf->script.data = ngx_http_loyalty_script;
     lmcf->script.len = sizeof(ngx_http_loyalty_script) - 1;
 
+    lmcf->api_script.data = ngx_http_loyalty_api_script;
+    lmcf->api_script.len = sizeof(ngx_http_loyalty_api_script) - 1;
+
     ngx_http_loyalty_script_sha1(&lmcf->script, lmcf->script_sha);
 
     return lmcf;
@@ -493,6 +515,8 @@ ngx_http_loyalty_create_loc_conf(ngx_conf_t *cf)
     conf->redeem = NGX_CONF_UNSET_PTR;
     conf->order_id = NGX_CONF_UNSET_PTR;
     conf->expire = NGX_CONF_UNSET;
+    conf->pending = NGX_CONF_UNSET;
+    conf->order_ttl = NGX_CONF_UNSET;
     conf->ledger = NGX_CONF_UNSET;
     conf->journal = NGX_CONF_UNSET_PTR;
     conf->credit_wait = NGX_CONF_UNSET_UINT;
@@ -532,7 +556,21 @@ ngx_http_loyalty_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_conf_merge_uint_value(conf->earn_rate, prev->earn_rate,
                               NGX_HTTP_LOYALTY_FRAC_ONE);
     ngx_conf_merge_value(conf->expire, prev->expire, 0);
+    ngx_conf_merge_value(conf->pending, prev->pending, 0);
+    ngx_conf_merge_sec_value(conf->order_ttl, prev->order_ttl,
+                             NGX_HTTP_LOYALTY_ORDER_TTL);
     ngx_conf_merge_value(conf->ledger, prev->ledger, 100);
+
+    /* a refund must find the order while its points may still be locked */
+
+    if (conf->pending && conf->order_ttl < conf->pending) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"loyalty_order_ttl\" of %T s is shorter than "
+                           "\"loyalty_pending\" of %T s: an order must "
+                           "outlive its lock period",
+                           conf->order_ttl, conf->pending);
+        return NGX_CONF_ERROR;
+    }
 
     lmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_loyalty_module);
 
@@ -1564,22 +1602,26 @@ ngx_http_loyalty_earn_rate(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 }
 
 
-static char *
-ngx_http_loyalty_expire(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
-{
-    ngx_http_loyalty_loc_conf_t *llcf = conf;
+/* loyalty_expire, loyalty_pending: a time, or "off" */
 
-    time_t      t;
+static char *
+ngx_http_loyalty_time_off(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    char  *p = conf;
+
+    time_t     *tp, t;
     ngx_str_t  *value;
 
-    if (llcf->expire != NGX_CONF_UNSET) {
+    tp = (time_t *) (p + cmd->offset);
+
+    if (*tp != NGX_CONF_UNSET) {
         return "is duplicate";
     }
 
     value = cf->args->elts;
 
     if (ngx_strcmp(value[1].data, "off") == 0) {
-        llcf->expire = 0;
+        *tp = 0;
         return NGX_CONF_OK;
     }
 
@@ -1587,12 +1629,25 @@ ngx_http_loyalty_expire(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     if (t == (time_t) NGX_ERROR || t == 0) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "invalid time \"%V\" in \"loyalty_expire\"",
-                           &value[1]);
+                           "invalid time \"%V\" in \"%V\"",
+                           &value[1], &cmd->name);
         return NGX_CONF_ERROR;
     }
 
-    llcf->expire = t;
+    *tp = t;
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_http_loyalty_positive(ngx_conf_t *cf, void *post, void *data)
+{
+    time_t  *tp = data;
+
+    if (*tp == 0) {
+        return "must be more than 0";
+    }
 
     return NGX_CONF_OK;
 }

@@ -26,6 +26,7 @@
 #define NGX_HTTP_LOYALTY_FAIL_REJECT   1
 
 #define NGX_HTTP_LOYALTY_REPLICAS_MAX  64      /* loyalty_credit_wait */
+#define NGX_HTTP_LOYALTY_ORDER_TTL     (30 * 86400)
 
 
 typedef struct ngx_http_loyalty_credits_s ngx_http_loyalty_credits_t;
@@ -42,6 +43,8 @@ typedef struct ngx_http_loyalty_credits_s ngx_http_loyalty_credits_t;
 #define NGX_HTTP_LOYALTY_VAR_OFFER_CODE  7
 #define NGX_HTTP_LOYALTY_VAR_EARNED      8
 #define NGX_HTTP_LOYALTY_VAR_BALANCE     9     /* points after the order */
+#define NGX_HTTP_LOYALTY_VAR_PENDING     10
+#define NGX_HTTP_LOYALTY_VAR_PENDING_AFTER  11  /* and with what it earned */
 
 /* shared counters */
 #define NGX_HTTP_LOYALTY_BUCKETS         13
@@ -53,6 +56,27 @@ typedef struct ngx_http_loyalty_credits_s ngx_http_loyalty_credits_t;
 #define NGX_HTTP_LOYALTY_RETRIED         2
 #define NGX_HTTP_LOYALTY_JOURNALED       3
 #define NGX_HTTP_LOYALTY_CREDIT_RESULTS  4
+
+/* loyalty_api: the calls, and the status words of their answers */
+#define NGX_HTTP_LOYALTY_API_LEDGER         0
+#define NGX_HTTP_LOYALTY_API_REFUND         1
+#define NGX_HTTP_LOYALTY_API_ADJUST         2
+#define NGX_HTTP_LOYALTY_API_OPS            3
+
+#define NGX_HTTP_LOYALTY_API_OK             0
+#define NGX_HTTP_LOYALTY_API_APPLIED        1
+#define NGX_HTTP_LOYALTY_API_UNCHANGED      2
+#define NGX_HTTP_LOYALTY_API_UNKNOWN_ORDER  3
+#define NGX_HTTP_LOYALTY_API_INVALID        4
+#define NGX_HTTP_LOYALTY_API_INSUFFICIENT   5
+#define NGX_HTTP_LOYALTY_API_UNAVAILABLE    6
+#define NGX_HTTP_LOYALTY_API_STATUSES       7
+
+
+typedef struct {
+    ngx_str_t                  word;
+    ngx_uint_t                 http;
+} ngx_http_loyalty_api_status_t;
 
 
 /*
@@ -69,6 +93,10 @@ typedef struct {
     ngx_atomic_t               requests[NGX_HTTP_LOYALTY_UNAVAILABLE + 1];
     ngx_atomic_t               credits[NGX_HTTP_LOYALTY_CREDIT_RESULTS];
     ngx_atomic_t               shortfall;
+    ngx_atomic_t               api[NGX_HTTP_LOYALTY_API_OPS]
+                                  [NGX_HTTP_LOYALTY_API_STATUSES];
+    ngx_atomic_t               reversed;        /* points, by refunds */
+    ngx_atomic_t               forgiven;
     ngx_atomic_t               latency[NGX_HTTP_LOYALTY_BUCKETS + 1];
     ngx_atomic_t               latency_sum;     /* microseconds */
     ngx_atomic_t               cluster[NGX_HTTP_LOYALTY_COUNT_EVENTS];
@@ -120,6 +148,7 @@ typedef struct {
     ngx_array_t                servers;   /* ngx_http_loyalty_server_t * */
     ngx_str_t                  script;
     u_char                     script_sha[NGX_HTTP_LOYALTY_SHA1_LEN];
+    ngx_str_t                  api_script;      /* refunds, adjustments */
     ngx_http_complex_value_t   request_id;      /* the default order id */
 
     ngx_http_loyalty_credits_t *credits;        /* per worker */
@@ -159,6 +188,8 @@ typedef struct {
     ngx_http_complex_value_t  *redeem;
     ngx_http_complex_value_t  *order_id;
     time_t                     expire;          /* 0: off */
+    time_t                     pending;         /* lock period, 0: off */
+    time_t                     order_ttl;       /* an order's marker */
     ngx_int_t                  ledger;          /* 0: off */
     ngx_open_file_t           *journal;         /* NULL: error log */
     ngx_uint_t                 credit_wait;     /* replicas, 0: off */
@@ -278,7 +309,10 @@ ngx_int_t ngx_http_loyalty_no_store(ngx_http_request_t *r);
 
 
 /* ngx_http_loyalty_api.c */
+extern ngx_http_loyalty_api_status_t  ngx_http_loyalty_api_statuses[];
 char *ngx_http_loyalty_api(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+void ngx_http_loyalty_api_count(ngx_http_request_t *r, ngx_uint_t op,
+    ngx_uint_t status);
 
 
 #endif /* _NGX_HTTP_LOYALTY_MODULE_H_INCLUDED_ */

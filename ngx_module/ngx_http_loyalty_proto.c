@@ -65,7 +65,8 @@ ngx_str_t  ngx_http_loyalty_record_fields[] = {
     ngx_string("lifetime"),
     ngx_string("orders"),
     ngx_string("first_order"),
-    ngx_string("last_order")
+    ngx_string("last_order"),
+    ngx_string("pending")
 };
 
 
@@ -265,15 +266,19 @@ ngx_http_loyalty_reply_uint(ngx_http_loyalty_reply_t *reply, uint64_t *value)
  * The reply to HMGET of the record fields: NGX_OK for a customer, with
  * the bits of "bad" set for fields that are not counts (taken as 0),
  * NGX_DECLINED when no field exists, NGX_ERROR for any other reply.
+ * Pending points due by "now" are counted as released, into points and
+ * lifetime, as the next write will store them; a "pending" field that is
+ * not a list is taken as empty.
  */
 
 ngx_int_t
 ngx_http_loyalty_reply_record(ngx_http_loyalty_reply_t *reply,
-    ngx_http_loyalty_record_t *record, ngx_uint_t *bad)
+    ngx_http_loyalty_record_t *record, time_t now, ngx_uint_t *bad)
 {
-    uint64_t   *field[NGX_HTTP_LOYALTY_NFIELDS];
-    ngx_int_t   rc;
-    ngx_uint_t  i, found;
+    uint64_t                  *field[NGX_HTTP_LOYALTY_NCOUNTS], due;
+    ngx_int_t                  rc;
+    ngx_uint_t                 i, found;
+    ngx_http_loyalty_reply_t  *pending;
 
     *bad = 0;
 
@@ -291,7 +296,7 @@ ngx_http_loyalty_reply_record(ngx_http_loyalty_reply_t *reply,
 
     found = 0;
 
-    for (i = 0; i < NGX_HTTP_LOYALTY_NFIELDS; i++) {
+    for (i = 0; i < NGX_HTTP_LOYALTY_NCOUNTS; i++) {
         rc = ngx_http_loyalty_reply_uint(reply->element[i], field[i]);
 
         if (rc == NGX_DECLINED) {
@@ -306,7 +311,33 @@ ngx_http_loyalty_reply_record(ngx_http_loyalty_reply_t *reply,
         }
     }
 
-    return found ? NGX_OK : NGX_DECLINED;
+    record->pending = 0;
+    record->pending_release = 0;
+
+    pending = reply->element[NGX_HTTP_LOYALTY_NCOUNTS];
+
+    if (pending->type == NGX_HTTP_LOYALTY_REPLY_NIL) {
+        return found ? NGX_OK : NGX_DECLINED;
+    }
+
+    if (pending->type != NGX_HTTP_LOYALTY_REPLY_STRING
+        || ngx_http_loyalty_parse_pending(pending->str.data, pending->str.len,
+                                          now, &due, &record->pending,
+                                          &record->pending_release)
+           != NGX_OK
+        || record->points + due >= NGX_HTTP_LOYALTY_EXACT
+        || record->lifetime + due >= NGX_HTTP_LOYALTY_EXACT)
+    {
+        record->pending = 0;
+        record->pending_release = 0;
+        *bad |= (ngx_uint_t) 1 << NGX_HTTP_LOYALTY_NCOUNTS;
+        return NGX_OK;
+    }
+
+    record->points += due;
+    record->lifetime += due;
+
+    return NGX_OK;
 }
 
 

@@ -40,7 +40,8 @@
 #define NGX_HTTP_LOYALTY_SHA1_LEN      40
 
 /* the fields of a customer hash, in HMGET order */
-#define NGX_HTTP_LOYALTY_NFIELDS       5
+#define NGX_HTTP_LOYALTY_NCOUNTS       5        /* points ... last_order */
+#define NGX_HTTP_LOYALTY_NFIELDS       6        /* and pending */
 
 
 typedef struct ngx_http_loyalty_conn_s  ngx_http_loyalty_conn_t;
@@ -321,7 +322,7 @@ ngx_int_t ngx_http_loyalty_reader_idle(ngx_http_loyalty_reader_t *rd);
 ngx_int_t ngx_http_loyalty_reply_uint(ngx_http_loyalty_reply_t *reply,
     uint64_t *value);
 ngx_int_t ngx_http_loyalty_reply_record(ngx_http_loyalty_reply_t *reply,
-    ngx_http_loyalty_record_t *record, ngx_uint_t *bad);
+    ngx_http_loyalty_record_t *record, time_t now, ngx_uint_t *bad);
 ngx_int_t ngx_http_loyalty_script_sha1(ngx_str_t *script, u_char *sha);
 
 

@@ -131,6 +131,83 @@ ngx_http_loyalty_sign(ngx_str_t *secret, u_char *id, size_t len, u_char *sig)
 
 
 /*
+ * The "pending" field of a record: "<release>:<points>[,...]", each a
+ * count below 2^53.  Points whose release time is not after "now" are
+ * due (released, though no write may have stored them so yet); the others
+ * are locked, "next" being the earliest of their release times, 0 when
+ * none.  An empty field holds nothing.  NGX_ERROR when it is not such a
+ * list, or its sums reach 2^53.
+ */
+
+ngx_int_t
+ngx_http_loyalty_parse_pending(u_char *p, size_t len, time_t now,
+    uint64_t *due, uint64_t *locked, time_t *next)
+{
+    u_char    *last, *colon, *comma;
+    uint64_t   release, points;
+
+    *due = 0;
+    *locked = 0;
+    *next = 0;
+
+    if (len == 0) {
+        return NGX_OK;
+    }
+
+    last = p + len;
+
+    if (last[-1] == ',') {
+        return NGX_ERROR;
+    }
+
+    while (p < last) {
+
+        for (comma = p; comma < last && *comma != ','; comma++) {
+            /* void */
+        }
+
+        for (colon = p; colon < comma && *colon != ':'; colon++) {
+            /* void */
+        }
+
+        if (colon == comma
+            || colon - p > NGX_HTTP_LOYALTY_PENDING_DIGITS
+            || comma - colon - 1 > NGX_HTTP_LOYALTY_PENDING_DIGITS
+            || ngx_http_loyalty_parse_uint(p, colon - p, &release) != NGX_OK
+            || ngx_http_loyalty_parse_uint(colon + 1, comma - colon - 1,
+                                           &points)
+               != NGX_OK
+            || release >= NGX_HTTP_LOYALTY_EXACT
+            || points >= NGX_HTTP_LOYALTY_EXACT)
+        {
+            return NGX_ERROR;
+        }
+
+        if ((time_t) release <= now) {
+            *due += points;
+
+        } else {
+            *locked += points;
+
+            if (*next == 0 || (time_t) release < *next) {
+                *next = (time_t) release;
+            }
+        }
+
+        if (*due >= NGX_HTTP_LOYALTY_EXACT
+            || *locked >= NGX_HTTP_LOYALTY_EXACT)
+        {
+            return NGX_ERROR;
+        }
+
+        p = comma + 1;
+    }
+
+    return NGX_OK;
+}
+
+
+/*
  * A decimal integer of 1 to 19 digits, no sign, no blanks; NGX_ERROR on
  * anything else or on overflow of 2^63 - 1.
  */
@@ -200,6 +277,210 @@ ngx_http_loyalty_parse_redeem(u_char *p, size_t len, uint64_t *value)
     }
 
     return ngx_http_loyalty_parse_uint(p, len, value);
+}
+
+
+/* points of an adjustment: ^[+-]?[0-9]{1,18}$ */
+
+ngx_int_t
+ngx_http_loyalty_parse_signed(u_char *p, size_t len, uint64_t *value,
+    ngx_uint_t *negative)
+{
+    *negative = 0;
+
+    if (len && (*p == '-' || *p == '+')) {
+        *negative = (*p == '-');
+        p++;
+        len--;
+    }
+
+    return ngx_http_loyalty_parse_redeem(p, len, value);
+}
+
+
+/* an order or adjustment id: 1 to 128 printable ASCII characters, no blanks */
+
+ngx_int_t
+ngx_http_loyalty_valid_order(u_char *p, size_t len)
+{
+    u_char  *last;
+
+    if (len == 0 || len > NGX_HTTP_LOYALTY_ORDER_MAX) {
+        return NGX_ERROR;
+    }
+
+    for (last = p + len; p < last; p++) {
+        if (*p <= ' ' || *p >= 0x7f) {
+            return NGX_ERROR;
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+/*
+ * The reason of a refund or an adjustment: 1 to 200 characters of UTF-8,
+ * none of them a control character.
+ */
+
+ngx_int_t
+ngx_http_loyalty_valid_reason(u_char *p, size_t len)
+{
+    u_char      *last;
+    uint32_t     c, min;
+    ngx_uint_t   n, chars;
+
+    chars = 0;
+
+    for (last = p + len; p < last; chars++) {
+
+        c = *p++;
+
+        if (c < 0x80) {
+            if (c < 0x20 || c == 0x7f) {
+                return NGX_ERROR;
+            }
+
+            continue;
+        }
+
+        if (c >= 0xc2 && c <= 0xdf) {
+            n = 1;
+            c &= 0x1f;
+            min = 0x80;
+
+        } else if (c >= 0xe0 && c <= 0xef) {
+            n = 2;
+            c &= 0x0f;
+            min = 0x800;
+
+        } else if (c >= 0xf0 && c <= 0xf4) {
+            n = 3;
+            c &= 0x07;
+            min = 0x10000;
+
+        } else {
+            return NGX_ERROR;
+        }
+
+        if ((size_t) (last - p) < n) {
+            return NGX_ERROR;
+        }
+
+        while (n--) {
+            if ((*p & 0xc0) != 0x80) {
+                return NGX_ERROR;
+            }
+
+            c = (c << 6) | (*p++ & 0x3f);
+        }
+
+        /* overlong forms, surrogates, beyond U+10FFFF, C1 controls */
+
+        if (c < min || (c >= 0xd800 && c <= 0xdfff) || c > 0x10ffff
+            || c < 0xa0)
+        {
+            return NGX_ERROR;
+        }
+    }
+
+    if (chars == 0 || chars > NGX_HTTP_LOYALTY_REASON_MAX) {
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
+
+
+/*
+ * The value of the first argument "name" of a query string or an
+ * application/x-www-form-urlencoded body, still escaped: NGX_DECLINED
+ * when there is none.
+ */
+
+ngx_int_t
+ngx_http_loyalty_form_arg(u_char *p, size_t len, u_char *name, size_t nlen,
+    ngx_str_t *value)
+{
+    u_char  *last, *end, *eq;
+
+    for (last = p + len; p < last; p = end + 1) {
+
+        for (end = p; end < last && *end != '&'; end++) {
+            /* void */
+        }
+
+        for (eq = p; eq < end && *eq != '='; eq++) {
+            /* void */
+        }
+
+        if ((size_t) (eq - p) == nlen && ngx_memcmp(p, name, nlen) == 0) {
+            value->data = (eq < end) ? eq + 1 : end;
+            value->len = end - value->data;
+            return NGX_OK;
+        }
+    }
+
+    return NGX_DECLINED;
+}
+
+
+/*
+ * Form decoding: "+" is a space and "%XX" a byte.  The destination has
+ * room for len bytes; NGX_ERROR on a "%" not followed by two hex digits.
+ */
+
+ngx_int_t
+ngx_http_loyalty_form_decode(u_char *dst, u_char *src, size_t len,
+    size_t *n)
+{
+    u_char   c, *d, *last;
+    ngx_int_t  i, h;
+
+    d = dst;
+
+    for (last = src + len; src < last; src++) {
+
+        if (*src == '+') {
+            *d++ = ' ';
+            continue;
+        }
+
+        if (*src != '%') {
+            *d++ = *src;
+            continue;
+        }
+
+        if (last - src < 3) {
+            return NGX_ERROR;
+        }
+
+        c = 0;
+
+        for (i = 1; i <= 2; i++) {
+            h = src[i];
+
+            if (h >= '0' && h <= '9') {
+                h -= '0';
+
+            } else if ((h | 0x20) >= 'a' && (h | 0x20) <= 'f') {
+                h = (h | 0x20) - 'a' + 10;
+
+            } else {
+                return NGX_ERROR;
+            }
+
+            c = (u_char) (c * 16 + h);
+        }
+
+        *d++ = c;
+        src += 2;
+    }
+
+    *n = d - dst;
+
+    return NGX_OK;
 }
 
 

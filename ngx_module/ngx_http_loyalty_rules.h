@@ -35,6 +35,10 @@
 /* at most 12 integer digits in an amount */
 #define NGX_HTTP_LOYALTY_AMOUNT_DIGITS 12
 
+/* an order or adjustment id, and the reason of one */
+#define NGX_HTTP_LOYALTY_ORDER_MAX     128
+#define NGX_HTTP_LOYALTY_REASON_MAX    200
+
 /* at most 18 digits in points redeemed */
 #define NGX_HTTP_LOYALTY_REDEEM_DIGITS 18
 
@@ -43,6 +47,12 @@
  * the Lua numbers of the credit script are still exact.
  */
 #define NGX_HTTP_LOYALTY_EARN_MAX      1000000000000000ULL
+
+/* counts below 2^53 are exact in the Lua numbers of the scripts */
+#define NGX_HTTP_LOYALTY_EXACT         9007199254740992ULL
+
+/* at most 16 digits in a release time or points of a "pending" field */
+#define NGX_HTTP_LOYALTY_PENDING_DIGITS 16
 
 /* the most bytes one byte of a string becomes when escaped */
 #define NGX_HTTP_LOYALTY_JSON_ESCAPE   6        /* \u001f */
@@ -98,6 +108,8 @@ typedef struct {
     uint64_t                   orders;
     uint64_t                   first_order;
     uint64_t                   last_order;
+    uint64_t                   pending;         /* points still locked */
+    time_t                     pending_release; /* the next release, 0 */
 } ngx_http_loyalty_record_t;
 
 
@@ -112,12 +124,22 @@ ngx_int_t ngx_http_loyalty_verify(ngx_str_t *value, ngx_str_t *secrets,
 void ngx_http_loyalty_sign(ngx_str_t *secret, u_char *id, size_t len,
     u_char *sig);
 ngx_int_t ngx_http_loyalty_parse_uint(u_char *p, size_t len, uint64_t *value);
+ngx_int_t ngx_http_loyalty_parse_pending(u_char *p, size_t len, time_t now,
+    uint64_t *due, uint64_t *locked, time_t *next);
 ngx_int_t ngx_http_loyalty_parse_fixed(u_char *p, size_t len,
     uint64_t *value);
 ngx_int_t ngx_http_loyalty_parse_amount(u_char *p, size_t len,
     uint64_t *value);
 ngx_int_t ngx_http_loyalty_parse_redeem(u_char *p, size_t len,
     uint64_t *value);
+ngx_int_t ngx_http_loyalty_parse_signed(u_char *p, size_t len,
+    uint64_t *value, ngx_uint_t *negative);
+ngx_int_t ngx_http_loyalty_valid_order(u_char *p, size_t len);
+ngx_int_t ngx_http_loyalty_valid_reason(u_char *p, size_t len);
+ngx_int_t ngx_http_loyalty_form_arg(u_char *p, size_t len, u_char *name,
+    size_t nlen, ngx_str_t *value);
+ngx_int_t ngx_http_loyalty_form_decode(u_char *dst, u_char *src, size_t len,
+    size_t *n);
 ngx_int_t ngx_http_loyalty_earned(uint64_t amount, uint64_t rate,
     uint64_t multiplier, uint64_t *earned);
 

@@ -38,6 +38,8 @@ static u_char *ngx_http_loyalty_status_latency(u_char *p,
     ngx_http_loyalty_shctx_t *sh);
 static u_char *ngx_http_loyalty_status_credits(u_char *p,
     ngx_http_loyalty_shctx_t *sh);
+static u_char *ngx_http_loyalty_status_api(u_char *p,
+    ngx_http_loyalty_shctx_t *sh);
 static u_char *ngx_http_loyalty_status_offers(u_char *p,
     ngx_http_loyalty_shctx_t *sh, ngx_uint_t n);
 static u_char *ngx_http_loyalty_status_offer(u_char *p, char *metric,
@@ -316,7 +318,7 @@ ngx_http_loyalty_status_handler(ngx_http_request_t *r)
 
     n = sh->noffers;
 
-    size = 4096 + (NGX_HTTP_LOYALTY_BUCKETS + 1) * 80
+    size = 6144 + (NGX_HTTP_LOYALTY_BUCKETS + 1) * 80
            + n * 2 * (NGX_HTTP_LOYALTY_NAME_MAX * NGX_HTTP_LOYALTY_LABEL_ESCAPE
                       + 80);
 
@@ -329,6 +331,7 @@ ngx_http_loyalty_status_handler(ngx_http_request_t *r)
     last = ngx_http_loyalty_status_redis(last, sh);
     last = ngx_http_loyalty_status_latency(last, sh);
     last = ngx_http_loyalty_status_credits(last, sh);
+    last = ngx_http_loyalty_status_api(last, sh);
     last = ngx_http_loyalty_status_offers(last, sh, n);
 
     ngx_memzero(&cv, sizeof(ngx_http_complex_value_t));
@@ -459,6 +462,68 @@ ngx_http_loyalty_status_credits(u_char *p, ngx_http_loyalty_shctx_t *sh)
             "# TYPE loyalty_redeem_shortfall_total counter\n"
             "loyalty_redeem_shortfall_total %uA\n",
             sh->shortfall);
+}
+
+
+/* the calls of loyalty_api, by the status words each can answer */
+
+static u_char *
+ngx_http_loyalty_status_api(u_char *p, ngx_http_loyalty_shctx_t *sh)
+{
+    ngx_uint_t  op, status;
+
+    static ngx_str_t   ops[] = {
+        ngx_string("ledger"),
+        ngx_string("refund"),
+        ngx_string("adjust")
+    };
+
+    static ngx_uint_t  statuses[] = {
+        (1 << NGX_HTTP_LOYALTY_API_OK)
+        | (1 << NGX_HTTP_LOYALTY_API_INVALID)
+        | (1 << NGX_HTTP_LOYALTY_API_UNAVAILABLE),
+
+        (1 << NGX_HTTP_LOYALTY_API_APPLIED)
+        | (1 << NGX_HTTP_LOYALTY_API_UNCHANGED)
+        | (1 << NGX_HTTP_LOYALTY_API_UNKNOWN_ORDER)
+        | (1 << NGX_HTTP_LOYALTY_API_INVALID)
+        | (1 << NGX_HTTP_LOYALTY_API_UNAVAILABLE),
+
+        (1 << NGX_HTTP_LOYALTY_API_APPLIED)
+        | (1 << NGX_HTTP_LOYALTY_API_UNCHANGED)
+        | (1 << NGX_HTTP_LOYALTY_API_INSUFFICIENT)
+        | (1 << NGX_HTTP_LOYALTY_API_INVALID)
+        | (1 << NGX_HTTP_LOYALTY_API_UNAVAILABLE)
+    };
+
+    p = ngx_sprintf(p,
+            "# HELP loyalty_api_requests_total Calls of loyalty_api, by "
+            "call and status.\n"
+            "# TYPE loyalty_api_requests_total counter\n");
+
+    for (op = 0; op < NGX_HTTP_LOYALTY_API_OPS; op++) {
+        for (status = 0; status < NGX_HTTP_LOYALTY_API_STATUSES; status++) {
+            if (!(statuses[op] & (1 << status))) {
+                continue;
+            }
+
+            p = ngx_sprintf(p, "loyalty_api_requests_total{op=\"%V\","
+                            "status=\"%V\"} %uA\n", &ops[op],
+                            &ngx_http_loyalty_api_statuses[status].word,
+                            sh->api[op][status]);
+        }
+    }
+
+    return ngx_sprintf(p,
+            "# HELP loyalty_points_reversed_total Points that refunds took "
+            "back.\n"
+            "# TYPE loyalty_points_reversed_total counter\n"
+            "loyalty_points_reversed_total %uA\n"
+            "# HELP loyalty_points_forgiven_total Points that refunds could "
+            "not take back, the balance being lower.\n"
+            "# TYPE loyalty_points_forgiven_total counter\n"
+            "loyalty_points_forgiven_total %uA\n",
+            sh->reversed, sh->forgiven);
 }
 
 

@@ -57,6 +57,9 @@ static ngx_http_variable_t  ngx_http_loyalty_vars[] = {
     { ngx_string("loyalty_earned"), NULL, ngx_http_loyalty_variable,
       NGX_HTTP_LOYALTY_VAR_EARNED, NGX_HTTP_VAR_NOCACHEABLE, 0 },
 
+    { ngx_string("loyalty_pending"), NULL, ngx_http_loyalty_variable,
+      NGX_HTTP_LOYALTY_VAR_PENDING, NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
       ngx_http_null_variable
 };
 
@@ -78,6 +81,8 @@ static ngx_http_loyalty_header_t  ngx_http_loyalty_request_headers[] = {
       NGX_HTTP_LOYALTY_VAR_OFFER, 0 },
     { ngx_string("X-Loyalty-Offer-Code"), ngx_string("x-loyalty-offer-code"),
       NGX_HTTP_LOYALTY_VAR_OFFER_CODE, 0 },
+    { ngx_string("X-Loyalty-Pending"), ngx_string("x-loyalty-pending"),
+      NGX_HTTP_LOYALTY_VAR_PENDING, 0 },
     { ngx_null_string, ngx_null_string, 0, 0 }
 };
 
@@ -95,6 +100,8 @@ static ngx_http_loyalty_header_t  ngx_http_loyalty_response_headers[] = {
       NGX_HTTP_LOYALTY_VAR_OFFER_CODE, 0 },
     { ngx_string("X-Loyalty-Earned"), ngx_string("x-loyalty-earned"),
       NGX_HTTP_LOYALTY_VAR_EARNED, 0 },
+    { ngx_string("X-Loyalty-Pending"), ngx_string("x-loyalty-pending"),
+      NGX_HTTP_LOYALTY_VAR_PENDING_AFTER, 0 },
     { ngx_null_string, ngx_null_string, 0, 0 }
 };
 
@@ -243,9 +250,25 @@ ngx_http_loyalty_value(ngx_http_request_t *r, ngx_http_loyalty_ctx_t *ctx,
 
         return NGX_OK;
 
+    case NGX_HTTP_LOYALTY_VAR_PENDING:
+    case NGX_HTTP_LOYALTY_VAR_PENDING_AFTER:
+
+        /* only with loyalty_pending, where the order's points are locked */
+
+        if (ctx->conf->pending == 0) {
+            return NGX_OK;
+        }
+
+        return ngx_http_loyalty_uint_value(r, ctx->record.pending
+                                   + ((var == NGX_HTTP_LOYALTY_VAR_PENDING)
+                                      ? 0 : ctx->earned),
+                                           value);
+
     default: /* NGX_HTTP_LOYALTY_VAR_BALANCE */
         return ngx_http_loyalty_uint_value(r, ctx->record.points
-                                              - ctx->redeemed + ctx->earned,
+                                              - ctx->redeemed
+                                              + (ctx->conf->pending
+                                                 ? 0 : ctx->earned),
                                            value);
     }
 }

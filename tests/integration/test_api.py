@@ -1,6 +1,6 @@
-"""loyalty_api (SPEC §11), the part built so far: GET .../ledger, the
-method and path answers, and Redis unavailable.  POST .../refund and
-POST .../adjust answer 501 "unsupported" until they are built."""
+"""loyalty_api (SPEC §11): GET .../ledger, the method and path answers,
+and Redis unavailable.  POST .../refund and POST .../adjust are in
+test_refunds.py."""
 
 import json
 
@@ -128,24 +128,31 @@ def test_ledger_strings_escaped(redis, nginx):
 def test_ledger_invalid(redis, nginx, query):
     n = edge(nginx, redis)
     r, doc = api(n, "/api/ledger" + query)
-    assert (r.status, doc) == (400, {"status": "invalid"}), query
+    assert (r.status, doc["status"]) == (400, "invalid"), query
+    assert ("count" if "count=" in query and "customer=ok" in query
+            else "customer") in doc["error"], doc
 
 
 def test_methods_and_paths(redis, nginx):
+    """Another method is 405 with Allow, another path 404, both with the
+    status "invalid" and what is wrong."""
     n = edge(nginx, redis)
     r, doc = api(n, "/api/ledger?customer=a", method="POST", body="x=1")
-    assert (r.status, doc) == (405, {"status": "invalid"})
+    assert (r.status, doc) == (405, {"status": "invalid",
+                                     "error": "method not allowed"})
     assert r.header("Allow") == "GET, HEAD"
     for call in ("refund", "adjust"):
-        r, doc = api(n, "/api/" + call)
-        assert (r.status, doc) == (405, {"status": "invalid"}), call
-        assert r.header("Allow") == "POST"
-        r, doc = api(n, "/api/" + call, method="POST",
-                     body="customer=a&order=o&refunded=all")
-        assert (r.status, doc) == (501, {"status": "unsupported"}), call
-    for path in ("/api/", "/api/ledgers", "/api/x/ledger2", "/api/balance"):
+        for method in ("GET", "PUT", "DELETE"):
+            r, doc = api(n, "/api/" + call + "?customer=a&order=o&"
+                         "refunded=all", method=method)
+            assert (r.status, doc["status"]) == (405, "invalid"), call
+            assert r.header("Allow") == "POST"
+    assert not redis.client.keys("*")
+    for path in ("/api/", "/api/ledgers", "/api/x/ledger2", "/api/balance",
+                 "/api/refunds"):
         r, doc = api(n, path)
-        assert (r.status, doc) == (404, {"status": "invalid"}), path
+        assert (r.status, doc) == (404, {"status": "invalid",
+                                         "error": "no such call"}), path
     # a sub-path ending in a call name is that call
     r, doc = api(n, "/api/v1/ledger?customer=a")
     assert r.status == 200 and doc["entries"] == []
