@@ -60,8 +60,8 @@ ROUNDS = env_int("BENCH_ROUNDS", 2)
 CONNECTIONS = env_int("BENCH_CONNECTIONS", 50)
 WARMUP = env_int("BENCH_WARMUP", 3)
 CONFIGS = os.environ.get("BENCH_CONFIGS",
-                         "baseline module module-tls module-cluster lua"
-                         ).split()
+                         "baseline module module-pending module-tls "
+                         "module-cluster lua").split()
 SLOW = env_int("BENCH_SLOW", 1)
 SLOW_DELAY_MS = env_float("BENCH_SLOW_DELAY_MS", 20.0)
 PLAIN_CONNECTIONS = env_int("BENCH_PLAIN_CONNECTIONS", 10)
@@ -106,14 +106,30 @@ KINDS = {
                                       "Cluster of 3 masters"),
     "module-read": ("module.conf", "the module reading only, no credit: "
                                    "its request path alone"),
+    "module-pending": ("module.conf", "the module with loyalty_pending 14d, "
+                                      "half the customers with points "
+                                      "locked"),
     "lua-read": ("lua.conf", "OpenResty reading only, no credit"),
 }
 
 # configurations that read the customer, and those that also credit
 READS = ("module", "module-b", "module-tls", "module-cluster", "module-read",
+         "module-pending",
          "lua", "lua-timer", "lua-read")
 CREDITS = ("module", "module-b", "module-tls", "module-cluster", "lua",
-           "lua-timer")
+           "lua-timer", "module-pending")
+
+# module-pending: every other known customer has points locked for a week
+PENDING_LOCK = 14 * 86400
+
+
+def pending_of(cid, now):
+    """The "pending" field a customer is seeded with under module-pending,
+    and its sum; (None, 0) for one with none."""
+    if int(cid[1:]) % 2:
+        return None, 0
+    week = now + 7 * 86400
+    return "%d:%d,%d:%d" % (week, 7, week + 3600, 11), 18
 
 
 def log(*args):
@@ -681,7 +697,8 @@ def make_customers(n, now):
     return out
 
 
-def seed(r, customers):
+def seed(r, customers, pending=None):
+    """pending: the time the module-pending fields are made from"""
     r.flushall()
     pipe = r.pipeline(transaction=False)
     n = 0
@@ -691,6 +708,8 @@ def seed(r, customers):
         if rec["first_order"] is not None:
             m["first_order"] = rec["first_order"]
             m["last_order"] = rec["last_order"]
+            if pending is not None and pending_of(cid, pending)[0]:
+                m["pending"] = pending_of(cid, pending)[0]
         pipe.hset("loyalty:{%s}" % cid, mapping=m)
         n += 1
         if n % 5000 == 0:
@@ -828,7 +847,7 @@ def earned_of(total, mult4):
     return a4 * EARN_RATE4 * mult4 // 10 ** 12
 
 
-def verify(r, customers, orders, kind, started, timeout=30):
+def verify(r, customers, orders, kind, started, timeout=30, pending=None):
     """Checks the headers the shop received and, once the credits have
     landed, every ordering customer's balance (plus a sample of the
     others) against the seeded record + the orders the shop confirmed."""
@@ -894,12 +913,14 @@ def verify(r, customers, orders, kind, started, timeout=30):
 
         if not 200 <= o["status"] < 300:
             continue
-        e = expect.setdefault(cid, [rec["points"], rec["lifetime"],
-                                    rec["orders"]])
+        e = expect.setdefault(cid, locked_of(cid, rec, pending))
         if credit:
             earned = earned_of(o["total"], mult4)
-            e[0] += earned
-            e[1] += earned
+            if pending is None:
+                e[0] += earned
+                e[1] += earned
+            else:
+                e[3] += earned          # locked, not redeemable yet
             e[2] += 1
 
     # untouched customers must stay as seeded
@@ -908,7 +929,7 @@ def verify(r, customers, orders, kind, started, timeout=30):
     for cid in rnd.sample(ids, min(2000, len(ids))):
         if cid not in expect:
             rec = customers[cid]
-            expect[cid] = [rec["points"], rec["lifetime"], rec["orders"]]
+            expect[cid] = locked_of(cid, rec, pending)
 
     keys = sorted(expect)
     deadline = time.monotonic() + timeout
@@ -918,9 +939,11 @@ def verify(r, customers, orders, kind, started, timeout=30):
         for i in range(0, len(keys), 5000):
             for cid in keys[i:i + 5000]:
                 pipe.hmget("loyalty:{%s}" % cid, "points", "lifetime",
-                           "orders")
+                           "orders", "pending")
             for cid, got in zip(keys[i:i + 5000], pipe.execute()):
-                got = [int(x) if x is not None else 0 for x in got]
+                got = [int(x) if x is not None else 0 for x in got[:3]] + [
+                    sum(int(e.split(":")[1]) for e in got[3].split(","))
+                    if got[3] else 0]
                 if got != expect[cid]:
                     wrong.append((cid, got, expect[cid]))
         if not wrong or time.monotonic() > deadline:
@@ -930,11 +953,18 @@ def verify(r, customers, orders, kind, started, timeout=30):
     res["customers_checked"] = len(keys)
     res["balance_mismatch"] = len(wrong)
     for cid, got, want in wrong[:5]:
-        bad("customer %s: points/lifetime/orders %s, expected %s"
+        bad("customer %s: points/lifetime/orders/pending %s, expected %s"
             % (cid, got, want))
     res["ok"] = (not wrong and res["header_mismatch"] == 0
                  and res["identified"] > 0)
     return res
+
+
+def locked_of(cid, rec, pending):
+    """[points, lifetime, orders, pending] as seeded"""
+    locked = pending_of(cid, pending)[1] \
+        if pending is not None and rec["first_order"] is not None else 0
+    return [rec["points"], rec["lifetime"], rec["orders"], locked]
 
 
 def vsummary(v):
@@ -1032,6 +1062,8 @@ class Bench:
             "LUA_BATCH": "false" if kind == "lua-timer" else "true",
             "EARN": '""' if kind == "module-read"
                     else "$upstream_http_x_order_total",
+            "PENDING": "loyalty_pending %ds;" % PENDING_LOCK
+                       if kind == "module-pending" else "",
             "LUA_LOG": "-- reads only: no credit" if kind == "lua-read"
                        else "loyalty.log()",
         }
@@ -1047,7 +1079,8 @@ class Bench:
         """Reseed, run wrk on /checkout (and /plain at the same time when
         plain is a server), verify.  Returns (checkout, plain, verify)."""
         store = server.store
-        seed(store, self.customers)
+        pending = self.now if kind == "module-pending" else None
+        seed(store, self.customers, pending)
         self.orders.mark()
         started = time.time()
         la = loadavg()
@@ -1099,7 +1132,7 @@ class Bench:
         c["loadavg"] = la
         c["rss_kb"] = server.memory()["VmRSS"]
         v = verify(store, self.customers, self.orders.read(tag), kind,
-                   started)
+                   started, pending=pending)
         return c, p, v
 
     def stop(self):
@@ -1350,6 +1383,18 @@ def bench_report(runs, slow_runs, memory, errors, failures, status=None):
                      MODULE_B, ratio_median(runs, "module-b", "module", "rps"),
                      ratio_median(runs, "module-b", "module", "p99"),
                      ratio_median(runs, "module-b", "module", "worker_us")))
+    if have("module-pending", "module"):
+        thr = ratio_median(runs, "module-pending", "module", "rps")
+        L.append("- module-pending / module (loyalty_pending 14d, every "
+                 "other customer with two locked entries): throughput "
+                 "**%.2f** (target >= 0.95: %s), p99 %.2f, worker CPU per "
+                 "request %.2f, Redis CPU per request %.2f" % (
+                     thr, target(thr >= 0.95),
+                     ratio_median(runs, "module-pending", "module", "p99"),
+                     ratio_median(runs, "module-pending", "module",
+                                  "worker_us"),
+                     ratio_median(runs, "module-pending", "module",
+                                  "redis_us")))
     if have("module-tls", "module"):
         thr = ratio_median(runs, "module-tls", "module", "rps")
         L.append("- module-tls / module: throughput **%.2f** (target >= "

@@ -13,6 +13,12 @@ sends them.  The count is taken between two callgrind dumps around the
 credits, twice per script.  It covers everything Redis does for a credit:
 reading the command, the script, its commands, the reply.
 
+Each script is counted twice over: with loyalty_pending off, and with
+"loyalty_pending 14d", where every seeded customer has two entries of
+locked points, one of them due (its release is before the credits' time,
+so the credit releases it), and each credit locks its points in a third.
+The last line is the ratio of the two, per script.
+
 To compare with an earlier version of the script:
 
     git show <commit>:ngx_module/ngx_http_loyalty_credit.lua > /tmp/old.lua
@@ -40,15 +46,25 @@ CREDITS = int(os.environ.get("BENCH_SCRIPT_CREDITS", "10000"))
 PIPELINE = 50
 
 
-def seed(r):
+NOW = 1700000001
+LOCK = 14 * 86400
+
+
+def seed(r, pending=False):
     r.flushall()
     rnd = random.Random(1)
     pipe = r.pipeline(transaction=False)
     for i in range(1, CUSTOMERS + 1):
-        pipe.hset("loyalty:{c%06d}" % i, mapping=dict(
-            points=rnd.randint(0, 50000), lifetime=rnd.randint(0, 200000),
-            orders=rnd.randint(1, 300), first_order=1600000000,
-            last_order=1700000000))
+        rec = dict(points=rnd.randint(0, 50000),
+                   lifetime=rnd.randint(0, 200000),
+                   orders=rnd.randint(1, 300), first_order=1600000000,
+                   last_order=1700000000)
+        if pending:
+            # one entry due before the credits, one still locked
+            rec["pending"] = "%d:%d,%d:%d" % (
+                NOW - 3600, rnd.randint(1, 300), NOW + 86400 * 5,
+                rnd.randint(1, 300))
+        pipe.hset("loyalty:{c%06d}" % i, mapping=rec)
     pipe.execute()
 
 
@@ -97,24 +113,33 @@ def main():
         for path in scripts:
             with open(path) as f:
                 sha = r.script_load(f.read())
-            counts = []
-            for _ in range(2):
-                seed(r)
-                rnd = random.Random(7)
-                dump()
-                pipe = r.pipeline(transaction=False)
-                for k in range(CREDITS):
-                    h = "loyalty:{c%06d}" % rnd.randint(1, CUSTOMERS)
-                    pipe.evalsha(sha, 3, h, h + ":order:o%d" % k,
-                                 h + ":ledger", rnd.randint(1, 300), 0,
-                                 1700000001, 100, 0, "o%d" % k,
-                                 "%d.%02d" % (rnd.randint(1, 300),
-                                              rnd.randint(0, 99)))
-                    if k % PIPELINE == PIPELINE - 1:
-                        pipe.execute()
-                pipe.execute()
-                counts.append(dump() / CREDITS)
-            print("%-60s %8.0f %8.0f" % (path, counts[0], counts[1]))
+            means = {}
+            for lock in (0, LOCK):
+                counts = []
+                for _ in range(2):
+                    seed(r, pending=lock > 0)
+                    rnd = random.Random(7)
+                    dump()
+                    pipe = r.pipeline(transaction=False)
+                    for k in range(CREDITS):
+                        h = "loyalty:{c%06d}" % rnd.randint(1, CUSTOMERS)
+                        pipe.evalsha(sha, 3, h, h + ":order:o%d" % k,
+                                     h + ":ledger", rnd.randint(1, 300), 0,
+                                     NOW, 100, 0, "o%d" % k,
+                                     "%d.%02d" % (rnd.randint(1, 300),
+                                                  rnd.randint(0, 99)),
+                                     "", 2592000, lock)
+                        if k % PIPELINE == PIPELINE - 1:
+                            pipe.execute()
+                    pipe.execute()
+                    counts.append(dump() / CREDITS)
+                means[lock] = sum(counts) / len(counts)
+                print("%-60s %8.0f %8.0f" % (
+                    "%s, loyalty_pending %s" % (
+                        os.path.relpath(path), "14d" if lock else "off"),
+                    counts[0], counts[1]))
+            print("%-60s %8.2f" % ("  with pending / without", means[LOCK]
+                                   / means[0]))
     finally:
         proc.terminate()
         proc.wait(30)

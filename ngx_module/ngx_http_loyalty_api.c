@@ -254,6 +254,10 @@ ngx_http_loyalty_api_ledger(ngx_http_request_t *r)
 
     rc = ngx_http_loyalty_api_arg(r, NULL, "count", &count);
 
+    if (rc == NGX_HTTP_INTERNAL_SERVER_ERROR) {
+        return rc;
+    }
+
     if (rc == NGX_OK) {
         n = ngx_atoi(count.data, count.len);
     }
@@ -661,6 +665,10 @@ ngx_http_loyalty_api_write(ngx_http_request_t *r, ngx_uint_t op,
                                   (op == NGX_HTTP_LOYALTY_API_REFUND)
                                   ? "order" : "id", &id);
 
+    if (rc == NGX_HTTP_INTERNAL_SERVER_ERROR) {
+        return rc;
+    }
+
     if (rc == NGX_OK
         && ngx_http_loyalty_valid_order(id.data, id.len) != NGX_OK)
     {
@@ -677,6 +685,10 @@ ngx_http_loyalty_api_write(ngx_http_request_t *r, ngx_uint_t op,
     if (op == NGX_HTTP_LOYALTY_API_REFUND) {
         rc = ngx_http_loyalty_api_arg(r, body, "refunded", &value);
 
+        if (rc == NGX_HTTP_INTERNAL_SERVER_ERROR) {
+            return rc;
+        }
+
         if (rc != NGX_OK
             || ((value.len != 3 || ngx_strncmp(value.data, "all", 3) != 0)
                 && ngx_http_loyalty_parse_amount(value.data, value.len, &n)
@@ -689,6 +701,10 @@ ngx_http_loyalty_api_write(ngx_http_request_t *r, ngx_uint_t op,
 
     } else {
         rc = ngx_http_loyalty_api_arg(r, body, "points", &value);
+
+        if (rc == NGX_HTTP_INTERNAL_SERVER_ERROR) {
+            return rc;
+        }
 
         if (rc != NGX_OK
             || ngx_http_loyalty_parse_signed(value.data, value.len, &n,
@@ -704,6 +720,10 @@ ngx_http_loyalty_api_write(ngx_http_request_t *r, ngx_uint_t op,
     /* a refund may say why, an adjustment must */
 
     rc = ngx_http_loyalty_api_arg(r, body, "reason", &reason);
+
+    if (rc == NGX_HTTP_INTERNAL_SERVER_ERROR) {
+        return rc;
+    }
 
     if (rc == NGX_DECLINED && op == NGX_HTTP_LOYALTY_API_REFUND) {
         ngx_str_set(&reason, "");

@@ -49,6 +49,15 @@ local function count(s)
     return s
 end
 
+-- a count below 2^53, where Lua numbers are exact, or nil
+local function exact(s)
+    s = count(s)
+    if not s or #s > 16 or tonumber(s) >= 2^53 then
+        return nil
+    end
+    return s
+end
+
 local function less(a, b)
     if #a ~= #b then
         return #a < #b
@@ -180,6 +189,16 @@ local function record()
 
             at = comma + 1
         end
+
+        -- by release time, as the credit script keeps it
+        for i = 2, r.n do
+            local t, v, j = r.release[i], r.locked[i], i - 1
+            while j > 0 and r.release[j] > t do
+                r.release[j + 1], r.locked[j + 1] = r.release[j], r.locked[j]
+                j = j - 1
+            end
+            r.release[j + 1], r.locked[j + 1] = t, v
+        end
     end
 
     if r.p + r.still >= 2^53 or r.l + r.still >= 2^53 then
@@ -249,8 +268,17 @@ local function invalid(why)
     return {'invalid', 'error', why}
 end
 
-if not count(ARGV[2]) or not count(ARGV[3]) or not count(ARGV[4])
-   or not count(ARGV[5]) or type(ARGV[8]) ~= 'string'
+-- times and lengths Redis takes: checked here, for nothing is written
+-- after a command has failed
+
+local function small(s)
+    s = count(s)
+    return s and #s <= 12 and s
+end
+
+if not small(ARGV[2]) or not small(ARGV[3]) or not small(ARGV[4])
+   or not small(ARGV[5]) or small(ARGV[5]) == '0'
+   or type(ARGV[8]) ~= 'string'
 then
     return redis.error_reply('LOYALTY bad arguments')
 end
@@ -275,17 +303,17 @@ if ARGV[1] == 'refund' then
         at = colon + 1
     end
 
-    local earned, redeemed = count(f[1]), count(f[2])
+    local earned, redeemed = exact(f[1]), exact(f[2])
     local amount, refunded, reversed, restored, release =
           '', '0', '0', '0', '0'
 
     if #f == 7 then
         amount, refunded = f[3], f[4]
-        reversed, restored, release = count(f[5]), count(f[6]), count(f[7])
+        reversed, restored, release = exact(f[5]), exact(f[6]), exact(f[7])
     end
 
     if (#f ~= 2 and #f ~= 7) or not earned or not redeemed or not reversed
-       or not restored or not release or less('9007199254740991', earned)
+       or not restored or not release
        or (amount ~= '' and not fixed(amount))
        or (refunded ~= 'all' and not fixed(refunded))
     then
@@ -325,7 +353,8 @@ if ARGV[1] == 'refund' then
             return invalid('refunded is above the amount of the order')
         end
 
-        if done or not less(before, want) then
+        -- the whole amount is a full refund, also of an order of 0
+        if done or (not less(before, want) and want ~= total) then
             local r, err = record()
             if not r then
                 return redis.error_reply(err)
@@ -401,7 +430,7 @@ if ARGV[1] == 'refund' then
                    'refunded', now_refunded, 'reversed', fmt(take),
                    'restored', fmt(give), 'forgiven', fmt(forgiven),
                    'points', fmt(r.p)}
-    if r.n > 0 then
+    if r.still > 0 then
         entry[#entry + 1] = 'pending'
         entry[#entry + 1] = fmt(r.still)
     end

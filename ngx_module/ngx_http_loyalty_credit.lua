@@ -108,6 +108,17 @@ local function locked(list, now)
 
         if release <= now then
             due = due + points
+
+        elseif n > 0 and r[n] > release then
+            -- out of order (written by another tool): put in its place
+            local i = n
+            while i > 0 and r[i] > release do
+                r[i + 1], p[i + 1] = r[i], p[i]
+                i = i - 1
+            end
+            r[i + 1], p[i + 1] = release, points
+            n = n + 1
+
         else
             n = n + 1
             r[n], p[n] = release, points
@@ -194,8 +205,15 @@ if lock ~= '0' and e > 0 then
     release = fmt(now + tonumber(lock))
 end
 
+-- kept as sent when it is an amount as nginx takes one (12 digits, 4
+-- decimals at most), which a refund can then divide by
+
 local amount = ARGV[7] or ''
-if not find(amount, '^%d+%.?%d*$') then
+local dot = find(amount, '.', 1, true)
+
+if not find(amount, '^%d+%.?%d*$') or (dot or #amount + 1) > 13
+   or (dot and (dot == #amount or #amount - dot > 4))
+then
     amount = ''
 end
 

@@ -325,8 +325,9 @@ ngx_http_loyalty_reply_record(ngx_http_loyalty_reply_t *reply,
                                           now, &due, &record->pending,
                                           &record->pending_release)
            != NGX_OK
-        || record->points + due >= NGX_HTTP_LOYALTY_EXACT
-        || record->lifetime + due >= NGX_HTTP_LOYALTY_EXACT)
+        || (due
+            && (record->points + due >= NGX_HTTP_LOYALTY_EXACT
+                || record->lifetime + due >= NGX_HTTP_LOYALTY_EXACT)))
     {
         record->pending = 0;
         record->pending_release = 0;

@@ -435,7 +435,7 @@ ngx_int_t
 ngx_http_loyalty_form_decode(u_char *dst, u_char *src, size_t len,
     size_t *n)
 {
-    u_char   c, *d, *last;
+    u_char     c, *d, *last;
     ngx_int_t  i, h;
 
     d = dst;

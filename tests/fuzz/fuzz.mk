@@ -7,7 +7,7 @@
 #   make fuzz-regress    build, then only replay tests/fuzz/corpus/<target>/
 #                        and tests/fuzz/regress/<target>/ (a few seconds)
 #   make fuzz-<target>   fuzz one target (customer amount redeem order reply
-#                        command)
+#                        command api)
 #   make test-asan       a full nginx with the module, both built with
 #                        AddressSanitizer and UndefinedBehaviorSanitizer,
 #                        under the integration tests
@@ -23,7 +23,7 @@ FUZZ_CC       = clang
 FUZZ_SECONDS  = 60
 FUZZ_FLAGS    =
 FUZZ_OUT      = build/fuzz
-FUZZ_TARGETS  = customer amount redeem order reply command
+FUZZ_TARGETS  = customer amount redeem order reply command api
 
 FUZZ_CFLAGS   = -g -O1 -fsanitize=fuzzer,address,undefined \
                 -fno-sanitize-recover=undefined -fno-omit-frame-pointer \
@@ -69,28 +69,10 @@ $(FUZZ_OUT)/fuzz_redeem: tests/fuzz/fuzz_redeem.c $(FUZZ_RULES) $(FUZZ_DEPS)
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -o $@ tests/fuzz/fuzz_redeem.c \
 	    $(FUZZ_RULES) -lcrypto
 
-# ngx_http_loyalty_valid_order() is static: its definition is copied out of
-# the source as it stands (see fuzz_order.c)
-$(FUZZ_OUT)/valid_order.c: ngx_module/ngx_http_loyalty_credit.c
+$(FUZZ_OUT)/fuzz_order: tests/fuzz/fuzz_order.c $(FUZZ_RULES) $(FUZZ_DEPS)
 	@mkdir -p $(FUZZ_OUT)
-	{ echo '/* copied by tests/fuzz/fuzz.mk from $< */'; \
-	  echo '#include <ngx_config.h>'; \
-	  echo '#include <ngx_core.h>'; \
-	  echo '#include <ngx_http.h>'; \
-	  echo '#include "ngx_http_loyalty_credit.h"'; \
-	  echo 'ngx_int_t ngx_http_loyalty_valid_order(ngx_str_t *order);'; \
-	  echo 'ngx_int_t'; \
-	  awk '/^ngx_http_loyalty_valid_order\(/ { p = 1 } \
-	       p { print } p && /^}/ { exit }' $<; } > $@.tmp
-	@grep -q '^}' $@.tmp \
-	    || { echo "$<: no ngx_http_loyalty_valid_order() definition" >&2; \
-	         rm -f $@.tmp; exit 1; }
-	mv $@.tmp $@
-
-$(FUZZ_OUT)/fuzz_order: tests/fuzz/fuzz_order.c $(FUZZ_OUT)/valid_order.c \
-                        $(FUZZ_DEPS)
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -o $@ tests/fuzz/fuzz_order.c \
-	    $(FUZZ_OUT)/valid_order.c
+	    $(FUZZ_RULES) -lcrypto
 
 $(FUZZ_OUT)/fuzz_reply: tests/fuzz/fuzz_reply.c $(FUZZ_PROTO) $(FUZZ_DEPS)
 	@mkdir -p $(FUZZ_OUT)
@@ -102,6 +84,11 @@ $(FUZZ_OUT)/fuzz_command: tests/fuzz/fuzz_command.c $(FUZZ_PROTO) \
 	@mkdir -p $(FUZZ_OUT)
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -o $@ tests/fuzz/fuzz_command.c \
 	    $(FUZZ_PROTO) -lhiredis -lcrypto
+
+$(FUZZ_OUT)/fuzz_api: tests/fuzz/fuzz_api.c $(FUZZ_RULES) $(FUZZ_DEPS)
+	@mkdir -p $(FUZZ_OUT)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -o $@ tests/fuzz/fuzz_api.c \
+	    $(FUZZ_RULES) -lcrypto
 
 # every seed and reproducer, run once each (files as arguments: no fuzzing)
 fuzz-regress: $(addprefix fuzz-regress-,$(FUZZ_TARGETS))

@@ -5,21 +5,15 @@
 
 
 /*
- * Order ids: 1 to 128 bytes, each of them 0x21 to 0x7e.
- *
- * ngx_http_loyalty_valid_order() is static in ngx_http_loyalty_credit.c;
- * fuzz.mk copies its definition, as it is in the source, into
- * build/fuzz/valid_order.c (which build fails if the copy comes out
- * empty), so what runs here is always the current code.
+ * Order ids, and the ids of adjustments: 1 to 128 bytes, each of them
+ * 0x21 to 0x7e.
  */
 
 
 #include <ngx_config.h>
 #include <ngx_core.h>
 #include "fuzz.h"
-
-
-ngx_int_t ngx_http_loyalty_valid_order(ngx_str_t *order);
+#include "ngx_http_loyalty_rules.h"
 
 
 static int
@@ -52,7 +46,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     check(order.data != NULL);
     memcpy(order.data, data, size);
 
-    rc = ngx_http_loyalty_valid_order(&order);
+    rc = ngx_http_loyalty_valid_order(order.data, order.len);
     check(rc == NGX_OK || rc == NGX_ERROR);
     check((rc == NGX_OK) == ref_valid_order(data, size));
     check(order.len == size);

@@ -19,7 +19,9 @@
  * whole (an array of n elements has n non-NULL elements: the credit and
  * lookup handlers index them without further checks), strings are
  * NUL-terminated, and ngx_http_loyalty_reply_uint() and
- * ngx_http_loyalty_reply_record() agree with a reference.
+ * ngx_http_loyalty_reply_record() agree with a reference: the record of an
+ * HMGET of 6 fields (5 counts, then "pending", parsed by a reference of
+ * its own), at several times around the release times in "pending".
  */
 
 
@@ -30,6 +32,12 @@
 
 
 #define DEPTH_MAX  16
+
+/* NGX_HTTP_LOYALTY_REPLY_ELTS_MAX, ngx_http_loyalty_proto.c */
+#define ELTS_MAX   16384
+
+/* 2^53: counts below it are exact in the scripts' Lua numbers */
+#define REF_EXACT  9007199254740992ULL
 
 
 static size_t             nodes;
@@ -68,6 +76,7 @@ walk(ngx_http_loyalty_reply_t *reply, size_t depth, size_t input)
 
     case NGX_HTTP_LOYALTY_REPLY_ARRAY:
         check(reply->nelts <= input / 3);
+        check(reply->nelts <= ELTS_MAX);
 
         if (reply->nelts) {
             check(reply->element != NULL);
@@ -161,18 +170,139 @@ check_uint(ngx_http_loyalty_reply_t *reply)
 }
 
 
-static void
-check_record(ngx_http_loyalty_reply_t *reply)
+/* ^[0-9]{1,16}$, below 2^53 */
+
+static int
+ref_count(const u_char *p, size_t len, uint64_t *value)
 {
-    uint64_t                   value, *field;
+    size_t    i;
+    uint64_t  v;
+
+    if (len < 1 || len > 16) {
+        return 0;
+    }
+
+    v = 0;
+
+    for (i = 0; i < len; i++) {
+        if (p[i] < '0' || p[i] > '9') {
+            return 0;
+        }
+
+        v = v * 10 + (p[i] - '0');           /* 16 digits fit */
+    }
+
+    if (v >= REF_EXACT) {
+        return 0;
+    }
+
+    *value = v;
+    return 1;
+}
+
+
+/*
+ * What ngx_http_loyalty_parse_pending() must say: the field is "" or
+ * entries "<release>:<points>" joined by single commas, each count
+ * ^[0-9]{1,16}$ below 2^53; released by "now" is due, later locked, next
+ * the earliest locked release (0: none); either sum at 2^53 refused.
+ * The sums are kept in 128 bits and checked once, at the end.
+ */
+
+static int
+ref_pending(const u_char *p, size_t len, int64_t now, uint64_t *due,
+    uint64_t *locked, int64_t *next)
+{
+    size_t              i, start, colon, k;
+    int64_t             earliest;
+    uint64_t            release, points;
+    unsigned __int128   d, l;
+
+    d = 0;
+    l = 0;
+    earliest = -1;
+
+    if (len > 0) {
+        start = 0;
+
+        for (i = 0; i <= len; i++) {
+            if (i < len && p[i] != ',') {
+                continue;
+            }
+
+            /* one entry, p[start .. i): exactly one colon */
+
+            colon = i;
+
+            for (k = start; k < i; k++) {
+                if (p[k] == ':') {
+                    if (colon != i) {
+                        return 0;
+                    }
+
+                    colon = k;
+                }
+            }
+
+            if (colon == i
+                || !ref_count(p + start, colon - start, &release)
+                || !ref_count(p + colon + 1, i - colon - 1, &points))
+            {
+                return 0;
+            }
+
+            if ((int64_t) release <= now) {
+                d += points;
+
+            } else {
+                l += points;
+
+                if (earliest < 0 || (int64_t) release < earliest) {
+                    earliest = (int64_t) release;
+                }
+            }
+
+            start = i + 1;
+        }
+    }
+
+    if (d >= REF_EXACT || l >= REF_EXACT) {
+        return 0;
+    }
+
+    *due = (uint64_t) d;
+    *locked = (uint64_t) l;
+    *next = earliest < 0 ? 0 : earliest;
+
+    return 1;
+}
+
+
+/*
+ * The record of an HMGET reply of 6 elements: the 5 counts as
+ * ref_uint() says (a bad one is 0, with its bit in "bad"), then
+ * "pending": nil changes nothing; anything else is a field that exists
+ * (NGX_OK); a string that ref_pending() accepts, with points and lifetime
+ * each staying below 2^53 once its due points (if any) are added, is
+ * released into both, its locked points and next release kept; anything else sets
+ * bit 5 and is taken as empty.
+ */
+
+static void
+check_record_at(ngx_http_loyalty_reply_t *reply, time_t now)
+{
+    int64_t                    next;
+    uint64_t                   value[NGX_HTTP_LOYALTY_NCOUNTS], *field;
+    uint64_t                   due, locked;
     ngx_int_t                  rc, frc;
-    ngx_uint_t                 bad, i, found;
+    ngx_uint_t                 bad, i, found, pbad;
+    ngx_http_loyalty_reply_t  *pending;
     ngx_http_loyalty_record_t  rec;
 
     memset(&rec, 0xa5, sizeof(rec));
     bad = 0xa5;
 
-    rc = ngx_http_loyalty_reply_record(reply, &rec, &bad);
+    rc = ngx_http_loyalty_reply_record(reply, &rec, now, &bad);
 
     if (reply->type != NGX_HTTP_LOYALTY_REPLY_ARRAY
         || reply->nelts != NGX_HTTP_LOYALTY_NFIELDS)
@@ -181,14 +311,16 @@ check_record(ngx_http_loyalty_reply_t *reply)
         return;
     }
 
-    field = &rec.points;
+    check(NGX_HTTP_LOYALTY_NFIELDS == 6 && NGX_HTTP_LOYALTY_NCOUNTS == 5);
+
     found = 0;
 
-    for (i = 0; i < NGX_HTTP_LOYALTY_NFIELDS; i++) {
-        frc = ref_uint(reply->element[i], &value);
+    for (i = 0; i < NGX_HTTP_LOYALTY_NCOUNTS; i++) {
+        frc = ref_uint(reply->element[i], &value[i]);
 
         if (frc == NGX_DECLINED) {
             check(!(bad & ((ngx_uint_t) 1 << i)));
+            value[i] = 0;
             continue;
         }
 
@@ -196,16 +328,115 @@ check_record(ngx_http_loyalty_reply_t *reply)
 
         if (frc == NGX_ERROR) {
             check(bad & ((ngx_uint_t) 1 << i));
-            check(field[i] == 0);
+            value[i] = 0;
 
         } else {
             check(!(bad & ((ngx_uint_t) 1 << i)));
-            check(field[i] == value);
         }
     }
 
+    pending = reply->element[NGX_HTTP_LOYALTY_NCOUNTS];
+
+    due = 0;
+    locked = 0;
+    next = 0;
+    pbad = 0;
+
+    if (pending->type != NGX_HTTP_LOYALTY_REPLY_NIL) {
+        found = 1;
+
+        if (pending->type != NGX_HTTP_LOYALTY_REPLY_STRING
+            || !ref_pending(pending->str.data, pending->str.len,
+                            (int64_t) now, &due, &locked, &next)
+            || (due > 0
+                && ((unsigned __int128) value[0] + due >= REF_EXACT
+                    || (unsigned __int128) value[1] + due >= REF_EXACT)))
+        {
+            pbad = 1;
+            due = 0;
+            locked = 0;
+            next = 0;
+        }
+    }
+
+    check(!!(bad & ((ngx_uint_t) 1 << NGX_HTTP_LOYALTY_NCOUNTS)) == pbad);
     check(bad < (1 << NGX_HTTP_LOYALTY_NFIELDS));
     check(rc == (found ? NGX_OK : NGX_DECLINED));
+
+    /* due points released into points and lifetime, nothing else */
+
+    value[0] += due;
+    value[1] += due;
+
+    field = &rec.points;
+
+    for (i = 0; i < NGX_HTTP_LOYALTY_NCOUNTS; i++) {
+        check(field[i] == value[i]);
+    }
+
+    check(rec.pending == locked);
+    check((int64_t) rec.pending_release == next);
+
+    /* locked points have a release still to come */
+
+    check(rec.pending == 0 || rec.pending_release > now);
+    check(rec.pending_release == 0 || rec.pending_release > now);
+}
+
+
+/*
+ * The record at fixed times, and just before, at and after the release
+ * times of the first entries of "pending" (scanned loosely: a valid field
+ * or not), where points go from locked to due.
+ */
+
+static void
+check_record(ngx_http_loyalty_reply_t *reply)
+{
+    u_char                    *p, *last;
+    size_t                     n, digits;
+    uint64_t                   release;
+    ngx_http_loyalty_reply_t  *pending;
+
+    check_record_at(reply, 0);
+    check_record_at(reply, (time_t) 1700000000);
+    check_record_at(reply, (time_t) INT64_MAX);
+
+    if (reply->type != NGX_HTTP_LOYALTY_REPLY_ARRAY
+        || reply->nelts != NGX_HTTP_LOYALTY_NFIELDS)
+    {
+        return;
+    }
+
+    pending = reply->element[NGX_HTTP_LOYALTY_NCOUNTS];
+
+    if (pending->type != NGX_HTTP_LOYALTY_REPLY_STRING) {
+        return;
+    }
+
+    p = pending->str.data;
+    last = p + pending->str.len;
+
+    for (n = 0; n < 4 && p < last; n++) {
+        release = 0;
+
+        for (digits = 0; p < last && *p >= '0' && *p <= '9'; p++, digits++) {
+            if (digits < 18) {
+                release = release * 10 + (*p - '0');
+            }
+        }
+
+        if (release > 0) {
+            check_record_at(reply, (time_t) release - 1);
+        }
+
+        check_record_at(reply, (time_t) release);
+        check_record_at(reply, (time_t) release + 1);
+
+        while (p < last && *p++ != ',') {
+            /* void */
+        }
+    }
 }
 
 
@@ -269,9 +500,13 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
      * Nothing built from n bytes needs more than a few times n in one
      * allocation (an array of n/4 pointers, a string of n bytes): a
      * declared count or length trusted before its data arrived aborts here
-     * rather than as a 16 GB calloc().
+     * rather than as a 16 GB calloc().  Except an array's elements,
+     * allocated when its header arrives: the module lets through up to
+     * ELTS_MAX (one CLUSTER SLOTS range per slot), 128 KB of pointers for
+     * the 9 bytes of "*16384\r\n", and refuses more.
      */
-    ngx_shim_alloc_max = 16 * size + 1024;
+    ngx_shim_alloc_max = ngx_max(16 * size + 1024,
+                                 ELTS_MAX * sizeof(void *));
 
     pool = ngx_create_pool(4096, NULL);
     check(pool != NULL);

@@ -268,9 +268,24 @@ def record(client, cid, prefix="loyalty:"):
     return {k: int(v) for k, v in client.hgetall(hkey(cid, prefix)).items()}
 
 
+def did(value, amount=None):
+    """"<earned>:<redeemed>" of an order's marker (None for none), having
+    checked that the rest is what a credit writes: the amount (the given
+    one, if any), nothing refunded, and a release time."""
+    if value is None:
+        return None
+    f = value.split(":")
+    assert len(f) == 7 and f[3:6] == ["0", "0", "0"] and f[6].isdigit() \
+        and re.fullmatch(r"(\d+(\.\d*)?)?", f[2]), value
+    assert amount is None or f[2] == amount, (value, amount)
+    return "%s:%s" % (f[0], f[1])
+
+
 def wait_marker(client, cid, oid, prefix="loyalty:", timeout=10):
-    return wait_until(lambda: client.get(marker(cid, oid, prefix)), timeout,
-                      0.01, "the credit of order %s of %s" % (oid, cid))
+    """What the order did, once credited: see did()"""
+    return did(wait_until(lambda: client.get(marker(cid, oid, prefix)),
+                          timeout, 0.01,
+                          "the credit of order %s of %s" % (oid, cid)))
 
 
 def ledger_entries(client, cid, prefix="loyalty:"):
@@ -398,8 +413,10 @@ def check_exact(client, orders, prefix="loyalty:"):
         pipe = client.pipeline()
         for oid, _ in by_cid[cid]:
             pipe.get(marker(cid, oid, prefix))
-        assert pipe.execute() == ["%d:0" % int(total.split(".")[0])
-                                  for _, total in by_cid[cid]], cid
+        assert [did(m, total) for m, (_, total)
+                in zip(pipe.execute(), by_cid[cid])] == \
+            ["%d:0" % int(total.split(".")[0])
+             for _, total in by_cid[cid]], cid
 
 
 JOURNAL = "loyalty_journal {prefix}/loyalty.journal;"

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from conftest import log_lines, run_parallel, wait_until
-from credit_support import (JOURNAL, MARKER_TTL, SHOP, TIERS,
+from credit_support import (JOURNAL, MARKER_TTL, SHOP, TIERS, did,
                             WEIRD_ORDER_ID, HeldShop, amount_of,
                             applied_and_journaled, check_covered,
                             check_exact, edge_conf, error_log_credits,
@@ -1041,12 +1041,13 @@ def journal_fields_ok(e, redis_port, cid, oid, amount, earned, redeem, t0,
                       t1, reason="worker exiting"):
     assert set(e) == {"ts", "redis", "db", "prefix", "customer", "order",
                       "amount", "earned", "redeem", "ledger", "expire",
-                      "reason"}, e
+                      "order_ttl", "pending", "reason"}, e
     assert (e["redis"], e["db"], e["prefix"]) == (
         "127.0.0.1:%d" % redis_port, 0, "loyalty:"), e
     assert (e["customer"], e["order"], e["amount"]) == (cid, oid, amount), e
     assert (e["earned"], e["redeem"]) == (earned, redeem), e
     assert (e["ledger"], e["expire"]) == (100, 0), e
+    assert (e["order_ttl"], e["pending"]) == (MARKER_TTL, 0), e
     assert t0 <= e["ts"] <= t1 and e["reason"] == reason, e
 
 
@@ -1084,7 +1085,7 @@ def test_journal_then_replay(redis_factory, nginx):
     rec = record(redis.client, "j1")
     assert (rec["points"], rec["lifetime"], rec["orders"]) == (
         10 + 19 - 3 + 5, 20000 + 24, 6)
-    assert redis.client.get(marker("j1", "jo-2")) == "5:3"
+    assert did(redis.client.get(marker("j1", "jo-2"))) == "5:3"
     assert record(redis.client, "j2")["orders"] == 1
     rc, applied, already, failed, out = replay(journal_path(n))
     assert (rc, applied, already, failed) == (0, 0, 3, 0), out
@@ -1251,7 +1252,7 @@ def test_journal_keeps_ids_exact(redis_factory, nginx):
     redis.start()
     rc, applied, _, failed, out = replay(journal_path(n))
     assert (rc, applied, failed) == (0, 1, 0), out
-    assert redis.client.get(marker(cid, WEIRD_ORDER_ID)) == "12:0"
+    assert did(redis.client.get(marker(cid, WEIRD_ORDER_ID))) == "12:0"
     assert ledger_entries(redis.client, cid)[0]["order"] == WEIRD_ORDER_ID
 
 

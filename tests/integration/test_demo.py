@@ -101,11 +101,34 @@ def test_demo_conf(redis, tmp_root):
         # gold earns twice: 59.90 x 2, rounded down
         assert (entry["amount"], entry["earned"]) == ("59.90", 119), entry
 
+        # the refund that make run prints: an order numbered A-1001,
+        # refunded in part and then in full, as a form
+        r = http_request(edge, "/checkout?order=A-1001",
+                         cookies={"cid": "alice"})
+        assert r.status == 200 and "order A-1001" in r.body, r
+        wait_until(lambda: redis.client.exists("loyalty:{alice}:order:A-1001"),
+                   5 * SLOW, 0.05, "the credit of A-1001")
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        r = http_request(edge, "/loyalty-api/refund", headers=form,
+                         body=b"customer=alice&order=A-1001&refunded=20")
+        doc = json.loads(r.body)
+        # floor(119 * 20 / 59.90) = 39
+        assert (r.status, doc["status"], doc["reversed"]) == \
+            (200, "applied", 39), doc
+        r = http_request(edge, "/loyalty-api/refund", headers=form,
+                         body=b"customer=alice&order=A-1001&refunded=all")
+        assert json.loads(r.body)["reversed"] == 80, r.body
+        r = http_request(edge, "/loyalty-api/adjust", headers=form,
+                         body=b"customer=alice&points=50&id=cs-1&reason=sorry")
+        assert json.loads(r.body)["status"] == "applied", r.body
+
         r = http_request(edge, "/metrics")
         assert r.status == 200, r
         text = r.body
-        assert 'loyalty_requests_total{status="ok"} 2' in text, text
-        assert 'loyalty_offers_shown_total{offer="gold_perk"} 1' in text
+        assert 'loyalty_requests_total{status="ok"} 3' in text, text
+        assert ('loyalty_api_requests_total{op="refund",status="applied"} 2'
+                in text), text
+        assert 'loyalty_offers_shown_total{offer="gold_perk"} 2' in text
     finally:
         p.terminate()
         p.wait(15)

@@ -30,7 +30,8 @@ import pytest
 
 from conftest import (BACKEND, SLOW, RedisServer, checkout_conf, expected,
                       parse_echo, run_parallel, wait_until)
-from credit_support import (JOURNAL, edge_conf, journal_path, ledger_entries,
+from credit_support import (JOURNAL, did, edge_conf, journal_path,
+                            ledger_entries,
                             marker, order, read_journal, record, settle,
                             wait_marker)
 from dns_support import (AA, NOERROR, NXDOMAIN, QR, RA, RD, SERVFAIL,
@@ -538,7 +539,7 @@ def test_credit_while_following(dns_server, pair, nginx):
     assert o1_applied != bool(o1_journaled), \
         "dns-o1 applied in B: %s, journaled: %r" % (o1_applied, entries)
     if o1_applied:
-        assert b.client.get(marker(CID, "dns-o1")) == "10:0"
+        assert did(b.client.get(marker(CID, "dns-o1"))) == "10:0"
     earned = 19 + (10 if o1_applied else 0)
     rec = record(b.client, CID)
     assert (rec["points"], rec["lifetime"], rec["orders"]) == (

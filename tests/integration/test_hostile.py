@@ -37,7 +37,7 @@ import pytest
 
 from conftest import (Response, checkout_conf, expected, http_request,
                       log_lines, run_parallel, wait_until)
-from credit_support import (PYTHON, REPO, edge_conf, error_log_credits,
+from credit_support import (PYTHON, REPO, did, edge_conf, error_log_credits,
                             hkey, ledger_entries, marker, read_journal,
                             record, replay, wait_marker)
 from fake_redis import array, bulk, integer
@@ -1005,8 +1005,8 @@ def test_max_lengths_journal_and_replay(redis_factory, nginx, journal):
     redis.seed(ID128, points=1, lifetime=1, orders=1, prefix=MAX_PREFIX)
     rc, applied, _, failed, out = replay(path)
     assert (rc, applied, failed) == (0, 1, 0), out
-    assert redis.client.get(marker(ID128, MAX_ORDER, MAX_PREFIX)) == \
-        "999999999999:1"
+    assert did(redis.client.get(marker(ID128, MAX_ORDER, MAX_PREFIX))) \
+        == "999999999999:1"
     rec = record(redis.client, ID128, MAX_PREFIX)
     assert (rec["points"], rec["lifetime"], rec["orders"]) == (
         999999999999, 999999999999 + 1, 2)
@@ -1019,7 +1019,9 @@ def test_max_lengths_journal_and_replay(redis_factory, nginx, journal):
 GOOD = dict(points=7, lifetime=70, orders=2, first_order=1700000000,
             last_order=1700000100)
 GOOD_OK = expected("ok", "h", 7, 70, 2)
-FIELDS = ["points", "lifetime", "orders", "first_order", "last_order"]
+# the fields the module reads, "pending" (no points locked) last
+FIELDS = ["points", "lifetime", "orders", "first_order", "last_order",
+          "pending"]
 
 
 def rec_reply(**over):
@@ -1027,8 +1029,9 @@ def rec_reply(**over):
     a value for a bulk string)."""
     items = []
     for f in FIELDS:
-        v = over.get(f, GOOD[f])
-        items.append(v if isinstance(v, bytes) else bulk(str(v)))
+        v = over.get(f, GOOD.get(f))
+        items.append(v if isinstance(v, bytes) else
+                     bulk(None) if v is None else bulk(str(v)))
     return array(*items)
 
 
@@ -1117,7 +1120,15 @@ READ_CASES = [
      "unavailable", None, "protocol error", True),
     ("nil-field", "HMGET", rec_reply(points=bulk(None)), "ok",
      {"points": "nil"}, None, False),
-    ("all-nil", "HMGET", array(*[bulk(None)] * 5), "new", None, None, False),
+    ("all-nil", "HMGET", array(*[bulk(None)] * 6), "new", None, None, False),
+    # the five fields an older module asked for
+    ("array-of-5", "HMGET", array(*[bulk("1")] * 5), "unavailable", None,
+     "unexpected redis reply", False),
+    # locked points of another tool's making: no points are added
+    ("bad-pending-field", "HMGET", rec_reply(pending="1:2,"), "ok", {},
+     '"pending" field', False),
+    ("integer-pending-field", "HMGET", rec_reply(pending=integer(5)), "ok",
+     {}, '"pending" field', False),
     ("bytewise", "HMGET", ("bytewise", rec_reply(), 0.003), "ok", {}, None,
      False),
     ("bytewise-then-rest", "HMGET",
@@ -1286,7 +1297,7 @@ def test_fake_redis_balance_handler(fake_redis, nginx):
             (array(bulk("1")), 503, '{"status":"unavailable"}'),
             (rec_reply(points=integer(-1)), 200, '"points":0,'),
             (rec_reply(points="9" * MB), 200, '"points":0,'),
-            (array(*[bulk(None)] * 5), 200, '"status":"new"'),
+            (array(*[bulk(None)] * 6), 200, '"status":"new"'),
             # last: a protocol error costs the connection
             (b"*-2\r\n", 503, '{"status":"unavailable"}')]:
         fake.queue("HMGET", answer)

@@ -50,6 +50,9 @@ FAMILIES = {
     "loyalty_redis_latency_seconds": "histogram",
     "loyalty_credits": "counter",
     "loyalty_redeem_shortfall": "counter",
+    "loyalty_api_requests": "counter",
+    "loyalty_points_reversed": "counter",
+    "loyalty_points_forgiven": "counter",
     "loyalty_offers_shown": "counter",
     "loyalty_offers_converted": "counter",
 }
@@ -132,6 +135,9 @@ def check_shape(m):
                       "loyalty_cluster_refreshes_total",
                       "loyalty_redis_failovers_total",
                       "loyalty_redis_tls_handshakes_total",
+                      "loyalty_api_requests_total",
+                      "loyalty_points_reversed_total",
+                      "loyalty_points_forgiven_total",
                       HIST + "_bucket", HIST + "_sum", HIST + "_count",
                       "loyalty_offers_shown_total",
                       "loyalty_offers_converted_total"}

@@ -231,9 +231,14 @@ def test_spent_points_are_forgiven(redis, nginx):
         n.error_log()[-2000:]
     assert metric(n, "loyalty_points_forgiven_total") == 80
     assert metric(n, "loyalty_points_reversed_total") == 100
-    # the redeeming order, refunded, gives its 80 back
-    r, doc = refund(n, "rf5", "o2", "all")
-    assert (doc["restored"], doc["reversed"], doc["points"]) == (80, 0, 80)
+    # the redeeming order of amount 0, refunded in full ("0" is its whole
+    # amount), gives its 80 back, once
+    r, doc = refund(n, "rf5", "o2", "0")
+    assert (doc["status"], doc["restored"], doc["reversed"],
+            doc["points"]) == ("applied", 80, 0, 80), doc
+    for again in ("0", "all"):
+        r, doc = refund(n, "rf5", "o2", again)
+        assert doc["status"] == "unchanged", (again, doc)
 
 
 def test_full_refund_gives_redeemed_back(redis, nginx):

@@ -23,7 +23,7 @@ import redis as redis_lib
 from conftest import (REDIS_BIN, SLOW, free_port, track,
                       wait_until)
 from cluster_support import cluster_port
-from credit_support import replay
+from credit_support import did, replay
 
 REDIS_CLI = os.environ.get("REDIS_CLI", "/usr/bin/redis-cli")
 
@@ -211,7 +211,7 @@ def check_applied(cluster, cid, orders, points, lifetime, count=None):
                                     len(orders) if count is None else count), \
         rec
     for oid, earned, redeemed in orders:
-        assert c.get("%s:order:%s" % (key, oid)) == "%d:%d" % (
+        assert did(c.get("%s:order:%s" % (key, oid))) == "%d:%d" % (
             earned, redeemed), (cid, oid)
     entries = [f for _, f in c.xrange(key + ":ledger")]
     assert [(e["order"], int(e["earned"]), int(e["redeemed"]))

@@ -8,7 +8,9 @@
  * Unit tests of the pure logic in ngx_http_loyalty_rules.c: customer ids
  * and their signatures, numbers, points earned, tiers, offers, the
  * loyalty_offer parameters, the escaping of JSON strings and Prometheus
- * labels, and Redis Cluster's key slots and redirections.  Table-driven:
+ * labels, Redis Cluster's key slots and redirections, the "pending"
+ * field of a record, and the arguments of the API (form arguments, their
+ * decoding, adjustment points, order ids and reasons).  Table-driven:
  * a failing row is printed with its input, and every row runs even when
  * an earlier one failed, so one run shows all the failures of a test.
  */
@@ -1854,6 +1856,1029 @@ test_parse_redirect(void **state)
 }
 
 
+/*
+ * ngx_http_loyalty_parse_pending(): "<release>:<points>[,...]", each of
+ * 1 to 16 digits and below 2^53; released by "now" is due, the rest is
+ * locked, "next" the earliest release of the locked points
+ */
+
+#define T_EXACT      "9007199254740992"      /* 2^53 */
+#define T_EXACT_1    "9007199254740991"      /* 2^53 - 1 */
+#define T_HALF       "4503599627370496"      /* 2^52 */
+#define T_HALF_1     "4503599627370495"      /* 2^52 - 1 */
+#define T_LATER      "1700000100"            /* T_NOW + 100 */
+
+typedef struct {
+    ngx_str_t                   in;
+    time_t                      now;
+    ngx_int_t                   rc;
+    uint64_t                    due;
+    uint64_t                    locked;
+    time_t                      next;
+} t_pending_case_t;
+
+
+static t_pending_case_t  t_pending_cases[] = {
+    { ngx_string(""), T_NOW, NGX_OK, 0, 0, 0 },
+    { ngx_string(""), 0, NGX_OK, 0, 0, 0 },
+
+    /* one entry: before, at and after now */
+    { ngx_string("100:5"), T_NOW, NGX_OK, 5, 0, 0 },
+    { ngx_string("1699999999:5"), T_NOW, NGX_OK, 5, 0, 0 },
+    { ngx_string("1700000000:5"), T_NOW, NGX_OK, 5, 0, 0 },
+    { ngx_string("1700000001:5"), T_NOW, NGX_OK, 0, 5, 1700000001 },
+    { ngx_string("0:5"), T_NOW, NGX_OK, 5, 0, 0 },
+    { ngx_string("0:5"), 0, NGX_OK, 5, 0, 0 },
+    { ngx_string("1:5"), 0, NGX_OK, 0, 5, 1 },
+    { ngx_string("1:0"), 0, NGX_OK, 0, 0, 1 },
+    { ngx_string("100:0"), T_NOW, NGX_OK, 0, 0, 0 },
+
+    /* several: sums, and the earliest locked release wherever it is */
+    { ngx_string("1700000100:3,1700000050:4,100:2"), T_NOW, NGX_OK,
+      2, 7, 1700000050 },
+    { ngx_string("1700000050:4,1700000100:3"), T_NOW, NGX_OK,
+      0, 7, 1700000050 },
+    { ngx_string("1700000100:3,1700000050:4"), T_NOW, NGX_OK,
+      0, 7, 1700000050 },
+    { ngx_string("100:1,200:2,300:3"), T_NOW, NGX_OK, 6, 0, 0 },
+    { ngx_string("100:1,200:2,300:3"), 200, NGX_OK, 3, 3, 300 },
+    { ngx_string("100:1,200:2,300:3"), 199, NGX_OK, 1, 5, 200 },
+    { ngx_string("100:1,200:2,300:3"), 99, NGX_OK, 0, 6, 100 },
+    { ngx_string("1700000000:1,1700000000:2,1700000001:4"), T_NOW, NGX_OK,
+      3, 4, 1700000001 },
+    { ngx_string(T_LATER ":1," T_LATER ":2"), T_NOW, NGX_OK,
+      0, 3, 1700000100 },
+
+    /* leading zeros; 16 digits, not 17 */
+    { ngx_string("0001700000100:007"), T_NOW, NGX_OK, 0, 7, 1700000100 },
+    { ngx_string("0000001700000100:0000000000000007"), T_NOW, NGX_OK,
+      0, 7, 1700000100 },
+    { ngx_string("0000000000000000:0000000000000000"), T_NOW, NGX_OK,
+      0, 0, 0 },
+    { ngx_string("00000001700000100:7"), T_NOW, NGX_ERROR, 0, 0, 0 },
+    { ngx_string("1:00000000000000007"), T_NOW, NGX_ERROR, 0, 0, 0 },
+    { ngx_string("9999999999999999:1"), T_NOW, NGX_ERROR, 0, 0, 0 },
+    { ngx_string("1:9999999999999999"), T_NOW, NGX_ERROR, 0, 0, 0 },
+
+    /* each below 2^53 */
+    { ngx_string("1:" T_EXACT_1), T_NOW, NGX_OK, 9007199254740991ULL, 0, 0 },
+    { ngx_string("1:" T_EXACT), T_NOW, NGX_ERROR, 0, 0, 0 },
+    { ngx_string(T_LATER ":" T_EXACT_1), T_NOW, NGX_OK,
+      0, 9007199254740991ULL, 1700000100 },
+    { ngx_string(T_LATER ":" T_EXACT), T_NOW, NGX_ERROR, 0, 0, 0 },
+    { ngx_string(T_EXACT_1 ":1"), T_NOW, NGX_OK,
+      0, 1, (time_t) 9007199254740991LL },
+    { ngx_string(T_EXACT ":1"), T_NOW, NGX_ERROR, 0, 0, 0 },
+    { ngx_string(T_EXACT_1 ":1"), (time_t) 9007199254740991LL, NGX_OK,
+      1, 0, 0 },
+
+    /* and so are the sums */
+    { ngx_string("1:" T_HALF ",2:" T_HALF_1), T_NOW, NGX_OK,
+      9007199254740991ULL, 0, 0 },
+    { ngx_string("1:" T_HALF ",2:" T_HALF), T_NOW, NGX_ERROR, 0, 0, 0 },
+    { ngx_string("1:" T_EXACT_1 ",2:1"), T_NOW, NGX_ERROR, 0, 0, 0 },
+    { ngx_string("1:" T_EXACT_1 ",2:0"), T_NOW, NGX_OK,
+      9007199254740991ULL, 0, 0 },
+    { ngx_string(T_LATER ":" T_HALF "," T_LATER ":" T_HALF_1), T_NOW, NGX_OK,
+      0, 9007199254740991ULL, 1700000100 },
+    { ngx_string(T_LATER ":" T_HALF "," T_LATER ":" T_HALF), T_NOW,
+      NGX_ERROR, 0, 0, 0 },
+    { ngx_string("1:" T_EXACT_1 "," T_LATER ":" T_EXACT_1), T_NOW, NGX_OK,
+      9007199254740991ULL, 9007199254740991ULL, 1700000100 },
+
+    /* not a list */
+    { ngx_string(","), T_NOW, NGX_ERROR, 0, 0, 0 },
+    { ngx_string(",,"), T_NOW, NGX_ERROR, 0, 0, 0 },
+    { ngx_string("1:2,"), T_NOW, NGX_ERROR, 0, 0, 0 },
+    { ngx_string(",1:2"), T_NOW, NGX_ERROR, 0, 0, 0 },
+    { ngx_string("1:2,,3:4"), T_NOW, NGX_ERROR, 0, 0, 0 },
+    { ngx_string("1:2;3:4"), T_NOW, NGX_ERROR, 0, 0, 0 },
+    { ngx_string("1:2, 3:4"), T_NOW, NGX_ERROR, 0, 0, 0 },
+    { ngx_string("12"), T_NOW, NGX_ERROR, 0, 0, 0 },
+    { ngx_string("1:2,34"), T_NOW, NGX_ERROR, 0, 0, 0 },
+    { ngx_string(":"), T_NOW, NGX_ERROR, 0, 0, 0 },
+    { ngx_string(":5"), T_NOW, NGX_ERROR, 0, 0, 0 },
+    { ngx_string("5:"), T_NOW, NGX_ERROR, 0, 0, 0 },
+    { ngx_string("5:,6:1"), T_NOW, NGX_ERROR, 0, 0, 0 },
+    { ngx_string("1:2:3"), T_NOW, NGX_ERROR, 0, 0, 0 },
+    { ngx_string("1::2"), T_NOW, NGX_ERROR, 0, 0, 0 },
+    { ngx_string("a:1"), T_NOW, NGX_ERROR, 0, 0, 0 },
+    { ngx_string("1:a"), T_NOW, NGX_ERROR, 0, 0, 0 },
+    { ngx_string(" 1:2"), T_NOW, NGX_ERROR, 0, 0, 0 },
+    { ngx_string("1:2 "), T_NOW, NGX_ERROR, 0, 0, 0 },
+    { ngx_string("1 :2"), T_NOW, NGX_ERROR, 0, 0, 0 },
+    { ngx_string("-1:2"), T_NOW, NGX_ERROR, 0, 0, 0 },
+    { ngx_string("1:-2"), T_NOW, NGX_ERROR, 0, 0, 0 },
+    { ngx_string("+1:2"), T_NOW, NGX_ERROR, 0, 0, 0 },
+    { ngx_string("1:+2"), T_NOW, NGX_ERROR, 0, 0, 0 },
+    { ngx_string("1.5:2"), T_NOW, NGX_ERROR, 0, 0, 0 },
+    { ngx_string("1:2\n"), T_NOW, NGX_ERROR, 0, 0, 0 },
+    { { 4, (u_char *) "1:2\0" }, T_NOW, NGX_ERROR, 0, 0, 0 },
+    { ngx_string("1:0x2"), T_NOW, NGX_ERROR, 0, 0, 0 },
+};
+
+
+static void
+test_parse_pending(void **state)
+{
+    time_t             next;
+    uint64_t           due, locked;
+    ngx_int_t          rc;
+    ngx_uint_t         i, failed;
+    t_pending_case_t  *t;
+
+    assert_true(NGX_HTTP_LOYALTY_EXACT == 9007199254740992ULL);
+    assert_int_equal(NGX_HTTP_LOYALTY_PENDING_DIGITS, 16);
+
+    failed = 0;
+
+    for (i = 0; i < t_nelts(t_pending_cases); i++) {
+        t = &t_pending_cases[i];
+
+        due = 0xdeadbeef;
+        locked = 0xdeadbeef;
+        next = 0xdeadbeef;
+
+        rc = ngx_http_loyalty_parse_pending(t->in.data, t->in.len, t->now,
+                                            &due, &locked, &next);
+
+        if (rc != t->rc
+            || (rc == NGX_OK
+                && (due != t->due || locked != t->locked
+                    || next != t->next)))
+        {
+            print_error("parse_pending(\"%s\", now %lld) = %ld, due %llu "
+                        "locked %llu next %lld, expected %ld, due %llu "
+                        "locked %llu next %lld\n",
+                        t_escape(t->in.data, t->in.len), (long long) t->now,
+                        (long) rc, (unsigned long long) due,
+                        (unsigned long long) locked, (long long) next,
+                        (long) t->rc, (unsigned long long) t->due,
+                        (unsigned long long) t->locked, (long long) t->next);
+            failed++;
+        }
+    }
+
+    assert_int_equal(failed, 0);
+}
+
+
+/* a long list: every entry counted, each one due once now reaches it */
+
+static void
+test_parse_pending_long(void **state)
+{
+    u_char      *p;
+    time_t       next, now;
+    uint64_t     due, locked, expect;
+    ngx_uint_t   i;
+    u_char       buf[64 * 32];
+
+    p = buf;
+
+    /* 64 entries, released at T_NOW + 64 ... T_NOW + 1, i + 1 points */
+
+    for (i = 0; i < 64; i++) {
+        p += sprintf((char *) p, "%s%lld:%lu", i ? "," : "",
+                     (long long) (T_NOW + 64 - i), (unsigned long) (i + 1));
+    }
+
+    for (now = T_NOW; now <= T_NOW + 65; now++) {
+        assert_int_equal(ngx_http_loyalty_parse_pending(buf, p - buf, now,
+                                                        &due, &locked,
+                                                        &next),
+                         NGX_OK);
+
+        /* released: the entries i >= 64 - (now - T_NOW) */
+
+        for (expect = 0, i = 0; i < 64; i++) {
+            if (T_NOW + 64 - (time_t) i <= now) {
+                expect += i + 1;
+            }
+        }
+
+        assert_int_equal(due, expect);
+        assert_int_equal(due + locked, 64 * 65 / 2);
+
+        if (now >= T_NOW + 64) {
+            assert_int_equal(locked, 0);
+            assert_int_equal(next, 0);
+
+        } else {
+            assert_int_equal(next, now + 1);
+        }
+    }
+
+    /* the same with a trailing comma: refused */
+
+    *p++ = ',';
+
+    assert_int_equal(ngx_http_loyalty_parse_pending(buf, p - buf, T_NOW,
+                                                    &due, &locked, &next),
+                     NGX_ERROR);
+}
+
+
+/* ngx_http_loyalty_parse_signed(): ^[+-]?[0-9]{1,18}$ */
+
+typedef struct {
+    ngx_str_t                   in;
+    ngx_int_t                   rc;
+    uint64_t                    value;
+    ngx_uint_t                  negative;
+} t_signed_case_t;
+
+
+static t_signed_case_t  t_signed_cases[] = {
+    { ngx_string("0"), NGX_OK, 0, 0 },
+    { ngx_string("+0"), NGX_OK, 0, 0 },
+    { ngx_string("-0"), NGX_OK, 0, 1 },
+    { ngx_string("5"), NGX_OK, 5, 0 },
+    { ngx_string("+5"), NGX_OK, 5, 0 },
+    { ngx_string("-5"), NGX_OK, 5, 1 },
+    { ngx_string("-007"), NGX_OK, 7, 1 },
+    { ngx_string("1250"), NGX_OK, 1250, 0 },
+    { ngx_string("999999999999999999"), NGX_OK, 999999999999999999ULL, 0 },
+    { ngx_string("+999999999999999999"), NGX_OK, 999999999999999999ULL, 0 },
+    { ngx_string("-999999999999999999"), NGX_OK, 999999999999999999ULL, 1 },
+    { ngx_string("-000000000000000001"), NGX_OK, 1, 1 },
+    { ngx_string("1000000000000000000"), NGX_ERROR, 0, 0 },
+    { ngx_string("-1000000000000000000"), NGX_ERROR, 0, 0 },
+    { ngx_string("+0000000000000000001"), NGX_ERROR, 0, 0 },
+    { ngx_string(""), NGX_ERROR, 0, 0 },
+    { ngx_string("+"), NGX_ERROR, 0, 0 },
+    { ngx_string("-"), NGX_ERROR, 0, 0 },
+    { ngx_string("--1"), NGX_ERROR, 0, 0 },
+    { ngx_string("+-1"), NGX_ERROR, 0, 0 },
+    { ngx_string("-+1"), NGX_ERROR, 0, 0 },
+    { ngx_string("++1"), NGX_ERROR, 0, 0 },
+    { ngx_string("1-"), NGX_ERROR, 0, 0 },
+    { ngx_string("1+"), NGX_ERROR, 0, 0 },
+    { ngx_string("1-2"), NGX_ERROR, 0, 0 },
+    { ngx_string(" 1"), NGX_ERROR, 0, 0 },
+    { ngx_string("- 1"), NGX_ERROR, 0, 0 },
+    { ngx_string("1 "), NGX_ERROR, 0, 0 },
+    { ngx_string("-1\0"), NGX_ERROR, 0, 0 },
+    { ngx_string("0x10"), NGX_ERROR, 0, 0 },
+    { ngx_string("1.5"), NGX_ERROR, 0, 0 },
+    { ngx_string("-1e3"), NGX_ERROR, 0, 0 },
+    { ngx_string("\xe2\x88\x92" "1"), NGX_ERROR, 0, 0 },  /* U+2212 minus */
+};
+
+
+static void
+test_parse_signed(void **state)
+{
+    uint64_t          value;
+    ngx_int_t         rc;
+    ngx_uint_t        i, failed, negative;
+    t_signed_case_t  *t;
+
+    failed = 0;
+
+    for (i = 0; i < t_nelts(t_signed_cases); i++) {
+        t = &t_signed_cases[i];
+
+        value = 0xdeadbeef;
+        negative = 7;
+
+        rc = ngx_http_loyalty_parse_signed(t->in.data, t->in.len, &value,
+                                           &negative);
+
+        if (rc != t->rc
+            || (rc == NGX_OK
+                && (value != t->value || negative != t->negative)))
+        {
+            print_error("parse_signed(\"%s\") = %ld, value %llu, negative "
+                        "%lu, expected %ld, value %llu, negative %lu\n",
+                        t_escape(t->in.data, t->in.len), (long) rc,
+                        (unsigned long long) value, (unsigned long) negative,
+                        (long) t->rc, (unsigned long long) t->value,
+                        (unsigned long) t->negative);
+            failed++;
+        }
+    }
+
+    assert_int_equal(failed, 0);
+}
+
+
+/* ngx_http_loyalty_valid_order(): 1 to 128 bytes of 0x21 to 0x7e */
+
+static t_id_case_t  t_order_cases[] = {
+    { ngx_string("o1"), NGX_OK },
+    { ngx_string("A"), NGX_OK },
+    { ngx_string("!"), NGX_OK },
+    { ngx_string("~"), NGX_OK },
+    { ngx_string("order-2024/01#42?x=\"y\"&z={}"), NGX_OK },
+    { ngx_string("%20"), NGX_OK },
+    { ngx_string(""), NGX_ERROR },
+    { ngx_string(" "), NGX_ERROR },
+    { ngx_string("o 1"), NGX_ERROR },
+    { ngx_string(" o1"), NGX_ERROR },
+    { ngx_string("o1 "), NGX_ERROR },
+    { ngx_string("o1\t"), NGX_ERROR },
+    { ngx_string("o1\n"), NGX_ERROR },
+    { ngx_string("o1\r\n"), NGX_ERROR },
+    { { 3, (u_char *) "o\0001" }, NGX_ERROR },
+    { ngx_string("o1\x7f"), NGX_ERROR },
+    { ngx_string("o\x80"), NGX_ERROR },
+    { ngx_string("caf\xc3\xa9"), NGX_ERROR },
+    { ngx_string("\xff"), NGX_ERROR },
+};
+
+
+static void
+test_valid_order(void **state)
+{
+    u_char      one[1], full[NGX_HTTP_LOYALTY_ORDER_MAX + 8];
+    size_t      len;
+    ngx_int_t   rc, expect;
+    ngx_uint_t  i, c, failed, allowed;
+
+    assert_int_equal(NGX_HTTP_LOYALTY_ORDER_MAX, 128);
+
+    failed = 0;
+
+    for (i = 0; i < t_nelts(t_order_cases); i++) {
+        rc = ngx_http_loyalty_valid_order(t_order_cases[i].in.data,
+                                          t_order_cases[i].in.len);
+
+        if (rc != t_order_cases[i].rc) {
+            print_error("valid_order(\"%s\") = %ld, expected %ld\n",
+                        t_escape(t_order_cases[i].in.data,
+                                 t_order_cases[i].in.len),
+                        (long) rc, (long) t_order_cases[i].rc);
+            failed++;
+        }
+    }
+
+    /* lengths 0 to 130 */
+
+    ngx_memset(full, 'o', sizeof(full));
+
+    for (len = 0; len <= NGX_HTTP_LOYALTY_ORDER_MAX + 2; len++) {
+        rc = ngx_http_loyalty_valid_order(full, len);
+        expect = (len >= 1 && len <= 128) ? NGX_OK : NGX_ERROR;
+
+        if (rc != expect) {
+            print_error("valid_order(%zu x \"o\") = %ld, expected %ld\n",
+                        len, (long) rc, (long) expect);
+            failed++;
+        }
+    }
+
+    /* every byte, alone and last of 128 */
+
+    allowed = 0;
+
+    for (c = 0; c < 256; c++) {
+        expect = (c >= 0x21 && c <= 0x7e) ? NGX_OK : NGX_ERROR;
+
+        if (expect == NGX_OK) {
+            allowed++;
+        }
+
+        one[0] = (u_char) c;
+        full[NGX_HTTP_LOYALTY_ORDER_MAX - 1] = (u_char) c;
+
+        if (ngx_http_loyalty_valid_order(one, 1) != expect
+            || ngx_http_loyalty_valid_order(full, NGX_HTTP_LOYALTY_ORDER_MAX)
+               != expect)
+        {
+            print_error("valid_order: byte 0x%02x: expected %s\n",
+                        (unsigned) c, expect == NGX_OK ? "valid" : "invalid");
+            failed++;
+        }
+    }
+
+    assert_int_equal(allowed, 94);
+    assert_int_equal(failed, 0);
+}
+
+
+/*
+ * ngx_http_loyalty_valid_reason(): 1 to 200 code points of UTF-8 without
+ * control characters (C0, DEL, C1)
+ */
+
+static t_id_case_t  t_reason_cases[] = {
+    { ngx_string("a"), NGX_OK },
+    { ngx_string(" "), NGX_OK },
+    { ngx_string("~"), NGX_OK },
+    { ngx_string("goodwill: late delivery (order #42)"), NGX_OK },
+    { ngx_string("caf\xc3\xa9"), NGX_OK },
+    { ngx_string("\xe2\x82\xac 5"), NGX_OK },                /* U+20AC */
+    { ngx_string("\xf0\x9f\x98\x80"), NGX_OK },              /* U+1F600 */
+    { ngx_string("\xe6\x97\xa5\xe6\x9c\xac"), NGX_OK },      /* CJK */
+    { ngx_string("\xef\xbb\xbf" "bom"), NGX_OK },            /* U+FEFF */
+    { ngx_string("\xe2\x80\xa8"), NGX_OK },                  /* U+2028 */
+
+    /* the edges of each form and of the excluded ranges */
+    { ngx_string("\xc2\xa0"), NGX_OK },                      /* U+00A0 */
+    { ngx_string("\xdf\xbf"), NGX_OK },                      /* U+07FF */
+    { ngx_string("\xe0\xa0\x80"), NGX_OK },                  /* U+0800 */
+    { ngx_string("\xed\x9f\xbf"), NGX_OK },                  /* U+D7FF */
+    { ngx_string("\xee\x80\x80"), NGX_OK },                  /* U+E000 */
+    { ngx_string("\xef\xbf\xbd"), NGX_OK },                  /* U+FFFD */
+    { ngx_string("\xef\xbf\xbf"), NGX_OK },                  /* U+FFFF */
+    { ngx_string("\xf0\x90\x80\x80"), NGX_OK },              /* U+10000 */
+    { ngx_string("\xf4\x8f\xbf\xbf"), NGX_OK },              /* U+10FFFF */
+
+    { ngx_string(""), NGX_ERROR },
+
+    /* C0 controls and DEL */
+    { { 1, (u_char *) "\0" }, NGX_ERROR },
+    { { 3, (u_char *) "a\0b" }, NGX_ERROR },
+    { ngx_string("\x01"), NGX_ERROR },
+    { ngx_string("a\tb"), NGX_ERROR },
+    { ngx_string("line\n"), NGX_ERROR },
+    { ngx_string("\rx"), NGX_ERROR },
+    { ngx_string("\x1b[31m"), NGX_ERROR },
+    { ngx_string("\x1f"), NGX_ERROR },
+    { ngx_string("\x7f"), NGX_ERROR },
+    { ngx_string("ab\x7f"), NGX_ERROR },
+
+    /* C1 controls, U+0080 to U+009F */
+    { ngx_string("\xc2\x80"), NGX_ERROR },
+    { ngx_string("\xc2\x85"), NGX_ERROR },                   /* NEL */
+    { ngx_string("\xc2\x9f"), NGX_ERROR },
+    { ngx_string("ok\xc2\x9b" "31m"), NGX_ERROR },           /* CSI */
+
+    /* overlong forms */
+    { ngx_string("\xc0\x80"), NGX_ERROR },
+    { ngx_string("\xc0\xaf"), NGX_ERROR },
+    { ngx_string("\xc1\xbf"), NGX_ERROR },
+    { ngx_string("\xe0\x80\x80"), NGX_ERROR },
+    { ngx_string("\xe0\x81\x81"), NGX_ERROR },
+    { ngx_string("\xe0\x9f\xbf"), NGX_ERROR },               /* U+07FF */
+    { ngx_string("\xf0\x80\x80\x80"), NGX_ERROR },
+    { ngx_string("\xf0\x8f\xbf\xbf"), NGX_ERROR },           /* U+FFFF */
+
+    /* surrogates */
+    { ngx_string("\xed\xa0\x80"), NGX_ERROR },               /* U+D800 */
+    { ngx_string("\xed\xaf\xbf"), NGX_ERROR },               /* U+DBFF */
+    { ngx_string("\xed\xb0\x80"), NGX_ERROR },               /* U+DC00 */
+    { ngx_string("\xed\xbf\xbf"), NGX_ERROR },               /* U+DFFF */
+    { ngx_string("\xed\xa0\xbd\xed\xb8\x80"), NGX_ERROR },   /* CESU-8 */
+
+    /* beyond U+10FFFF, and bytes that never start a sequence */
+    { ngx_string("\xf4\x90\x80\x80"), NGX_ERROR },           /* U+110000 */
+    { ngx_string("\xf4\xbf\xbf\xbf"), NGX_ERROR },
+    { ngx_string("\xf5\x80\x80\x80"), NGX_ERROR },
+    { ngx_string("\xf7\xbf\xbf\xbf"), NGX_ERROR },
+    { ngx_string("\xf8\x88\x80\x80\x80"), NGX_ERROR },
+    { ngx_string("\xfc\x84\x80\x80\x80\x80"), NGX_ERROR },
+    { ngx_string("\xfe"), NGX_ERROR },
+    { ngx_string("\xff"), NGX_ERROR },
+
+    /* truncated sequences, at the end and before another character */
+    { ngx_string("\xc3"), NGX_ERROR },
+    { ngx_string("caf\xc3"), NGX_ERROR },
+    { ngx_string("\xe2\x82"), NGX_ERROR },
+    { ngx_string("\xe2"), NGX_ERROR },
+    { ngx_string("\xf0\x9f\x98"), NGX_ERROR },
+    { ngx_string("\xf0\x9f"), NGX_ERROR },
+    { ngx_string("\xf0"), NGX_ERROR },
+    { ngx_string("\xc3" "a"), NGX_ERROR },
+    { ngx_string("\xe2\x82" "a"), NGX_ERROR },
+    { ngx_string("\xf0\x9f\x98" "a"), NGX_ERROR },
+    { ngx_string("\xe2" "(" "\xa1"), NGX_ERROR },
+    { ngx_string("\xc3\xc3\xa9"), NGX_ERROR },
+
+    /* stray continuation bytes */
+    { ngx_string("\x80"), NGX_ERROR },
+    { ngx_string("\xbf"), NGX_ERROR },
+    { ngx_string("a\x80" "b"), NGX_ERROR },
+    { ngx_string("\xc3\xa9\xa9"), NGX_ERROR },
+    { ngx_string("\xf0\x9f\x98\x80\x80"), NGX_ERROR },
+};
+
+
+/* an exact-size copy: a read past the end is for ASan or valgrind */
+
+static ngx_int_t
+t_reason_bytes(u_char *data, size_t len)
+{
+    u_char     *p;
+    ngx_int_t   rc;
+
+    p = malloc(len ? len : 1);
+    assert_non_null(p);
+    ngx_memcpy(p, data, len);
+
+    rc = ngx_http_loyalty_valid_reason(p, len);
+
+    free(p);
+
+    return rc;
+}
+
+
+/* n copies of the character c (its UTF-8 bytes), then the rest */
+
+static ngx_int_t
+t_reason_run(char *c, ngx_uint_t n, char *rest)
+{
+    u_char      *p;
+    size_t       len, clen, rlen;
+    ngx_int_t    rc;
+    ngx_uint_t   i;
+
+    clen = strlen(c);
+    rlen = strlen(rest);
+    len = clen * n + rlen;
+
+    p = malloc(len ? len : 1);
+    assert_non_null(p);
+
+    for (i = 0; i < n; i++) {
+        ngx_memcpy(p + i * clen, c, clen);
+    }
+
+    ngx_memcpy(p + n * clen, rest, rlen);
+
+    rc = ngx_http_loyalty_valid_reason(p, len);
+
+    free(p);
+
+    return rc;
+}
+
+
+static void
+test_valid_reason(void **state)
+{
+    ngx_int_t     rc;
+    ngx_uint_t    i, c, failed;
+    t_id_case_t  *t;
+    u_char        b[2];
+
+    static char  *chars[] = {
+        "r",                    /* 1 byte */
+        "\xc3\xa9",             /* 2 */
+        "\xe2\x82\xac",         /* 3 */
+        "\xf0\x9f\x98\x80",     /* 4 */
+    };
+
+    assert_int_equal(NGX_HTTP_LOYALTY_REASON_MAX, 200);
+
+    failed = 0;
+
+    for (i = 0; i < t_nelts(t_reason_cases); i++) {
+        t = &t_reason_cases[i];
+
+        rc = t_reason_bytes(t->in.data, t->in.len);
+
+        if (rc != t->rc) {
+            print_error("valid_reason(\"%s\") = %ld, expected %ld\n",
+                        t_escape(t->in.data, t->in.len), (long) rc,
+                        (long) t->rc);
+            failed++;
+        }
+    }
+
+    /* 200 characters, not 201, counted as code points, not bytes */
+
+    for (i = 0; i < t_nelts(chars); i++) {
+        if (t_reason_run(chars[i], 200, "") != NGX_OK
+            || t_reason_run(chars[i], 201, "") != NGX_ERROR
+            || t_reason_run(chars[i], 199, "x") != NGX_OK
+            || t_reason_run(chars[i], 200, "x") != NGX_ERROR
+            || t_reason_run(chars[i], 199, "\xf0\x9f\x98\x80") != NGX_OK
+            || t_reason_run(chars[i], 200, "\xc3\xa9") != NGX_ERROR
+            || t_reason_run(chars[i], 1, "") != NGX_OK
+            || t_reason_run(chars[i], 199, "\x7f") != NGX_ERROR
+            || t_reason_run(chars[i], 199, "\xc3") != NGX_ERROR
+            || t_reason_run(chars[i], 10, "\xed\xa0\x80") != NGX_ERROR)
+        {
+            print_error("valid_reason: %zu-byte characters: wrong count\n",
+                        strlen(chars[i]));
+            failed++;
+        }
+    }
+
+    /* mixed widths: 50 of each, 200 in all (500 bytes) */
+
+    if (t_reason_run("r\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80", 50, "")
+        != NGX_OK
+        || t_reason_run("r\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80", 50, "!")
+           != NGX_ERROR)
+    {
+        print_error("valid_reason: 200 mixed characters: wrong count\n");
+        failed++;
+    }
+
+    /* every byte alone: printable ASCII only */
+
+    for (c = 0; c < 256; c++) {
+        b[0] = (u_char) c;
+
+        rc = ngx_http_loyalty_valid_reason(b, 1);
+
+        if (rc != ((c >= 0x20 && c < 0x7f) ? NGX_OK : NGX_ERROR)) {
+            print_error("valid_reason: byte 0x%02x alone = %ld\n",
+                        (unsigned) c, (long) rc);
+            failed++;
+        }
+    }
+
+    /* every two bytes starting above 0x7f: U+00A0 to U+07FF only */
+
+    for (c = 0; c < 0x10000; c++) {
+        b[0] = (u_char) (c >> 8);
+        b[1] = (u_char) c;
+
+        if (b[0] < 0x80) {
+            continue;
+        }
+
+        rc = ngx_http_loyalty_valid_reason(b, 2);
+
+        if (rc != ((b[0] >= 0xc2 && b[0] <= 0xdf && (b[1] & 0xc0) == 0x80
+                    && (b[0] > 0xc2 || b[1] >= 0xa0))
+                   ? NGX_OK : NGX_ERROR))
+        {
+            print_error("valid_reason: \\x%02x\\x%02x = %ld\n",
+                        (unsigned) b[0], (unsigned) b[1], (long) rc);
+            failed++;
+        }
+    }
+
+    assert_int_equal(failed, 0);
+}
+
+
+/*
+ * ngx_http_loyalty_form_arg(): the first "name=value" of an &-separated
+ * string, the value still escaped
+ */
+
+typedef struct {
+    ngx_str_t                   in;
+    char                       *name;
+    ngx_int_t                   rc;
+    char                       *value;
+} t_arg_case_t;
+
+
+static t_arg_case_t  t_arg_cases[] = {
+    { ngx_string("id=alice"), "id", NGX_OK, "alice" },
+    { ngx_string("id=alice&points=5"), "id", NGX_OK, "alice" },
+    { ngx_string("id=alice&points=5"), "points", NGX_OK, "5" },
+    { ngx_string("a=1&id=x&b=2"), "id", NGX_OK, "x" },
+    { ngx_string("a=1&b=2&id=last"), "id", NGX_OK, "last" },
+
+    /* names that are prefixes or suffixes of others */
+    { ngx_string("idx=1&id=2"), "id", NGX_OK, "2" },
+    { ngx_string("id=1&idx=2"), "idx", NGX_OK, "2" },
+    { ngx_string("idx=1&id=2"), "idx", NGX_OK, "1" },
+    { ngx_string("xid=1&id=2"), "id", NGX_OK, "2" },
+    { ngx_string("idx=1"), "id", NGX_DECLINED, NULL },
+    { ngx_string("xid=1"), "id", NGX_DECLINED, NULL },
+    { ngx_string("i=1"), "id", NGX_DECLINED, NULL },
+    { ngx_string("i"), "id", NGX_DECLINED, NULL },
+    { ngx_string("idx"), "id", NGX_DECLINED, NULL },
+    { ngx_string("id=1"), "idx", NGX_DECLINED, NULL },
+    { ngx_string("id"), "idx", NGX_DECLINED, NULL },
+
+    /* empty values, and names without "=" */
+    { ngx_string("id="), "id", NGX_OK, "" },
+    { ngx_string("id=&x=1"), "id", NGX_OK, "" },
+    { ngx_string("x=1&id="), "id", NGX_OK, "" },
+    { ngx_string("id"), "id", NGX_OK, "" },
+    { ngx_string("id&id=1"), "id", NGX_OK, "" },
+    { ngx_string("x=1&id"), "id", NGX_OK, "" },
+    { ngx_string("id&x=1"), "id", NGX_OK, "" },
+
+    /* the first one wins */
+    { ngx_string("id=1&id=2"), "id", NGX_OK, "1" },
+    { ngx_string("id=&id=2"), "id", NGX_OK, "" },
+
+    /* the value runs to the next "&", "=" included; nothing decoded */
+    { ngx_string("id=a=b"), "id", NGX_OK, "a=b" },
+    { ngx_string("id==&x"), "id", NGX_OK, "=" },
+    { ngx_string("id=%41+b%"), "id", NGX_OK, "%41+b%" },
+    { ngx_string("reason=late+delivery%21&x=1"), "reason", NGX_OK,
+      "late+delivery%21" },
+    { ngx_string("i%64=1"), "id", NGX_DECLINED, NULL },
+    { ngx_string("ID=1"), "id", NGX_DECLINED, NULL },
+    { ngx_string("id =1"), "id", NGX_DECLINED, NULL },
+    { ngx_string(" id=1"), "id", NGX_DECLINED, NULL },
+
+    /* empty parts */
+    { ngx_string(""), "id", NGX_DECLINED, NULL },
+    { ngx_string("&"), "id", NGX_DECLINED, NULL },
+    { ngx_string("&&&"), "id", NGX_DECLINED, NULL },
+    { ngx_string("=1"), "id", NGX_DECLINED, NULL },
+    { ngx_string("a=1&"), "id", NGX_DECLINED, NULL },
+    { ngx_string("&&id=1&&"), "id", NGX_OK, "1" },
+    { ngx_string("&id=1"), "id", NGX_OK, "1" },
+    { ngx_string("id=1&"), "id", NGX_OK, "1" },
+
+    /* a ";" is no separator */
+    { ngx_string("a=1;id=2"), "id", NGX_DECLINED, NULL },
+    { ngx_string("id=1;a=2"), "id", NGX_OK, "1;a=2" },
+};
+
+
+static void
+test_form_arg(void **state)
+{
+    u_char        *in;
+    ngx_int_t      rc;
+    ngx_str_t      value;
+    ngx_uint_t     i, failed;
+    t_arg_case_t  *t;
+
+    failed = 0;
+
+    for (i = 0; i < t_nelts(t_arg_cases); i++) {
+        t = &t_arg_cases[i];
+
+        /* an exact-size copy, nothing after it to read */
+
+        in = malloc(t->in.len ? t->in.len : 1);
+        assert_non_null(in);
+        ngx_memcpy(in, t->in.data, t->in.len);
+
+        value.data = (u_char *) "unset";
+        value.len = 5;
+
+        rc = ngx_http_loyalty_form_arg(in, t->in.len, (u_char *) t->name,
+                                       strlen(t->name), &value);
+
+        if (rc != t->rc
+            || (rc == NGX_OK
+                && (value.len != strlen(t->value)
+                    || ngx_memcmp(value.data, t->value, value.len) != 0)))
+        {
+            print_error("form_arg(\"%s\", \"%s\") = %ld, \"%.*s\", "
+                        "expected %ld, \"%s\"\n",
+                        t_escape(t->in.data, t->in.len), t->name, (long) rc,
+                        rc == NGX_OK ? (int) value.len : 0,
+                        rc == NGX_OK ? (char *) value.data : "",
+                        (long) t->rc, t->value ? t->value : "(none)");
+            failed++;
+
+        } else if (rc == NGX_OK
+                   && (value.data < in
+                       || value.data + value.len > in + t->in.len
+                       || (value.data + value.len < in + t->in.len
+                           && value.data[value.len] != '&')
+                       || (value.len && value.data[-1] != '=')))
+        {
+            /* the value is the input's own bytes, "=" before, "&" after */
+
+            print_error("form_arg(\"%s\", \"%s\"): value not in place\n",
+                        t_escape(t->in.data, t->in.len), t->name);
+            failed++;
+
+        } else if (rc == NGX_DECLINED
+                   && (value.len != 5
+                       || ngx_memcmp(value.data, "unset", 5) != 0))
+        {
+            print_error("form_arg(\"%s\", \"%s\"): declined, value set\n",
+                        t_escape(t->in.data, t->in.len), t->name);
+            failed++;
+        }
+
+        free(in);
+    }
+
+    assert_int_equal(failed, 0);
+}
+
+
+/* ngx_http_loyalty_form_decode(): "+" is a space, "%XX" a byte */
+
+typedef struct {
+    ngx_str_t                   in;
+    ngx_int_t                   rc;
+    ngx_str_t                   out;
+} t_decode_case_t;
+
+
+static t_decode_case_t  t_decode_cases[] = {
+    { ngx_string(""), NGX_OK, ngx_string("") },
+    { ngx_string("alice"), NGX_OK, ngx_string("alice") },
+    { ngx_string("a+b"), NGX_OK, ngx_string("a b") },
+    { ngx_string("+"), NGX_OK, ngx_string(" ") },
+    { ngx_string("++a++"), NGX_OK, ngx_string("  a  ") },
+    { ngx_string("%41"), NGX_OK, ngx_string("A") },
+    { ngx_string("%4a"), NGX_OK, ngx_string("J") },
+    { ngx_string("%4A"), NGX_OK, ngx_string("J") },
+    { ngx_string("%aF%Af"), NGX_OK, ngx_string("\xaf\xaf") },
+    { ngx_string("%ff%FF"), NGX_OK, ngx_string("\xff\xff") },
+    { ngx_string("%00"), NGX_OK, { 1, (u_char *) "\0" } },
+    { ngx_string("a%00b"), NGX_OK, { 3, (u_char *) "a\0b" } },
+    { ngx_string("%2B"), NGX_OK, ngx_string("+") },
+    { ngx_string("%2b+%2B"), NGX_OK, ngx_string("+ +") },
+    { ngx_string("%20"), NGX_OK, ngx_string(" ") },
+    { ngx_string("%25"), NGX_OK, ngx_string("%") },
+    { ngx_string("%2541"), NGX_OK, ngx_string("%41") },
+    { ngx_string("%26%3D"), NGX_OK, ngx_string("&=") },
+    { ngx_string("alice%40example.com"), NGX_OK,
+      ngx_string("alice@example.com") },
+    { ngx_string("caf%C3%A9"), NGX_OK, ngx_string("caf\xc3\xa9") },
+    { ngx_string("late+delivery%21"), NGX_OK, ngx_string("late delivery!") },
+    { ngx_string("a%20b+c"), NGX_OK, ngx_string("a b c") },
+    { ngx_string("%0a%0D"), NGX_OK, ngx_string("\n\r") },
+    { ngx_string("x%41"), NGX_OK, ngx_string("xA") },
+    { ngx_string("&=;"), NGX_OK, ngx_string("&=;") },
+
+    /* "%" without two hex digits, the end of the input included */
+    { ngx_string("%"), NGX_ERROR, ngx_null_string },
+    { ngx_string("a%"), NGX_ERROR, ngx_null_string },
+    { ngx_string("%4"), NGX_ERROR, ngx_null_string },
+    { ngx_string("a%4"), NGX_ERROR, ngx_null_string },
+    { ngx_string("%41%"), NGX_ERROR, ngx_null_string },
+    { ngx_string("%41%4"), NGX_ERROR, ngx_null_string },
+    { ngx_string("100%"), NGX_ERROR, ngx_null_string },
+    { ngx_string("%%"), NGX_ERROR, ngx_null_string },
+    { ngx_string("%%41"), NGX_ERROR, ngx_null_string },
+    { ngx_string("%4g"), NGX_ERROR, ngx_null_string },
+    { ngx_string("%g4"), NGX_ERROR, ngx_null_string },
+    { ngx_string("%G0"), NGX_ERROR, ngx_null_string },
+    { ngx_string("%0G"), NGX_ERROR, ngx_null_string },
+    { ngx_string("%@0"), NGX_ERROR, ngx_null_string },
+    { ngx_string("%0`"), NGX_ERROR, ngx_null_string },
+    { ngx_string("%0/"), NGX_ERROR, ngx_null_string },
+    { ngx_string("%0:"), NGX_ERROR, ngx_null_string },
+    { ngx_string("% 41"), NGX_ERROR, ngx_null_string },
+    { ngx_string("%+41"), NGX_ERROR, ngx_null_string },
+    { ngx_string("%-1"), NGX_ERROR, ngx_null_string },
+    { ngx_string("%x41"), NGX_ERROR, ngx_null_string },
+    { { 3, (u_char *) "%\0" "0" }, NGX_ERROR, ngx_null_string },
+    { ngx_string("%\xc1" "1"), NGX_ERROR, ngx_null_string },
+    { ngx_string("%a\xc6"), NGX_ERROR, ngx_null_string },
+    { ngx_string("ok+%zz"), NGX_ERROR, ngx_null_string },
+};
+
+
+static void
+test_form_decode(void **state)
+{
+    u_char           *in, *out;
+    size_t            n;
+    ngx_int_t         rc;
+    ngx_uint_t        i, c, failed;
+    t_decode_case_t  *t;
+    u_char            esc[3], dst[4];
+
+    static char       hex[] = "0123456789abcdef", uhex[] = "0123456789ABCDEF";
+
+    failed = 0;
+
+    for (i = 0; i < t_nelts(t_decode_cases); i++) {
+        t = &t_decode_cases[i];
+
+        /* exact-size buffers: the destination has room for len bytes */
+
+        in = malloc(t->in.len ? t->in.len : 1);
+        out = malloc(t->in.len ? t->in.len : 1);
+        assert_non_null(in);
+        assert_non_null(out);
+        ngx_memcpy(in, t->in.data, t->in.len);
+
+        n = 0xdead;
+
+        rc = ngx_http_loyalty_form_decode(out, in, t->in.len, &n);
+
+        if (rc != t->rc
+            || (rc == NGX_OK
+                && (n != t->out.len
+                    || ngx_memcmp(out, t->out.data, n) != 0)))
+        {
+            print_error("form_decode(\"%s\") = %ld, %zu bytes,",
+                        t_escape(t->in.data, t->in.len), (long) rc,
+                        rc == NGX_OK ? n : 0);
+            print_error(" \"%s\",", rc == NGX_OK ? t_escape(out, n) : "");
+            print_error(" expected %ld, \"%s\"\n", (long) t->rc,
+                        t_escape(t->out.data, t->out.len));
+            failed++;
+        }
+
+        free(in);
+        free(out);
+    }
+
+    /* every byte value as %xx and %XX; "+" and other bytes as they are */
+
+    for (c = 0; c < 256; c++) {
+        esc[0] = '%';
+        esc[1] = hex[c >> 4];
+        esc[2] = hex[c & 0xf];
+
+        ngx_memset(dst, 0xa5, sizeof(dst));
+
+        if (ngx_http_loyalty_form_decode(dst, esc, 3, &n) != NGX_OK
+            || n != 1 || dst[0] != c || dst[1] != 0xa5)
+        {
+            print_error("form_decode(%%%02x) wrong\n", (unsigned) c);
+            failed++;
+        }
+
+        esc[1] = uhex[c >> 4];
+        esc[2] = uhex[c & 0xf];
+
+        if (ngx_http_loyalty_form_decode(dst, esc, 3, &n) != NGX_OK
+            || n != 1 || dst[0] != c)
+        {
+            print_error("form_decode(%%%02X) wrong\n", (unsigned) c);
+            failed++;
+        }
+
+        /* a hex digit is one of 0-9 a-f A-F and nothing else */
+
+        esc[1] = (u_char) c;
+        esc[2] = '0';
+
+        rc = ngx_http_loyalty_form_decode(dst, esc, 3, &n);
+
+        if (rc != (((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f')
+                    || (c >= 'A' && c <= 'F')) ? NGX_OK : NGX_ERROR))
+        {
+            print_error("form_decode(%%\\x%02x0) = %ld\n", (unsigned) c,
+                        (long) rc);
+            failed++;
+        }
+
+        esc[1] = '0';
+        esc[2] = (u_char) c;
+
+        rc = ngx_http_loyalty_form_decode(dst, esc, 3, &n);
+
+        if (rc != (((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f')
+                    || (c >= 'A' && c <= 'F')) ? NGX_OK : NGX_ERROR))
+        {
+            print_error("form_decode(%%0\\x%02x) = %ld\n", (unsigned) c,
+                        (long) rc);
+            failed++;
+        }
+
+        if (c != '%') {
+            esc[0] = (u_char) c;
+
+            if (ngx_http_loyalty_form_decode(dst, esc, 1, &n) != NGX_OK
+                || n != 1 || dst[0] != (c == '+' ? ' ' : c))
+            {
+                print_error("form_decode(\\x%02x) wrong\n", (unsigned) c);
+                failed++;
+            }
+        }
+    }
+
+    assert_int_equal(failed, 0);
+}
+
+
+/* the API's way: form_arg, then form_decode of the value, then a check */
+
+static void
+test_form_arg_decode(void **state)
+{
+    u_char     buf[64];
+    size_t     n;
+    ngx_str_t  v;
+
+    static u_char  q[] =
+        "customer=alice%40example.com&points=-25&order=o%2F1"
+        "&reason=late+delivery+%E2%82%AC&idx=x";
+
+    assert_int_equal(ngx_http_loyalty_form_arg(q, sizeof(q) - 1,
+                                               (u_char *) "customer", 8, &v),
+                     NGX_OK);
+    assert_int_equal(ngx_http_loyalty_form_decode(buf, v.data, v.len, &n),
+                     NGX_OK);
+    assert_int_equal(n, 17);
+    assert_memory_equal(buf, "alice@example.com", n);
+    assert_int_equal(ngx_http_loyalty_valid_id(buf, n), NGX_OK);
+
+    assert_int_equal(ngx_http_loyalty_form_arg(q, sizeof(q) - 1,
+                                               (u_char *) "order", 5, &v),
+                     NGX_OK);
+    assert_int_equal(ngx_http_loyalty_form_decode(buf, v.data, v.len, &n),
+                     NGX_OK);
+    assert_int_equal(n, 3);
+    assert_memory_equal(buf, "o/1", n);
+    assert_int_equal(ngx_http_loyalty_valid_order(buf, n), NGX_OK);
+
+    assert_int_equal(ngx_http_loyalty_form_arg(q, sizeof(q) - 1,
+                                               (u_char *) "reason", 6, &v),
+                     NGX_OK);
+    assert_int_equal(ngx_http_loyalty_form_decode(buf, v.data, v.len, &n),
+                     NGX_OK);
+    assert_int_equal(n, sizeof("late delivery \xe2\x82\xac") - 1);
+    assert_memory_equal(buf, "late delivery \xe2\x82\xac", n);
+    assert_int_equal(ngx_http_loyalty_valid_reason(buf, n), NGX_OK);
+
+    assert_int_equal(ngx_http_loyalty_form_arg(q, sizeof(q) - 1,
+                                               (u_char *) "id", 2, &v),
+                     NGX_DECLINED);
+}
+
+
 int
 main(void)
 {
@@ -1882,6 +2907,14 @@ main(void)
         cmocka_unit_test(test_label_value),
         cmocka_unit_test(test_key_slot),
         cmocka_unit_test(test_parse_redirect),
+        cmocka_unit_test(test_parse_pending),
+        cmocka_unit_test(test_parse_pending_long),
+        cmocka_unit_test(test_parse_signed),
+        cmocka_unit_test(test_valid_order),
+        cmocka_unit_test(test_valid_reason),
+        cmocka_unit_test(test_form_arg),
+        cmocka_unit_test(test_form_decode),
+        cmocka_unit_test(test_form_arg_decode),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);
