@@ -61,6 +61,9 @@ static char *ngx_http_loyalty_api_form(ngx_http_request_t *r,
     ngx_str_t *body);
 static ngx_int_t ngx_http_loyalty_api_write(ngx_http_request_t *r,
     ngx_uint_t op, ngx_str_t *body);
+static ngx_int_t ngx_http_loyalty_api_ask(ngx_http_request_t *r,
+    ngx_http_loyalty_api_ctx_t *ctx, ngx_str_t *key, ngx_uint_t argc,
+    ngx_str_t *argv, ngx_http_loyalty_reply_pt handler);
 static void ngx_http_loyalty_api_written(void *data, ngx_int_t rc,
     ngx_http_loyalty_reply_t *reply);
 static ngx_int_t ngx_http_loyalty_api_result(ngx_http_request_t *r,
@@ -231,7 +234,6 @@ ngx_http_loyalty_api_ledger(ngx_http_request_t *r)
     u_char                       *p;
     ngx_int_t                     n, rc;
     ngx_str_t                     customer, count, argv[6];
-    ngx_http_cleanup_t           *cln;
     ngx_http_loyalty_api_ctx_t   *ctx;
     ngx_http_loyalty_loc_conf_t  *llcf;
     u_char                        key[NGX_HTTP_LOYALTY_KEY_LEN
@@ -300,30 +302,14 @@ ngx_http_loyalty_api_ledger(ngx_http_request_t *r)
     argv[5].data = num;
     argv[5].len = ngx_sprintf(num, "%i", n) - num;
 
-    cln = ngx_http_cleanup_add(r, 0);
-    if (cln == NULL) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    rc = ngx_http_loyalty_api_ask(r, ctx, &argv[1], 6, argv,
+                                  ngx_http_loyalty_api_ledger_handler);
+
+    if (rc == NGX_DONE) {
+        r->main->count++;
     }
 
-    ctx->cmd = ngx_http_loyalty_redis_send(llcf->server, &argv[1], 6, argv,
-                                           llcf->timeout,
-                                           ngx_http_loyalty_api_ledger_handler,
-                                           ctx, r->connection->log);
-    if (ctx->cmd == NULL) {
-        return ngx_http_loyalty_api_status(r, NGX_HTTP_LOYALTY_API_LEDGER,
-                                           NGX_HTTP_SERVICE_UNAVAILABLE,
-                                           NGX_HTTP_LOYALTY_API_UNAVAILABLE,
-                                           NULL);
-    }
-
-    cln->handler = ngx_http_loyalty_api_cleanup;
-    cln->data = ctx;
-
-    /* a client that goes away cancels the command */
-    r->read_event_handler = ngx_http_test_reading;
-    r->main->count++;
-
-    return NGX_DONE;
+    return rc;
 }
 
 
@@ -640,7 +626,6 @@ ngx_http_loyalty_api_write(ngx_http_request_t *r, ngx_uint_t op,
     ngx_int_t                      rc;
     ngx_str_t                      customer, id, value, reason, argv[14];
     ngx_uint_t                     negative;
-    ngx_http_cleanup_t            *cln;
     ngx_http_loyalty_api_ctx_t    *ctx;
     ngx_http_loyalty_loc_conf_t   *llcf;
     ngx_http_loyalty_main_conf_t  *lmcf;
@@ -800,17 +785,38 @@ ngx_http_loyalty_api_write(ngx_http_request_t *r, ngx_uint_t op,
     argv[12] = value;
     argv[13] = reason;
 
+    /* the body read holds the request meanwhile */
+
+    return ngx_http_loyalty_api_ask(r, ctx, &argv[3], 14, argv,
+                                    ngx_http_loyalty_api_written);
+}
+
+
+/*
+ * The command of a call, cancelled if the request goes first: NGX_DONE
+ * while Redis is asked, else the answer to the request.
+ */
+
+static ngx_int_t
+ngx_http_loyalty_api_ask(ngx_http_request_t *r,
+    ngx_http_loyalty_api_ctx_t *ctx, ngx_str_t *key, ngx_uint_t argc,
+    ngx_str_t *argv, ngx_http_loyalty_reply_pt handler)
+{
+    ngx_http_cleanup_t           *cln;
+    ngx_http_loyalty_loc_conf_t  *llcf;
+
+    llcf = ngx_http_get_module_loc_conf(r, ngx_http_loyalty_module);
+
     cln = ngx_http_cleanup_add(r, 0);
     if (cln == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
-    ctx->cmd = ngx_http_loyalty_redis_send(llcf->server, &argv[3], 14, argv,
-                                           llcf->timeout,
-                                           ngx_http_loyalty_api_written,
-                                           ctx, r->connection->log);
+    ctx->cmd = ngx_http_loyalty_redis_send(llcf->server, key, argc, argv,
+                                           llcf->timeout, handler, ctx,
+                                           r->connection->log);
     if (ctx->cmd == NULL) {
-        return ngx_http_loyalty_api_status(r, op,
+        return ngx_http_loyalty_api_status(r, ctx->op,
                                            NGX_HTTP_SERVICE_UNAVAILABLE,
                                            NGX_HTTP_LOYALTY_API_UNAVAILABLE,
                                            NULL);

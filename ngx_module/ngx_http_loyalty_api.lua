@@ -268,6 +268,15 @@ local function invalid(why)
     return {'invalid', 'error', why}
 end
 
+-- the balance, for a call that changes nothing
+local function unchanged()
+    local r, err = record()
+    if not r then
+        return redis.error_reply(err)
+    end
+    return balance('unchanged', r)
+end
+
 -- times and lengths Redis takes: checked here, for nothing is written
 -- after a command has failed
 
@@ -340,11 +349,7 @@ if ARGV[1] == 'refund' then
 
         if not total then
             if done then
-                local r, err = record()
-                if not r then
-                    return redis.error_reply(err)
-                end
-                return balance('unchanged', r)
+                return unchanged()
             end
             return invalid('the order has no amount: only "all" refunds it')
         end
@@ -355,11 +360,7 @@ if ARGV[1] == 'refund' then
 
         -- the whole amount is a full refund, also of an order of 0
         if done or (not less(before, want) and want ~= total) then
-            local r, err = record()
-            if not r then
-                return redis.error_reply(err)
-            end
-            return balance('unchanged', r)
+            return unchanged()
         end
 
         full, now_refunded = (want == total), ARGV[7]

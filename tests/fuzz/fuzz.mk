@@ -38,7 +38,8 @@ FUZZ_CFLAGS   = -g -O1 -fsanitize=fuzzer,address,undefined \
 FUZZ_RULES    = ngx_module/ngx_http_loyalty_rules.c
 FUZZ_PROTO    = ngx_module/ngx_http_loyalty_proto.c $(FUZZ_RULES) \
                 tests/fuzz/ngx_shim.c
-FUZZ_DEPS     = tests/fuzz/fuzz.h ngx_module/ngx_http_loyalty_rules.h \
+FUZZ_DEPS     = tests/fuzz/fuzz.h tests/fuzz/ref_pending.h \
+                ngx_module/ngx_http_loyalty_rules.h \
                 ngx_module/ngx_http_loyalty_redis.h \
                 ngx_module/ngx_http_loyalty_module.h \
                 ngx_module/ngx_http_loyalty_credit.h $(MODULE)
