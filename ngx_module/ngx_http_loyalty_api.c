@@ -44,6 +44,9 @@ typedef struct {
     ngx_uint_t                    op;
     ngx_str_t                     customer;
     ngx_str_t                     id;           /* order or adjustment */
+    ngx_str_t                     argv[14];     /* refund, adjust */
+    unsigned                      cleanup:1;
+    unsigned                      eval:1;
 } ngx_http_loyalty_api_ctx_t;
 
 
@@ -344,11 +347,11 @@ ngx_http_loyalty_api_ledger_handler(void *data, ngx_int_t rc,
                           "\"%V\"", &ctx->customer, &reply->str);
         }
 
-        ngx_http_finalize_request(r,
-                      ngx_http_loyalty_api_status(r, ctx->op,
-                                                  NGX_HTTP_SERVICE_UNAVAILABLE,
-                                              NGX_HTTP_LOYALTY_API_UNAVAILABLE,
-                                                  NULL));
+        rc = ngx_http_loyalty_api_status(r, ctx->op,
+                                         NGX_HTTP_SERVICE_UNAVAILABLE,
+                                         NGX_HTTP_LOYALTY_API_UNAVAILABLE,
+                                         NULL);
+        ngx_http_finalize_request(r, rc);
 
     } else {
         ngx_http_finalize_request(r, ngx_http_loyalty_api_entries(r, ctx,
@@ -570,7 +573,9 @@ ngx_http_loyalty_api_form(ngx_http_request_t *r, ngx_str_t *body)
 
     for (cl = r->request_body->bufs; cl; cl = cl->next) {
         if (!ngx_buf_in_memory(cl->buf)) {
-            return "the body is larger than client_body_buffer_size";
+            /* larger than client_body_buffer_size, or in file only */
+            return "the body is in a file: larger than "
+                   "client_body_buffer_size";
         }
 
         len += cl->buf->last - cl->buf->pos;
@@ -624,15 +629,11 @@ ngx_http_loyalty_api_write(ngx_http_request_t *r, ngx_uint_t op,
     u_char                        *p;
     uint64_t                       n;
     ngx_int_t                      rc;
-    ngx_str_t                      customer, id, value, reason, argv[14];
+    ngx_str_t                      customer, id, value, reason, *argv;
     ngx_uint_t                     negative;
     ngx_http_loyalty_api_ctx_t    *ctx;
     ngx_http_loyalty_loc_conf_t   *llcf;
     ngx_http_loyalty_main_conf_t  *lmcf;
-    u_char                         keys[3 * (NGX_HTTP_LOYALTY_KEY_LEN
-                                             + NGX_HTTP_LOYALTY_ORDER_MAX
-                                             + sizeof(":adjust:"))];
-    u_char                         nums[4 * NGX_INT64_LEN];
 
     llcf = ngx_http_get_module_loc_conf(r, ngx_http_loyalty_module);
     lmcf = ngx_http_get_module_main_conf(r, ngx_http_loyalty_module);
@@ -732,11 +733,22 @@ ngx_http_loyalty_api_write(ngx_http_request_t *r, ngx_uint_t op,
     ctx->customer = customer;
     ctx->id = id;
 
-    ngx_str_set(&argv[0], "EVAL");
-    argv[1] = lmcf->api_script;
-    ngx_str_set(&argv[2], "3");
+    /* kept with the request: NOSCRIPT sends it again, with the script */
 
-    p = keys;
+    p = ngx_pnalloc(r->pool, 3 * (NGX_HTTP_LOYALTY_KEY_LEN
+                                  + NGX_HTTP_LOYALTY_ORDER_MAX
+                                  + sizeof(":adjust:"))
+                             + 4 * NGX_INT64_LEN);
+    if (p == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    argv = ctx->argv;
+
+    ngx_str_set(&argv[0], "EVALSHA");
+    argv[1].data = lmcf->api_script_sha;
+    argv[1].len = NGX_HTTP_LOYALTY_SHA1_LEN;
+    ngx_str_set(&argv[2], "3");
 
     argv[3].data = p;
     p = ngx_http_loyalty_hash_key(p, &llcf->prefix, customer.data,
@@ -762,8 +774,6 @@ ngx_http_loyalty_api_write(ngx_http_request_t *r, ngx_uint_t op,
     argv[5].len = p - argv[5].data;
 
     argv[6] = ngx_http_loyalty_api_calls[op];
-
-    p = nums;
 
     argv[7].data = p;
     p = ngx_http_loyalty_write_uint(p, (uint64_t) ngx_time());
@@ -807,9 +817,16 @@ ngx_http_loyalty_api_ask(ngx_http_request_t *r,
 
     llcf = ngx_http_get_module_loc_conf(r, ngx_http_loyalty_module);
 
-    cln = ngx_http_cleanup_add(r, 0);
-    if (cln == NULL) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    if (!ctx->cleanup) {
+        cln = ngx_http_cleanup_add(r, 0);
+        if (cln == NULL) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        cln->handler = ngx_http_loyalty_api_cleanup;
+        cln->data = ctx;
+
+        ctx->cleanup = 1;
     }
 
     ctx->cmd = ngx_http_loyalty_redis_send(llcf->server, key, argc, argv,
@@ -821,9 +838,6 @@ ngx_http_loyalty_api_ask(ngx_http_request_t *r,
                                            NGX_HTTP_LOYALTY_API_UNAVAILABLE,
                                            NULL);
     }
-
-    cln->handler = ngx_http_loyalty_api_cleanup;
-    cln->data = ctx;
 
     /* a client that goes away cancels the command */
     r->read_event_handler = ngx_http_test_reading;
@@ -860,6 +874,27 @@ ngx_http_loyalty_api_written(void *data, ngx_int_t rc,
                                          NGX_HTTP_SERVICE_UNAVAILABLE,
                                          NGX_HTTP_LOYALTY_API_UNAVAILABLE,
                                          NULL);
+
+    } else if (reply->type == NGX_HTTP_LOYALTY_REPLY_ERROR
+               && !ctx->eval
+               && reply->str.len >= sizeof("NOSCRIPT") - 1
+               && ngx_strncmp(reply->str.data, "NOSCRIPT",
+                              sizeof("NOSCRIPT") - 1)
+                  == 0)
+    {
+        /* the first call on this Redis: the script itself, cached then */
+
+        lmcf = ngx_http_get_module_main_conf(r, ngx_http_loyalty_module);
+
+        ctx->eval = 1;
+        ngx_str_set(&ctx->argv[0], "EVAL");
+        ctx->argv[1] = lmcf->api_script;
+
+        rc = ngx_http_loyalty_api_ask(r, ctx, &ctx->argv[3], 14, ctx->argv,
+                                      ngx_http_loyalty_api_written);
+        if (rc == NGX_DONE) {
+            return;
+        }
 
     } else if (reply->type == NGX_HTTP_LOYALTY_REPLY_ERROR) {
 
@@ -915,12 +950,14 @@ ngx_http_loyalty_api_result(ngx_http_request_t *r,
     if (reply->type == NGX_HTTP_LOYALTY_REPLY_ARRAY && reply->nelts % 2 == 1
         && reply->element[0]->type == NGX_HTTP_LOYALTY_REPLY_STRING)
     {
+        word = &reply->element[0]->str;
+
         for (status = NGX_HTTP_LOYALTY_API_APPLIED;
              status < NGX_HTTP_LOYALTY_API_UNAVAILABLE;
              status++)
         {
-            if (ngx_http_loyalty_same_str(&reply->element[0]->str,
-                                       &ngx_http_loyalty_api_statuses[status].word))
+            if (ngx_http_loyalty_same_str(word,
+                                  &ngx_http_loyalty_api_statuses[status].word))
             {
                 break;
             }

@@ -25,7 +25,7 @@
 -- The order's marker, as the credit script writes it, is "<earned>:
 -- <redeemed>:<amount>:<refunded>:<reversed>:<restored>:<release>", or
 -- "<earned>:<redeemed>" when written before refunds existed.  A refund
--- keeps its expiry and rewrites the four fields after the amount:
+-- keeps its expiry (read with PTTL, written with PX) and rewrites the four fields after the amount:
 -- refunded is the total the shop last sent ("all" once refunded in full),
 -- reversed and restored the points taken back and given back so far.
 --
@@ -302,6 +302,8 @@ if ARGV[1] == 'refund' then
         return {'unknown_order'}
     end
 
+    local pttl = redis.call('PTTL', marker)
+
     local f, at = {}, 1
     while true do
         local colon = find(mark, ':', at, true)
@@ -441,7 +443,12 @@ if ARGV[1] == 'refund' then
         return redis.error_reply(err)
     end
 
-    redis.call('SET', marker, mark2, 'KEEPTTL')
+    -- the refund window stays where it was (PX, not KEEPTTL: Redis 5)
+    if pttl > 0 then
+        redis.call('SET', marker, mark2, 'PX', pttl)
+    else
+        redis.call('SET', marker, mark2)
+    end
     store(r)
 
     return {'applied', 'reversed', take, 'restored', give,

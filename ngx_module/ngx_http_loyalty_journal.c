@@ -22,9 +22,9 @@
 /*
  * Room for every field even when each byte of each string is escaped:
  * 6 * (address 260 + prefix 64 + customer 128 + order 128 + amount 17)
- * and about 300 bytes of names and numbers.
+ * and about 400 bytes of names, numbers and the reason.
  */
-#define NGX_HTTP_LOYALTY_JOURNAL_LINE  4096
+#define NGX_HTTP_LOYALTY_JOURNAL_LINE  4608
 
 
 static u_char *ngx_http_loyalty_journal_string(u_char *p, u_char *last,

@@ -457,6 +457,8 @@ ngx_http_loyalty_create_main_conf(ngx_conf_t *cf)
     lmcf->api_script.data = ngx_http_loyalty_api_script;
     lmcf->api_script.len = sizeof(ngx_http_loyalty_api_script) - 1;
 
+    ngx_http_loyalty_script_sha1(&lmcf->api_script, lmcf->api_script_sha);
+
     ngx_http_loyalty_script_sha1(&lmcf->script, lmcf->script_sha);
 
     return lmcf;
@@ -569,6 +571,17 @@ ngx_http_loyalty_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
                            "\"loyalty_pending\" of %T s: an order must "
                            "outlive its lock period",
                            conf->order_ttl, conf->pending);
+        return NGX_CONF_ERROR;
+    }
+
+    /* and a record must not expire with points still locked in it */
+
+    if (conf->pending && conf->expire && conf->expire < conf->pending) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"loyalty_expire\" of %T s is shorter than "
+                           "\"loyalty_pending\" of %T s: a record must "
+                           "outlive the points locked in it",
+                           conf->expire, conf->pending);
         return NGX_CONF_ERROR;
     }
 
@@ -1627,9 +1640,12 @@ ngx_http_loyalty_time_off(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     t = ngx_parse_time(&value[1], 1);
 
-    if (t == (time_t) NGX_ERROR || t == 0) {
+    if (t == (time_t) NGX_ERROR || t == 0
+        || t > NGX_HTTP_LOYALTY_TIME_MAX)
+    {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "invalid time \"%V\" in \"%V\"",
+                           "invalid time \"%V\" in \"%V\", it must be "
+                           "more than 0 and at most 100 years",
                            &value[1], &cmd->name);
         return NGX_CONF_ERROR;
     }
@@ -1645,8 +1661,8 @@ ngx_http_loyalty_positive(ngx_conf_t *cf, void *post, void *data)
 {
     time_t  *tp = data;
 
-    if (*tp == 0) {
-        return "must be more than 0";
+    if (*tp == 0 || *tp > NGX_HTTP_LOYALTY_TIME_MAX) {
+        return "must be more than 0 and at most 100 years";
     }
 
     return NGX_CONF_OK;

@@ -27,6 +27,7 @@
 
 #define NGX_HTTP_LOYALTY_REPLICAS_MAX  64      /* loyalty_credit_wait */
 #define NGX_HTTP_LOYALTY_ORDER_TTL     (30 * 86400)
+#define NGX_HTTP_LOYALTY_TIME_MAX      ((time_t) 100 * 365 * 86400)  /* s */
 
 
 typedef struct ngx_http_loyalty_credits_s ngx_http_loyalty_credits_t;
@@ -149,6 +150,7 @@ typedef struct {
     ngx_str_t                  script;
     u_char                     script_sha[NGX_HTTP_LOYALTY_SHA1_LEN];
     ngx_str_t                  api_script;      /* refunds, adjustments */
+    u_char                     api_script_sha[NGX_HTTP_LOYALTY_SHA1_LEN];
     ngx_http_complex_value_t   request_id;      /* the default order id */
 
     ngx_http_loyalty_credits_t *credits;        /* per worker */

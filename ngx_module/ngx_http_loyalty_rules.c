@@ -143,7 +143,7 @@ ngx_int_t
 ngx_http_loyalty_parse_pending(u_char *p, size_t len, time_t now,
     uint64_t *due, uint64_t *locked, time_t *next)
 {
-    u_char    *last, *colon, *comma;
+    u_char    *last, *colon, *comma, *digits;
     uint64_t   release, points;
 
     *due = 0;
@@ -170,12 +170,26 @@ ngx_http_loyalty_parse_pending(u_char *p, size_t len, time_t now,
             /* void */
         }
 
-        if (colon == comma
-            || colon - p > NGX_HTTP_LOYALTY_PENDING_DIGITS
-            || comma - colon - 1 > NGX_HTTP_LOYALTY_PENDING_DIGITS
+        if (colon == comma) {
+            return NGX_ERROR;
+        }
+
+        /* leading zeros do not count, as in the scripts */
+
+        for (digits = colon + 1; digits < comma - 1 && *digits == '0';
+             digits++)
+        {
+            /* void */
+        }
+
+        for ( /* void */ ; p < colon - 1 && *p == '0'; p++) {
+            /* void */
+        }
+
+        if (colon - p > NGX_HTTP_LOYALTY_PENDING_DIGITS
+            || comma - digits > NGX_HTTP_LOYALTY_PENDING_DIGITS
             || ngx_http_loyalty_parse_uint(p, colon - p, &release) != NGX_OK
-            || ngx_http_loyalty_parse_uint(colon + 1, comma - colon - 1,
-                                           &points)
+            || ngx_http_loyalty_parse_uint(digits, comma - digits, &points)
                != NGX_OK
             || release >= NGX_HTTP_LOYALTY_EXACT
             || points >= NGX_HTTP_LOYALTY_EXACT)
@@ -404,6 +418,12 @@ ngx_http_loyalty_form_arg(u_char *p, size_t len, u_char *name, size_t nlen,
     ngx_str_t *value)
 {
     u_char  *last, *end, *eq;
+
+    /* no query string: no data either */
+
+    if (len == 0) {
+        return NGX_DECLINED;
+    }
 
     for (last = p + len; p < last; p = end + 1) {
 

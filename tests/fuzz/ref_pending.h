@@ -18,13 +18,18 @@
 #define REF_EXACT  9007199254740992ULL
 
 
-/* ^[0-9]{1,16}$, below 2^53 */
+/* ^0*[0-9]{1,16}$, below 2^53: leading zeros do not count, as in Lua */
 
 static int
 ref_count(const u_char *p, size_t len, uint64_t *value)
 {
     size_t    i;
     uint64_t  v;
+
+    while (len > 1 && p[0] == '0') {
+        p++;
+        len--;
+    }
 
     if (len < 1 || len > 16) {
         return 0;

@@ -606,7 +606,15 @@ def test_order_ttl(redis, nginx):
     ("loyalty_pending 1d; loyalty_pending 2d;",
      '"loyalty_pending" directive is duplicate'),
     ("loyalty_order_ttl 0;", '"loyalty_order_ttl" directive must be more '
-                             'than 0'),
+                             'than 0 and at most 100 years'),
+    ("loyalty_order_ttl 101y;", '"loyalty_order_ttl" directive must be '
+                                'more than 0 and at most 100 years'),
+    ("loyalty_pending 101y;", 'invalid time "101y" in "loyalty_pending", '
+                              'it must be more than 0 and at most 100 years'),
+    ("loyalty_expire 1000y;", 'invalid time "1000y" in "loyalty_expire"'),
+    ("loyalty_pending 14d; loyalty_order_ttl 30d; loyalty_expire 1d;",
+     '"loyalty_expire" of 86400 s is shorter than "loyalty_pending" of '
+     '1209600 s: a record must outlive the points locked in it'),
     ("loyalty_order_ttl x;", '"loyalty_order_ttl" directive invalid value'),
 ])
 def test_config_errors(nginx, lines, error):
@@ -760,3 +768,43 @@ def test_refunds_racing_orders(redis, nginx):
         assert (points, lifetime) == (want[cid]["points"],
                                       want[cid]["lifetime"]), cid
     assert metric(n, "loyalty_points_forgiven_total") == 0
+
+
+def test_api_script_sent_once(redis, nginx):
+    """Calls name the API script by its SHA1 (EVALSHA, a few hundred
+    bytes): the first one on a Redis that does not know it yet gets
+    NOSCRIPT and sends the script itself (EVAL), which Redis then keeps;
+    after SCRIPT FLUSH, once more.  Regression: every call sent the whole
+    script, so that a few at once filled the connection's buffer that
+    checkout reads share."""
+    c = redis.client
+    n = edge(nginx, redis)
+    c.config_resetstat()
+
+    def calls(cmd):
+        return c.info("commandstats").get("cmdstat_" + cmd, {}).get(
+            "calls", 0)
+
+    for i in range(5):
+        r, doc = adjust(n, "so1", "+1", "a%d" % i)
+        assert doc["status"] == "applied", doc
+    assert calls("eval") == 1
+    assert calls("evalsha") == 5
+    c.script_flush()
+    r, doc = refund(n, "so1", "nothing", "all")
+    assert r.status == 404
+    r, doc = adjust(n, "so1", "-5", "back")
+    assert (doc["status"], doc["points"]) == ("applied", 0)
+    assert calls("eval") == 2
+    assert calls("evalsha") == 7
+    # many at once: none is refused for want of room
+    results = []
+    threads = [threading.Thread(target=lambda i=i: results.append(
+        adjust(n, "so2", "+1", "burst-%d" % i)[1]["status"]))
+        for i in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30 * SLOW)
+    assert results == ["applied"] * 40
+    assert int(c.hget(hkey("so2"), "points")) == 40

@@ -1909,14 +1909,18 @@ static t_pending_case_t  t_pending_cases[] = {
     { ngx_string(T_LATER ":1," T_LATER ":2"), T_NOW, NGX_OK,
       0, 3, 1700000100 },
 
-    /* leading zeros; 16 digits, not 17 */
+    /* leading zeros do not count, as in the scripts; 16 digits, not 17 */
     { ngx_string("0001700000100:007"), T_NOW, NGX_OK, 0, 7, 1700000100 },
     { ngx_string("0000001700000100:0000000000000007"), T_NOW, NGX_OK,
       0, 7, 1700000100 },
     { ngx_string("0000000000000000:0000000000000000"), T_NOW, NGX_OK,
       0, 0, 0 },
-    { ngx_string("00000001700000100:7"), T_NOW, NGX_ERROR, 0, 0, 0 },
-    { ngx_string("1:00000000000000007"), T_NOW, NGX_ERROR, 0, 0, 0 },
+    { ngx_string("00000001700000100:7"), T_NOW, NGX_OK, 0, 7, 1700000100 },
+    { ngx_string("1:00000000000000007"), T_NOW, NGX_OK, 7, 0, 0 },
+    { ngx_string("00000000000000000000001796310408:50"), T_NOW, NGX_OK,
+      0, 50, 1796310408 },
+    { ngx_string("10000000000000000:7"), T_NOW, NGX_ERROR, 0, 0, 0 },
+    { ngx_string("1:10000000000000000"), T_NOW, NGX_ERROR, 0, 0, 0 },
     { ngx_string("9999999999999999:1"), T_NOW, NGX_ERROR, 0, 0, 0 },
     { ngx_string("1:9999999999999999"), T_NOW, NGX_ERROR, 0, 0, 0 },
 
