@@ -627,7 +627,9 @@ def test_silent_sentinel_left(fakes, redis_factory, nginx):
     assert f2.asked() == []
     f1.silent = True
     t0 = time.monotonic()
-    wait_until(lambda: f2.subscriptions() == 1, 10 * SLOW, 0.05,
+    # silent for 10 x loyalty_redis_timeout (100 ms here, and SLOW s under
+    # valgrind), at least 1 s; then the next sentinel is asked
+    wait_until(lambda: f2.subscriptions() == 1, 15 * SLOW, 0.05,
                "subscribed to the second sentinel")
     print("the silent sentinel left %.2f s later" % (time.monotonic() - t0))
     assert f2.asked()
