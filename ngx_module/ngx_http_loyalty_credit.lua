@@ -44,8 +44,8 @@
 
 local hash, marker, ledger = KEYS[1], KEYS[2], KEYS[3]
 local keep, expire = tonumber(ARGV[4]), tonumber(ARGV[5])
-local find, byte, format, sub = string.find, string.byte, string.format,
-                                string.sub
+local find, byte, format, gmatch = string.find, string.byte, string.format,
+                                   string.gmatch
 
 -- as sent, when already in the form Redis would give the number
 local function redis_number(s, n)
@@ -80,34 +80,44 @@ local function fmt(n)
 end
 
 -- the entries of a "pending" field, released ones added to "due", or nil
+-- The entries of a "pending" field, released ones added to "due", or nil.
+-- "cut": the length of the entries released, when they are the first
+-- ones, so that the rest of the field is kept as it is; "rebuild": the
+-- field is to be written again, in order and in canonical form (it has
+-- leading zeros, or is out of order).
+
 local function locked(list, now)
-    local due, at, n, r, p = 0, 1, 0, {}, {}
+    local due, n, r, p, seen, cut, rebuild = 0, 0, {}, {}, 0, 0, false
     local len = #list
 
     if byte(list, len) == 44 then
         return nil
     end
 
-    while at <= len do
-        local colon = find(list, ':', at, true)
-        local comma = find(list, ',', at, true) or len + 1
-        if not colon or colon > comma then
-            return nil
-        end
+    -- one match per entry: what the matches do not cover is not a list
 
-        local release = count(sub(list, at, colon - 1))
-        local points = count(sub(list, colon + 1, comma - 1))
-        if not release or not points or #release > 16 or #points > 16 then
-            return nil
+    for release, points, comma in gmatch(list, '(%d+):(%d+)(,?)') do
+        seen = seen + #release + #points + 1 + #comma
+
+        if (byte(release) == 48 and #release > 1)
+           or (byte(points) == 48 and #points > 1)
+        then
+            rebuild = true
         end
 
         release, points = tonumber(release), tonumber(points)
+
         if release >= 2^53 or points >= 2^53 then
             return nil
         end
 
         if release <= now then
             due = due + points
+            if n > 0 then
+                rebuild = true
+            else
+                cut = seen
+            end
 
         elseif n > 0 and r[n] > release then
             -- out of order (written by another tool): put in its place
@@ -118,16 +128,19 @@ local function locked(list, now)
             end
             r[i + 1], p[i + 1] = release, points
             n = n + 1
+            rebuild = true
 
         else
             n = n + 1
             r[n], p[n] = release, points
         end
-
-        at = comma + 1
     end
 
-    return due, r, p, n
+    if seen ~= len then
+        return nil
+    end
+
+    return due, r, p, n, cut, rebuild
 end
 
 local earned, redeem, ts = count(ARGV[1]), count(ARGV[2]), count(ARGV[3])
@@ -161,11 +174,10 @@ local e, p, l, o = tonumber(earned), tonumber(points), tonumber(lifetime),
 
 -- points locked until a release time: those due are released first
 local list, r, q, n = rec[6], nil, nil, 0
-local now, still = tonumber(ts), 0
+local now, still, due, cut, rebuild = tonumber(ts), 0, 0, 0, false
 
 if list and list ~= '' then
-    local due
-    due, r, q, n = locked(list, now)
+    due, r, q, n, cut, rebuild = locked(list, now)
     if not due then
         return redis.error_reply('LOYALTY pending of ' .. hash
                                  .. ' is not a list')
@@ -235,8 +247,33 @@ end
 
 local after = p - tonumber(redeemed)
 
+-- the "pending" field to write, when it is no longer the one read: what
+-- was read less the entries released, as it was, when it can be
+local pending, rest
+
+if list and list ~= '' and not rebuild then
+    rest = (cut > 0) and string.sub(list, cut + 1) or list
+end
+
 if release == '0' then
     after, l = after + e, l + e
+
+    if rest and cut > 0 and rest ~= '' then
+        pending = rest
+    end
+
+elseif n == 0 or r[n] < tonumber(release) then
+    -- the latest release, as nearly always: the entry goes at the end
+    local entry = release .. ':' .. earned
+    if n == 0 then
+        pending = entry
+    elseif rest then
+        pending = rest .. ',' .. entry
+    else
+        n = n + 1
+        r[n], q[n] = tonumber(release), e
+    end
+    still = still + e
 
 else
     -- by release time; an entry of the same second takes the points too
@@ -245,10 +282,9 @@ else
         at = at - 1
     end
 
-    if at > 1 and r[at - 1] == t then
+    if r[at - 1] == t then
         q[at - 1] = q[at - 1] + e
     else
-        r, q = r or {}, q or {}
         table.insert(r, at, t)
         table.insert(q, at, e)
         n = n + 1
@@ -273,13 +309,17 @@ if not last or less(last, ts) then
     set[#set + 1] = ts
 end
 
-if n > 0 then
+if not pending and n > 0 and (rebuild or release ~= '0') then
     local entries = {}
     for i = 1, n do
         entries[i] = fmt(r[i]) .. ':' .. fmt(q[i])
     end
+    pending = table.concat(entries, ',')
+end
+
+if pending then
     set[#set + 1] = 'pending'
-    set[#set + 1] = table.concat(entries, ',')
+    set[#set + 1] = pending
 end
 
 if keep > 0 then
@@ -300,7 +340,7 @@ end
 
 redis.call('HSET', hash, unpack(set))
 
-if n == 0 and list and list ~= '' then
+if not pending and n == 0 and list and list ~= '' then
     redis.call('HDEL', hash, 'pending')
 end
 
