@@ -859,8 +859,14 @@ def test_journal_replayed_through_sentinels(groups, nginx):
     assert r.status == 200 and r.header("X-Loyalty-Status") == \
         "unavailable", r
     assert n.stop() is None
-    entries = [e for e in read_journal(journal_path(n)) if e["order"] == "o1"]
-    assert len(entries) == 1, read_journal(journal_path(n))
+    journal = read_journal(journal_path(n))
+    entries = [e for e in journal if e["order"] == "o1"]
+    assert len(entries) == 1, journal
+    # the warm-up may have sent "warm" more than once before the read was
+    # ok: a resend of it still retried at the exit is journaled too, and
+    # replayed as a duplicate
+    others = [e for e in journal if e["order"] != "o1"]
+    assert all(x["order"] == "warm" for x in others), journal
     e = entries[0]
     assert e["sentinel"] == NAME and e["redis"] == g.addresses(), e
     assert e["reason"] == "worker exiting", e
@@ -871,11 +877,11 @@ def test_journal_replayed_through_sentinels(groups, nginx):
     wait_until(lambda: new.role() == "master", 10 * SLOW, 0.1,
                "the replica to be master")
     rc, applied, already, failed, out = replay(journal_path(n))
-    assert (rc, applied, already, failed) == (0, 1, 0, 0), out
+    assert (rc, applied, already, failed) == (0, 1, len(others), 0), out
     rec = record(new.client, "j1")
     assert (rec["points"], rec["lifetime"], rec["orders"]) == (12, 12, 2), rec
     assert did(new.client.get(marker("j1", "o1"))) == "7:0"
     # again: nothing more
     rc, applied, already, failed, out = replay(journal_path(n))
-    assert (rc, applied, already, failed) == (0, 0, 1, 0), out
+    assert (rc, applied, already, failed) == (0, 0, 1 + len(others), 0), out
     assert record(new.client, "j1")["points"] == 12
