@@ -128,7 +128,7 @@ def main():
                                      NOW, 100, 0, "o%d" % k,
                                      "%d.%02d" % (rnd.randint(1, 300),
                                                   rnd.randint(0, 99)),
-                                     "", 2592000, lock)
+                                     "", 2592000, NOW + lock if lock else 0)
                         if k % PIPELINE == PIPELINE - 1:
                             pipe.execute()
                     pipe.execute()

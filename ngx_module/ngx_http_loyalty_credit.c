@@ -389,8 +389,12 @@ ngx_http_loyalty_credit_send(ngx_http_loyalty_credit_t *cr, ngx_log_t *log)
     p = ngx_http_loyalty_write_uint(p, (uint64_t) llcf->order_ttl);
     argv[14].len = p - argv[14].data;
 
+    /* the release time of the order's points, when they are locked */
+
     argv[15].data = p;
-    p = ngx_http_loyalty_write_uint(p, (uint64_t) llcf->pending);
+    p = ngx_http_loyalty_write_uint(p, llcf->pending
+                                       ? (uint64_t) (cr->ts + llcf->pending)
+                                       : 0);
     argv[15].len = p - argv[15].data;
 
     server = llcf->server;

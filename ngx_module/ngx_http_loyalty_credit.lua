@@ -16,8 +16,9 @@
 --          (loyalty_credit_wait); optional
 -- ARGV[9]  order_ttl   seconds the marker lives (refunds are possible while
 --                      it does); optional, 30 days
--- ARGV[10] pending     seconds the earned points stay locked, 0: none;
---                      optional
+-- ARGV[10] release     unix seconds when the order's earned points are
+--                      released (its ts plus loyalty_pending), 0 or not
+--                      after ts: not locked; optional
 --
 -- The hash field "pending" holds the locked points of the customer as
 -- "<release>:<points>[,<release>:<points>...]", by release time (unix
@@ -38,8 +39,10 @@
 -- stream fails the XADD: the marker is deleted again and the error
 -- returned, so the order is retried and journaled, not half applied.
 --
--- Every order runs this script, so it avoids what costs in Lua: no
--- pattern captures, no gsub unless a number has leading zeros, integer
+-- Every order runs this script, so it avoids what costs in Lua: numbers
+-- made from strings by arithmetic rather than tonumber() and compared as
+-- strings where they can be, no gsub unless a number has leading zeros,
+-- no tables beyond the commands' arguments on the common paths, integer
 -- formatting only.
 
 local hash, marker, ledger = KEYS[1], KEYS[2], KEYS[3]
@@ -79,18 +82,56 @@ local function fmt(n)
     return format('%d', n)
 end
 
--- the entries of a "pending" field, released ones added to "due", or nil
--- The entries of a "pending" field, released ones added to "due", or nil.
--- "cut": the length of the entries released, when they are the first
--- ones, so that the rest of the field is kept as it is; "rebuild": the
--- field is to be written again, in order and in canonical form (it has
--- leading zeros, or is out of order).
+-- The entries of a "pending" field as the credits write them: canonical
+-- numbers below 10^15, by release time.  Returns the points released (due
+-- at "now", a canonical decimal string), those still locked, the length
+-- of the entries released, which come first, and the latest release
+-- time; or nil for any other field, which locked() then reads.  Strings
+-- only: the release times are compared as decimal strings, and a number
+-- is made only of the points, by adding them up.
 
-local function locked(list, now)
-    local due, n, r, p, seen, cut, rebuild = 0, 0, {}, {}, 0, 0, false
-    local len = #list
+local function scan(list, now)
+    local due, still, cut, pos, last, len = 0, 0, 0, 1, '', #list
+    local digits = #now
 
     if byte(list, len) == 44 then
+        return nil
+    end
+
+    repeat
+        local _, e, release, points = find(list, '^([1-9]%d*):([1-9]%d*),?',
+                                           pos)
+        if not e then
+            return nil
+        end
+
+        local m = #release
+
+        if m > 15 or #points > 15 or m < #last
+           or (m == #last and release < last)
+        then
+            return nil
+        end
+
+        if m > digits or (m == digits and release > now) then
+            still = still + points
+        else
+            due, cut = due + points, e
+        end
+
+        last, pos = release, e + 1
+    until pos > len
+
+    return due, still, cut, last
+end
+
+-- Any "pending" field: the points released, and the entries still locked
+-- by release time, as numbers; nil when it is not a list of entries.
+
+local function locked(list, now)
+    local due, n, r, p, seen = 0, 0, {}, {}, 0
+
+    if byte(list, #list) == 44 then
         return nil
     end
 
@@ -98,13 +139,6 @@ local function locked(list, now)
 
     for release, points, comma in gmatch(list, '(%d+):(%d+)(,?)') do
         seen = seen + #release + #points + 1 + #comma
-
-        if (byte(release) == 48 and #release > 1)
-           or (byte(points) == 48 and #points > 1)
-        then
-            rebuild = true
-        end
-
         release, points = tonumber(release), tonumber(points)
 
         if release >= 2^53 or points >= 2^53 then
@@ -113,14 +147,9 @@ local function locked(list, now)
 
         if release <= now then
             due = due + points
-            if n > 0 then
-                rebuild = true
-            else
-                cut = seen
-            end
 
-        elseif n > 0 and r[n] > release then
-            -- out of order (written by another tool): put in its place
+        else
+            -- in its place, when out of order (written by another tool)
             local i = n
             while i > 0 and r[i] > release do
                 r[i + 1], p[i + 1] = r[i], p[i]
@@ -128,25 +157,22 @@ local function locked(list, now)
             end
             r[i + 1], p[i + 1] = release, points
             n = n + 1
-            rebuild = true
-
-        else
-            n = n + 1
-            r[n], p[n] = release, points
         end
     end
 
-    if seen ~= len then
+    if seen ~= #list then
         return nil
     end
 
-    return due, r, p, n, cut, rebuild
+    return due, r, p, n
 end
 
 local earned, redeem, ts = count(ARGV[1]), count(ARGV[2]), count(ARGV[3])
-local ttl, lock = count(ARGV[9] or '2592000'), count(ARGV[10] or '0')
+local ttl, release = count(ARGV[9] or '2592000'), count(ARGV[10] or '0')
 
-if not (earned and redeem and ts and ttl and lock) or ttl == '0' then
+if not (earned and redeem and ts and ttl and release) or ttl == '0'
+   or #release > 16 or (#release == 16 and tonumber(release) >= 2^53)
+then
     return redis.error_reply('LOYALTY bad arguments')
 end
 
@@ -172,19 +198,38 @@ end
 local e, p, l, o = tonumber(earned), tonumber(points), tonumber(lifetime),
                    tonumber(orders)
 
--- points locked until a release time: those due are released first
-local list, r, q, n = rec[6], nil, nil, 0
-local now, still, due, cut, rebuild = tonumber(ts), 0, 0, 0, false
+-- the order's points are locked only when it earns some; the release
+-- comes from nginx, so that Redis has no number to format for it
+if e == 0 or not less(ts, release) then
+    release = '0'
+end
+
+-- Points locked until a release time: those due are released first.
+-- Nearly always the field is as the credits write it and the order's
+-- entry, if any, goes at its end: the field is then cut and appended to
+-- as a string ("rest").  Otherwise it is read into r[] and q[] and
+-- written again in order.
+
+local list, rest, r, q, n = rec[6], nil, nil, nil, 0
+local due, still, cut, latest = 0, 0, 0, ''
 
 if list and list ~= '' then
-    due, r, q, n, cut, rebuild = locked(list, now)
-    if not due then
-        return redis.error_reply('LOYALTY pending of ' .. hash
-                                 .. ' is not a list')
-    end
+    due, still, cut, latest = scan(list, ts)
 
-    for i = 1, n do
-        still = still + q[i]
+    if due and (release == '0' or less(latest, release)) then
+        rest = (cut > 0) and string.sub(list, cut + 1) or list
+
+    else
+        due, r, q, n = locked(list, tonumber(ts))
+        if not due then
+            return redis.error_reply('LOYALTY pending of ' .. hash
+                                     .. ' is not a list')
+        end
+
+        still = 0
+        for i = 1, n do
+            still = still + q[i]
+        end
     end
 
     if p + due + still >= 2^53 or l + due + still >= 2^53 then
@@ -192,29 +237,23 @@ if list and list ~= '' then
                                  .. ' would overflow')
     end
 
-    if due > 0 then
-        p, l = p + due, l + due
-        points = fmt(p)
-    end
+    p, l = p + due, l + due
 end
 
 local redeemed, short = redeem, 0
-if less(points, redeem) then
-    redeemed, short = points, 1
+
+if due == 0 then
+    if less(points, redeem) then
+        redeemed, short = points, 1
+    end
+
+elseif redeem ~= '0' and p < tonumber(redeem) then
+    redeemed, short = fmt(p), 1
 end
 
 if p + e + still >= 2^53 or l + e + still >= 2^53 or o + 1 >= 2^53 then
     return redis.error_reply('LOYALTY balance of ' .. hash
                              .. ' would overflow')
-end
-
--- the order's points are locked only when it earns some
-local release = '0'
-if lock ~= '0' and e > 0 then
-    if now + tonumber(lock) >= 2^53 then
-        return redis.error_reply('LOYALTY bad arguments')
-    end
-    release = fmt(now + tonumber(lock))
 end
 
 -- kept as sent when it is an amount as nginx takes one (12 digits, 4
@@ -247,50 +286,55 @@ end
 
 local after = p - tonumber(redeemed)
 
--- the "pending" field to write, when it is no longer the one read: what
--- was read less the entries released, as it was, when it can be
-local pending, rest
+-- the "pending" field to write, when it is no longer the one read, and
+-- whether it is to go
 
-if list and list ~= '' and not rebuild then
-    rest = (cut > 0) and string.sub(list, cut + 1) or list
-end
+local pending, drop
 
 if release == '0' then
     after, l = after + e, l + e
 
-    if rest and cut > 0 and rest ~= '' then
-        pending = rest
-    end
+    if rest then
+        if cut > 0 then
+            pending, drop = rest, rest == ''
+        end
 
-elseif n == 0 or r[n] < tonumber(release) then
-    -- the latest release, as nearly always: the entry goes at the end
-    local entry = release .. ':' .. earned
-    if n == 0 then
-        pending = entry
-    elseif rest then
-        pending = rest .. ',' .. entry
-    else
-        n = n + 1
-        r[n], q[n] = tonumber(release), e
+    elseif r then
+        drop = n == 0
     end
-    still = still + e
 
 else
-    -- by release time; an entry of the same second takes the points too
-    local at, t = n + 1, tonumber(release)
-    while at > 1 and r[at - 1] > t do
-        at = at - 1
-    end
+    if r then
+        -- by release time; an entry of the same second takes the points
+        local at, t = n + 1, tonumber(release)
+        while at > 1 and r[at - 1] > t do
+            at = at - 1
+        end
 
-    if r[at - 1] == t then
-        q[at - 1] = q[at - 1] + e
+        if r[at - 1] == t then
+            q[at - 1] = q[at - 1] + e
+        else
+            table.insert(r, at, t)
+            table.insert(q, at, e)
+            n = n + 1
+        end
+
     else
-        table.insert(r, at, t)
-        table.insert(q, at, e)
-        n = n + 1
+        pending = release .. ':' .. earned
+        if rest and rest ~= '' then
+            pending = rest .. ',' .. pending
+        end
     end
 
     still = still + e
+end
+
+if r and n > 0 then
+    local entries = {}
+    for i = 1, n do
+        entries[i] = fmt(r[i]) .. ':' .. fmt(q[i])
+    end
+    pending = table.concat(entries, ',')
 end
 
 local balance = fmt(after)
@@ -309,15 +353,7 @@ if not last or less(last, ts) then
     set[#set + 1] = ts
 end
 
-if not pending and n > 0 and (rebuild or release ~= '0') then
-    local entries = {}
-    for i = 1, n do
-        entries[i] = fmt(r[i]) .. ':' .. fmt(q[i])
-    end
-    pending = table.concat(entries, ',')
-end
-
-if pending then
+if pending and not drop then
     set[#set + 1] = 'pending'
     set[#set + 1] = pending
 end
@@ -340,7 +376,7 @@ end
 
 redis.call('HSET', hash, unpack(set))
 
-if not pending and n == 0 and list and list ~= '' then
+if drop then
     redis.call('HDEL', hash, 'pending')
 end
 

@@ -528,7 +528,7 @@ class World:
 def credit_args(oid, earned, redeem, amount, ts=NOW, lock=0, ttl=86400,
                 keep="100"):
     return [str(earned), str(redeem), str(ts), keep, "0", oid, amount, "",
-            str(ttl), str(lock)]
+            str(ttl), str(ts + lock if lock else 0)]
 
 
 def test_api_refund_unknown_order(scripts):

@@ -99,8 +99,9 @@ def model(rec, args, marked, key=KEY):
     ("error", message).  args are ARGV[1..7] and optionally ARGV[8..10]."""
     earned, redeem, ts = (count(a) for a in args[:3])
     ttl = count(args[8]) if len(args) > 8 else str(MARK_TTL)
-    lock = count(args[9]) if len(args) > 9 else "0"
-    if None in (earned, redeem, ts, ttl, lock) or ttl == "0":
+    release = count(args[9]) if len(args) > 9 else "0"
+    if None in (earned, redeem, ts, ttl, release) or ttl == "0" \
+            or int(release) >= LIMIT:
         return error("LOYALTY bad arguments")
 
     canon = {}
@@ -129,11 +130,8 @@ def model(rec, args, marked, key=KEY):
     if p + e + still >= LIMIT or l + e + still >= LIMIT or o + 1 >= LIMIT:
         return error("LOYALTY balance of %s would overflow" % key)
 
-    release = 0
-    if lock != "0" and e > 0:
-        if now + int(lock) >= LIMIT:
-            return error("LOYALTY bad arguments")
-        release = now + int(lock)
+    # locked when it earns points, until a release after the order
+    release = int(release) if e > 0 and less(ts, release) else 0
 
     amount = args[6] if is_amount(args[6]) else ""
     mark = "%s:%d:%s:0:0:0:%d" % (earned, redeemed, amount, release)
@@ -335,7 +333,8 @@ def script(script_redis):
 
 def test_script_ordinary_credits(script):
     """Well-formed records and arguments, as the module sends them: with
-    and without a lock (ARGV[10]) and an order_ttl (ARGV[9]), the marker
+    and without a release time (ARGV[10]) and an order_ttl (ARGV[9]), the
+    marker
     in its long form and the record's pending list as the script keeps
     it."""
     r, sha = script
@@ -356,7 +355,7 @@ def test_script_ordinary_credits(script):
                                              rnd.randint(0, 99))]
         if rnd.random() < 0.6:
             args += ["", rnd.choice(["2592000", "86400", "60"]),
-                     rnd.choice(["0", "0", "3600", "1"])]
+                     rnd.choice(["0", "0", str(ts + 3600), str(ts + 1)])]
         reply = run_case(r, sha, rec, args,
                          rnd.choice([None] * 9 + ["3:0", "3:0:1:0:0:0:0"]))
         assert reply[0] in (0, 1)
@@ -364,7 +363,7 @@ def test_script_ordinary_credits(script):
 
 def test_script_hostile_records_and_arguments(script):
     """Leading zeros, fields that are not counts, values at 2^53, dates on
-    either side of the order's, duplicates, hostile order_ttl and lock
+    either side of the order's, duplicates, hostile order_ttl and release
     arguments and hostile pending lists: the script agrees with the model
     on every case, and a refused credit writes nothing."""
     r, sha = script
@@ -384,11 +383,13 @@ def test_script_hostile_records_and_arguments(script):
         if rnd.random() < 0.1:
             rec["note"] = "a field the script does not know"
         now = int(count(ts)) if count(ts) and int(ts) < LIMIT else 1700000000
-        lock = rnd.choice(["0", "60", "3600", "0060", "", "x", "-60", "1.5",
-                           str(LIMIT - now), str(LIMIT - now - 1),
-                           "9" * 20])
-        pending = hostile_pending(rnd, now, int(lock) if count(lock) and
-                                  int(lock) < LIMIT else 0)
+        release = rnd.choice(["0", str(now + 60), str(now + 3600),
+                              "00" + str(now + 60), str(now), str(now - 1),
+                              "60", "", "x", "-60", "1.5", " %d" % (now + 1),
+                              str(LIMIT), str(LIMIT - 1), "9" * 20])
+        lock = int(release) - now if count(release) and \
+            now < int(release) < LIMIT else 0
+        pending = hostile_pending(rnd, now, lock)
         if pending is not None:
             rec["pending"] = pending
         args = [hostile_arg(rnd), hostile_arg(rnd, near=rec.get("points")
@@ -405,7 +406,7 @@ def test_script_hostile_records_and_arguments(script):
             args.append(rnd.choice(["60", "0060", "2592000", "0", "000",
                                     "", "x", "-1", "1.5", " 60"]))
         if extra >= 3:
-            args.append(lock)
+            args.append(release)
         reply = run_case(r, sha, rec, args,
                          rnd.choice([None] * 15 + ["7:1", "7:1:5:0:0:0:9"]))
         seen.add(outcome(reply))
@@ -445,7 +446,8 @@ def test_script_hostile_pending(script):
                                 + rnd.randint(0, 10 ** 6)])),
                 str(now), rnd.choice(["0", "100"]),
                 rnd.choice(["0", "86400"]), "o-%d" % i, "9.99", "",
-                str(rnd.choice([60, 86400, MARK_TTL])), str(lock)]
+                str(rnd.choice([60, 86400, MARK_TTL])),
+                str(now + lock) if lock else "0"]
         reply = run_case(r, sha, rec, args, rnd.choice([None] * 20 + ["1:0"]))
         o = outcome(reply)
         if reply[0] == 1:
@@ -466,7 +468,7 @@ def test_script_malformed_pending_refused(script, pending):
     r, sha = script
     rec = {"points": "10", "lifetime": "10", "orders": "1",
            "pending": pending}
-    for args in (["5", "0", "1000", "100", "600", "o", "1", "", "60", "30"],
+    for args in (["5", "0", "1000", "100", "600", "o", "1", "", "60", "1030"],
                  ["5", "0", "1000", "100", "600", "o", "1"]):
         for marked in (None, "5:0"):
             reply = run_case(r, sha, rec, args, marked)
@@ -476,36 +478,43 @@ def test_script_malformed_pending_refused(script, pending):
 
 @pytest.mark.parametrize("points,earned,args,want_reply,want_hash,entry", [
     # locked: earned goes into a pending entry, not into points/lifetime
-    ("10", "5", ("2", "1000", "3600"),
+    ("10", "5", ("2", "1000", "4600"),
      [1, "5:2:9.99:0:0:0:4600", 8, 0, 5],
      {"points": "8", "lifetime": "10", "pending": "4600:5"}, "5"),
-    # a lock of 0 is no lock
+    # a release of 0 is no lock
     ("10", "5", ("2", "1000", "0"), [1, "5:2:9.99:0:0:0:0", 13, 0, 0],
      {"points": "13", "lifetime": "15"}, None),
+    # nor is one that is not after the order
+    ("10", "5", ("2", "1000", "1000"), [1, "5:2:9.99:0:0:0:0", 13, 0, 0],
+     {"points": "13", "lifetime": "15"}, None),
+    ("10", "5", ("2", "1000", "999"), [1, "5:2:9.99:0:0:0:0", 13, 0, 0],
+     {"points": "13", "lifetime": "15"}, None),
     # an order that earns nothing locks nothing
-    ("10", "0", ("2", "1000", "3600"), [1, "0:2:9.99:0:0:0:0", 8, 0, 0],
+    ("10", "0", ("2", "1000", "4600"), [1, "0:2:9.99:0:0:0:0", 8, 0, 0],
      {"points": "8", "lifetime": "10"}, None),
-    # leading zeros in the lock
-    ("10", "5", ("0", "1000", "00060"), [1, "5:0:9.99:0:0:0:1060", 10, 0, 5],
+    # leading zeros in the release
+    ("10", "5", ("0", "1000", "0001060"),
+     [1, "5:0:9.99:0:0:0:1060", 10, 0, 5],
      {"points": "10", "lifetime": "10", "pending": "1060:5"}, "5"),
     # the release at 2^53 - 1 is kept exactly
-    ("0", "1", ("0", "1000", str(LIMIT - 1001)),
+    ("0", "1", ("0", "1000", str(LIMIT - 1)),
      [1, "1:0:9.99:0:0:0:%d" % (LIMIT - 1), 0, 0, 1],
      {"points": "0", "lifetime": "10", "pending": "%d:1" % (LIMIT - 1)},
      "1"),
     # short: the redeem is checked against points, not pending
-    ("3", "5", ("4", "1000", "60"), [1, "5:3:9.99:0:0:0:1060", 0, 1, 5],
+    ("3", "5", ("4", "1000", "1060"), [1, "5:3:9.99:0:0:0:1060", 0, 1, 5],
      {"points": "0", "lifetime": "10", "pending": "1060:5"}, "5"),
 ])
 def test_script_lock(script, points, earned, args, want_reply, want_hash,
                      entry):
-    """ARGV[10]: an order's points are locked until ts + lock; the marker
-    carries the release; the reply's fifth element and the ledger's
-    "pending" are the points still locked after it."""
+    """ARGV[10]: an order's points are locked until its release time (ts
+    plus loyalty_pending, as nginx sends it), when that is after ts; the
+    marker carries the release; the reply's fifth element and the
+    ledger's "pending" are the points still locked after it."""
     r, sha = script
     rec = {"points": points, "lifetime": "10", "orders": "1"}
-    redeem, ts, lock = args
-    full = [earned, redeem, ts, "100", "0", "o", "9.99", "", "600", lock]
+    redeem, ts, release = args
+    full = [earned, redeem, ts, "100", "0", "o", "9.99", "", "600", release]
     assert run_case(r, sha, rec, full, None) == want_reply
     got = r.hgetall(KEY)
     assert {k: got[k] for k in got if k not in ("orders", "first_order",
@@ -514,24 +523,24 @@ def test_script_lock(script, points, earned, args, want_reply, want_hash,
     assert ledger.get("pending") == entry
 
 
-@pytest.mark.parametrize("ts,lock,refused", [
-    (1000, LIMIT - 1000, True),
-    (1000, LIMIT - 1001, False),
-    (LIMIT - 1, 1, True),
-    (LIMIT - 2, 1, False),
+@pytest.mark.parametrize("ts,release,refused", [
+    (1000, LIMIT, True),
+    (1000, LIMIT - 1, False),
+    (LIMIT - 2, LIMIT - 1, False),
+    (1000, 10 ** 16, True),
     (1000, int("9" * 30), True),
 ])
-def test_script_lock_overflow_refused(script, ts, lock, refused):
-    """A release time ts + lock at 2^53 or beyond is refused as bad
-    arguments (nothing written); one just below it is kept exactly."""
+def test_script_lock_overflow_refused(script, ts, release, refused):
+    """A release time at 2^53 or beyond is refused as bad arguments
+    (nothing written); one just below it is kept exactly."""
     r, sha = script
     rec = {"points": "0", "lifetime": "0", "orders": "0"}
     reply = run_case(r, sha, rec, ["1", "0", str(ts), "3", "0", "o", "1",
-                                   "", "60", str(lock)], None)
+                                   "", "60", str(release)], None)
     if refused:
         assert reply == ("error", "LOYALTY bad arguments")
     else:
-        assert reply == [1, "1:0:1:0:0:0:%d" % (ts + lock), 0, 0, 1]
+        assert reply == [1, "1:0:1:0:0:0:%d" % release, 0, 0, 1]
 
 
 @pytest.mark.parametrize("ttl,want", [
@@ -598,7 +607,7 @@ def test_script_pending_released(script, pending, ts, redeem, want_reply,
     rec = {"points": "0", "lifetime": "10", "orders": "1",
            "pending": pending}
     reply = run_case(r, sha, rec, ["0", redeem, str(ts), "100", "0", "o",
-                                   "1", "", "60", "3600"], None)
+                                   "1", "", "60", str(ts + 3600)], None)
     assert reply == want_reply
     got = r.hgetall(KEY)
     assert int(got["points"]) == want_points
@@ -625,7 +634,7 @@ def test_script_pending_insertion(script, pending, ts, lock, want):
     rec = {"points": "0", "lifetime": "0", "orders": "0",
            "pending": pending}
     reply = run_case(r, sha, rec, ["7", "0", str(ts), "100", "0", "o", "1",
-                                   "", "60", str(lock)], None)
+                                   "", "60", str(ts + lock)], None)
     assert reply[0] == 1 and reply[4] == sum(
         v for _, v in pending_list(want))
     assert r.hget(KEY, "pending") == want
@@ -658,14 +667,14 @@ def test_script_pending_overflow_refused(script, points, lifetime, pending,
     r, sha = script
     rec = {"points": str(points), "lifetime": str(lifetime), "orders": "0",
            "pending": pending}
-    for lock in ("0", "3600"):
+    for release in ("0", str(ts + 3600)):
         reply = run_case(r, sha, rec, [str(earned), "0", str(ts), "3", "0",
-                                       "o", "1", "", "60", lock], None)
+                                       "o", "1", "", "60", release], None)
         if refused:
             assert reply == ("error", "LOYALTY balance of loyalty:{m} would "
-                                      "overflow"), lock
+                                      "overflow"), release
         else:
-            assert reply[0] == 1, lock
+            assert reply[0] == 1, release
 
 
 @pytest.mark.parametrize("pending", ["2000:1,1000:2", "3000:1,2000:2",
@@ -681,7 +690,7 @@ def test_script_unsorted_pending(script, pending):
     r.delete(key, marker, ledger)
     r.hset(key, mapping=rec)
     reply = evalsha(r, sha, (key, marker, ledger),
-                    ["7", "0", "100", "0", "0", "o", "1", "", "60", "1650"])
+                    ["7", "0", "100", "0", "0", "o", "1", "", "60", "1750"])
     if reply[0] == "error":
         assert reply[1] == "LOYALTY pending of loyalty:{m} is not a list"
         assert r.hgetall(key) == rec and not r.exists(marker)
@@ -720,7 +729,8 @@ def test_script_credit_sequence(script):
                 str(ts), "1000", rnd.choice(["0", "86400"]), oid,
                 "%d.%02d" % (rnd.randint(0, 99), rnd.randint(0, 99)),
                 rnd.choice(["", "1"]),
-                str(rnd.choice([3600, 86400, MARK_TTL])), str(lock)]
+                str(rnd.choice([3600, 86400, MARK_TTL])),
+                str(ts + lock if lock else 0)]
         reply = evalsha(r, sha, (key, marker, ledger), args)
         want_reply, want_hash, want_mark, want_entry = model(
             rec, args, marks.get(oid), key=key)
@@ -897,10 +907,10 @@ def test_script_duplicate_writes_for_wait(script, ttl):
     assert (reply, moved) == ([0, "5:0"], 0)
     for extra in ("0", ""):
         assert run(extra) == ([0, "5:0"], 0), extra
-    assert run("0", "60", "3600") == ([0, "5:0"], 0)
+    assert run("0", "60", "1700003600") == ([0, "5:0"], 0)
     reply, moved = run("1")
     assert reply == [0, "5:0"] and moved > 0
-    reply, moved = run("1", "60", "3600")
+    reply, moved = run("1", "60", "1700003600")
     assert reply == [0, "5:0"] and moved > 0
     assert r.get(marker) == "5:0"
     if ttl:
