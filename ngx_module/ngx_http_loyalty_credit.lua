@@ -83,37 +83,31 @@ local function fmt(n)
 end
 
 -- The entries of a "pending" field as the credits write them: canonical
--- numbers below 10^15, by release time.  Returns the points released (due
--- at "now", a canonical decimal string), those still locked, the length
--- of the entries released, which come first, and the latest release
--- time; or nil for any other field, which locked() then reads.  Strings
--- only: the release times are compared as decimal strings, and a number
+-- numbers, the release times of as many digits as "now" (the order time,
+-- below 10^15), the points below 10^15, by release time.  Returns the
+-- points released (due at "now"), those still locked, the length of the
+-- entries released, which come first, and the latest release time; or
+-- nil for any other field, which locked() then reads.  Strings only: the
+-- release times are compared as strings of the same length, and a number
 -- is made only of the points, by adding them up.
 
 local function scan(list, now)
     local due, still, cut, pos, last, len = 0, 0, 0, 1, '', #list
     local digits = #now
 
-    if byte(list, len) == 44 then
+    if byte(list, len) == 44 or digits > 15 then
         return nil
     end
 
     repeat
         local _, e, release, points = find(list, '^([1-9]%d*):([1-9]%d*),?',
                                            pos)
-        if not e then
+
+        if not e or #release ~= digits or #points > 15 or release < last then
             return nil
         end
 
-        local m = #release
-
-        if m > 15 or #points > 15 or m < #last
-           or (m == #last and release < last)
-        then
-            return nil
-        end
-
-        if m > digits or (m == digits and release > now) then
+        if release > now then
             still = still + points
         else
             due, cut = due + points, e
@@ -200,7 +194,7 @@ local e, p, l, o = tonumber(earned), tonumber(points), tonumber(lifetime),
 
 -- the order's points are locked only when it earns some; the release
 -- comes from nginx, so that Redis has no number to format for it
-if e == 0 or not less(ts, release) then
+if e == 0 or #release < #ts or (#release == #ts and release <= ts) then
     release = '0'
 end
 
@@ -216,7 +210,9 @@ local due, still, cut, latest = 0, 0, 0, ''
 if list and list ~= '' then
     due, still, cut, latest = scan(list, ts)
 
-    if due and (release == '0' or less(latest, release)) then
+    if due and (release == '0' or #latest < #release
+                or (#latest == #release and latest < release))
+    then
         rest = (cut > 0) and string.sub(list, cut + 1) or list
 
     else
@@ -320,9 +316,10 @@ else
         end
 
     else
-        pending = release .. ':' .. earned
         if rest and rest ~= '' then
-            pending = rest .. ',' .. pending
+            pending = rest .. ',' .. release .. ':' .. earned
+        else
+            pending = release .. ':' .. earned
         end
     end
 
@@ -339,34 +336,38 @@ end
 
 local balance = fmt(after)
 
-local set = {'points', balance, 'lifetime', fmt(l), 'orders', fmt(o + 1)}
+-- the fields to set; like the ledger entry, the table is made as large
+-- as it may get at once, since one that grows is rehashed as it does
+
+local set = {'points', balance, 'lifetime', fmt(l), 'orders', fmt(o + 1),
+             false, false, false, false, false, false}
+local k = 6
 
 local first, last = count(rec[4]), count(rec[5])
 
 if not first or less(ts, first) then
-    set[7] = 'first_order'
-    set[8] = ts
+    set[7], set[8], k = 'first_order', ts, 8
 end
 
 if not last or less(last, ts) then
-    set[#set + 1] = 'last_order'
-    set[#set + 1] = ts
+    set[k + 1], set[k + 2], k = 'last_order', ts, k + 2
 end
 
 if pending and not drop then
-    set[#set + 1] = 'pending'
-    set[#set + 1] = pending
+    set[k + 1], set[k + 2], k = 'pending', pending, k + 2
 end
 
 if keep > 0 then
     local entry = {'order', ARGV[6], 'amount', ARGV[7],
                    'earned', earned, 'redeemed', redeemed,
-                   'points', balance, 'ts', ts}
+                   'points', balance, 'ts', ts, 'pending', false}
+    local fields = 12
     if release ~= '0' then
-        entry[13], entry[14] = 'pending', fmt(still)
+        entry[14], fields = format('%d', still), 14
     end
     local id = redis.pcall('XADD', ledger, 'MAXLEN', '~',
-                           redis_number(ARGV[4], keep), '*', unpack(entry))
+                           redis_number(ARGV[4], keep), '*',
+                           unpack(entry, 1, fields))
     if type(id) == 'table' then
         redis.call('DEL', marker)
         return redis.error_reply('LOYALTY ledger ' .. ledger .. ': '
@@ -374,7 +375,7 @@ if keep > 0 then
     end
 end
 
-redis.call('HSET', hash, unpack(set))
+redis.call('HSET', hash, unpack(set, 1, k))
 
 if drop then
     redis.call('HDEL', hash, 'pending')
