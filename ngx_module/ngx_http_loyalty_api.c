@@ -138,8 +138,12 @@ ngx_http_loyalty_api(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     clcf->handler = ngx_http_loyalty_api_handler;
 
-    /* the merge gives the location a Redis */
+    /*
+     * the merge gives the location a Redis; and the calls are not
+     * checkouts, so an inherited "loyalty on" reads no customer here
+     */
     llcf->balance = 1;
+    llcf->noread = 1;
 
     return NGX_CONF_OK;
 }

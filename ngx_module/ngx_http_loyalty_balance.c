@@ -63,8 +63,12 @@ ngx_http_loyalty_balance(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     clcf->handler = ngx_http_loyalty_balance_handler;
 
-    /* the merge gives the location a Redis: this handler reads one */
+    /*
+     * the merge gives the location a Redis: this handler reads one, the
+     * content phase's answer, not the access phase's of "loyalty on"
+     */
     llcf->balance = 1;
+    llcf->noread = 1;
 
     return NGX_CONF_OK;
 }

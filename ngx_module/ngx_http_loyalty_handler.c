@@ -107,7 +107,7 @@ ngx_http_loyalty_handler(ngx_http_request_t *r)
 
     llcf = ngx_http_get_module_loc_conf(r, ngx_http_loyalty_module);
 
-    if (!llcf->enable) {
+    if (!llcf->enable || llcf->noread) {
         return NGX_DECLINED;
     }
 

@@ -285,7 +285,7 @@ static ngx_command_t  ngx_http_loyalty_commands[] = {
     { ngx_string("loyalty_status"),
       NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
       ngx_http_loyalty_status,
-      0,
+      NGX_HTTP_LOC_CONF_OFFSET,
       0,
       NULL },
 
@@ -504,6 +504,7 @@ ngx_http_loyalty_create_loc_conf(ngx_conf_t *cf)
      *     conf->tiers = NULL;
      *     conf->offers = NULL;
      *     conf->balance = 0;
+     *     conf->noread = 0;
      */
 
     conf->enable = NGX_CONF_UNSET;

@@ -202,6 +202,7 @@ typedef struct {
 #endif
 
     unsigned                   balance:1;       /* loyalty_balance here */
+    unsigned                   noread:1;        /* not "loyalty on" here */
 } ngx_http_loyalty_loc_conf_t;
 
 

@@ -274,6 +274,8 @@ ngx_http_loyalty_count_latency(ngx_http_loyalty_main_conf_t *lmcf,
 char *
 ngx_http_loyalty_status(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 {
+    ngx_http_loyalty_loc_conf_t *llcf = conf;
+
     ngx_http_core_loc_conf_t  *clcf;
 
     clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
@@ -283,6 +285,9 @@ ngx_http_loyalty_status(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     }
 
     clcf->handler = ngx_http_loyalty_status_handler;
+
+    /* a scrape is no checkout: an inherited "loyalty on" reads nothing */
+    llcf->noread = 1;
 
     return NGX_CONF_OK;
 }

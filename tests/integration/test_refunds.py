@@ -108,6 +108,13 @@ def metric(n, name):
     raise AssertionError("%s not in %s" % (name, body))
 
 
+def metric_sum(n, name):
+    """The sum of a counter over all its labels"""
+    body = http_request(n.port, "/metrics").body
+    return sum(int(line.split()[-1]) for line in body.splitlines()
+               if line.startswith(name + "{"))
+
+
 # --------------------------------------------------------------------------
 # refunds
 
@@ -336,6 +343,46 @@ def test_redis_down_writes_nothing(redis, nginx):
     wait_until(lambda: refund(n, "rf8", "o1", "all")[1]["status"]
                == "applied", 10 * SLOW, 0.2, "the refund applied")
     assert int(c.hget(hkey("rf8"), "points")) == 0
+
+
+def test_own_locations_under_server_loyalty_on(redis, nginx):
+    """"loyalty on" and "loyalty_fail reject" at the server level, as a
+    shop may write them, reach the module's own locations too.  API calls
+    and scrapes are not checkouts: they read no customer, even with the
+    customer's header set; the balance reads its record once, itself.  So
+    Redis down still answers their JSON 503, not nginx's HTML page of the
+    checkout's reject."""
+    c = redis.client
+    n = nginx(edge_conf(server="loyalty on; loyalty_fail reject;",
+                        locations=API), redis_port=redis.port)
+    buy(n, "rs1", "30", "o1", client=c)
+    headers = dict(FORM, **{"X-Customer": "rs1"})
+
+    def requests():
+        return metric_sum(n, "loyalty_requests_total")
+
+    before = requests()
+    r, doc = call(n, "/api/refund", {"customer": "rs1", "order": "o1",
+                                     "refunded": "10"}, headers=headers)
+    assert (r.status, doc["status"]) == (200, "applied"), doc
+    r, doc = call(n, "/api/ledger", query={"customer": "rs1"},
+                  headers={"X-Customer": "rs1"}, method="GET")
+    assert (r.status, doc["status"]) == (200, "ok"), doc
+    # no read was counted for the two calls and the scrapes
+    assert requests() == before
+    r, doc = call(n, "/balance", headers={"X-Customer": "rs1"}, method="GET")
+    assert (r.status, doc["status"], doc["points"]) == (200, "ok", 20), doc
+    assert requests() == before + 1
+
+    stop_redis_keeping_data(redis)
+    r, doc = call(n, "/api/refund", {"customer": "rs1", "order": "o1",
+                                     "refunded": "all"}, headers=headers)
+    assert (r.status, doc) == (503, {"status": "unavailable"}), doc
+    r, doc = call(n, "/balance", headers={"X-Customer": "rs1"}, method="GET")
+    assert (r.status, doc) == (503, {"status": "unavailable"}), doc
+    assert "loyalty_requests_total" in http_request(n.port, "/metrics").body
+    # while a checkout of the same server is rejected, as configured
+    assert order(n, "rs1", "5", "o2").status == 503
 
 
 def test_script_error_is_unavailable(redis, nginx):
