@@ -95,6 +95,13 @@ ngx_http_loyalty_journal(ngx_http_loyalty_credit_t *cr, const char *reason,
                                             server->master.len);
     }
 
+    /* a replay is confirmed as the credit would have been */
+
+    if (llcf->credit_wait) {
+        p = ngx_slprintf(p, last, ",\"wait\":%ui,\"wait_ms\":%M",
+                         llcf->credit_wait, llcf->credit_wait_time);
+    }
+
     p = ngx_slprintf(p, last, ",\"db\":%ui,\"prefix\":", server->db);
     p = ngx_http_loyalty_journal_string(p, last, llcf->prefix.data,
                                         llcf->prefix.len);

@@ -11,15 +11,17 @@ Real servers: a master and a replica (sentinel_support.pair); the
 replica is paused with SIGSTOP to hold the WAITs back.  The Sentinel and
 Cluster cases are in test_sentinel.py and test_cluster.py."""
 
+import json
 import re
+import subprocess
 
 import pytest
 
 from cluster_support import metric, metrics
 from conftest import SLOW, Paused, check_location, log_lines, wait_until
-from credit_support import (JOURNAL, edge_conf, hkey, journal_path, ledger,
-                            marker, order, read_journal, record, settle,
-                            wait_marker)
+from credit_support import (JOURNAL, PYTHON, REPLAY, edge_conf, hkey, journal_path, ledger,
+                            marker, order, read_journal, record, replay,
+                            settle, wait_marker)
 from sentinel_support import pair, wait_replicated
 
 
@@ -211,12 +213,30 @@ def test_unconfirmed_journaled_at_exit(redis_factory, nginx):
         wait_until(lambda: counts(n)[RETRIED] >= 1, 10 * SLOW, 0.05,
                    "the credit sent again")
         assert n.stop() is None
-    entries = read_journal(journal_path(n))
-    assert [(e["customer"], e["order"]) for e in entries] == \
-        [("cw5", "cw5-a")], entries
-    assert entries[0]["reason"] == "worker exiting"
-    # it ran on the master: a replay of the journal is a duplicate there
+        entries = read_journal(journal_path(n))
+        assert [(e["customer"], e["order"]) for e in entries] == \
+            [("cw5", "cw5-a")], entries
+        assert entries[0]["reason"] == "worker exiting"
+        # what the replay is to confirm, as nginx would have
+        assert (entries[0]["wait"], entries[0]["wait_ms"]) == (1, 1000)
+        assert record(m.client, "cw5")["points"] == 9
+
+        # it ran on the master: a replay finds it applied, but the paused
+        # replica does not confirm it, so the line fails, to be replayed
+        before = waits(m)
+        rc, applied, already, failed, out = replay(journal_path(n))
+        assert (rc, applied, already, failed) == (1, 0, 0, 1), out
+        assert "unconfirmed: already applied order cw5-a of cw5 reached " \
+            "0 of 1 replicas within 1000 ms" in out, out
+        assert waits(m) == before + 1
+
+    # the replica runs again: the same replay is confirmed, nothing doubled
+    rc, applied, already, failed, out = replay(journal_path(n))
+    assert (rc, applied, already, failed) == (0, 0, 1, 0), out
+    assert waits(m) == before + 2
     assert record(m.client, "cw5")["points"] == 9
+    wait_replicated(m, r)
+    assert r.client.hget(hkey("cw5"), "points") == "9"
 
 
 def test_no_replica(redis, nginx):
@@ -229,6 +249,52 @@ def test_no_replica(redis, nginx):
     assert counts(n)[APPLIED] == 0
     assert n.stop() is None
     assert [e["order"] for e in read_journal(journal_path(n))] == ["cw6-a"]
+
+
+def test_replay_wait_arguments(redis, tmp_path):
+    """loyalty-replay's WAIT: a recorded "wait" that is not a count of 0
+    to 64 replicas, or a "wait_ms" not above 0, is a bad line (nothing
+    sent); --wait and --wait-ms out of range are usage errors; --wait 1
+    confirms a line that records none, and --wait-ms shortens its WAIT."""
+    base = {"ts": 1700000000, "redis": "127.0.0.1:%d" % redis.port,
+            "db": 0, "prefix": "loyalty:", "customer": "rw1",
+            "amount": "3.00", "earned": 3, "redeem": 0, "ledger": 100,
+            "expire": 0, "reason": "retries exhausted"}
+    journal = tmp_path / "wait.journal"
+
+    def write(*entries):
+        journal.write_text("".join(json.dumps(dict(base, **e)) + "\n"
+                                   for e in entries))
+        return str(journal)
+
+    bad = [{"order": "b%d" % i, **e} for i, e in enumerate([
+        {"wait": "1"}, {"wait": True}, {"wait": 65}, {"wait": -1},
+        {"wait": 1, "wait_ms": 0}, {"wait": 1, "wait_ms": "100"}])]
+    rc, applied, already, failed, out = replay(write(*bad))
+    assert (rc, applied, already, failed) == (1, 0, 0, len(bad)), out
+    assert out.count(": bad line: wait ") == len(bad), out
+    assert not redis.client.exists(hkey("rw1"))
+
+    for extra in (["--wait", "65"], ["--wait", "-1"], ["--wait-ms", "0"]):
+        p = subprocess.run([PYTHON, REPLAY] + extra + [str(journal)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           timeout=60)
+        assert p.returncode == 2 and b"--wait" in p.stderr, (extra, p)
+
+    # no replica here: WAIT 1 reports 0, after the 50 ms asked for
+    rc, applied, already, failed, out = replay(
+        write({"order": "w1"}), extra=["--wait", "1", "--wait-ms", "50"])
+    assert (rc, applied, already, failed) == (1, 0, 0, 1), out
+    assert "unconfirmed: applied order w1 of rw1 reached 0 of 1 replicas " \
+        "within 50 ms" in out, out
+    assert record(redis.client, "rw1")["points"] == 3
+    rc, applied, already, failed, out = replay(
+        write({"order": "w1", "wait": 1, "wait_ms": 60000}),
+        extra=["--wait-ms", "50"])
+    assert (rc, failed) == (1, 1) and "within 50 ms" in out, out
+    rc, applied, already, failed, out = replay(write({"order": "w1"}))
+    assert (rc, applied, already, failed) == (0, 0, 1, 0), out
+    assert waits(redis) == 2
 
 
 @pytest.mark.parametrize("answer", [

@@ -164,11 +164,12 @@ def cluster(tmp_root):
 
 
 def line(seeds, cid, oid, amount, earned, redeem=0, ts=None, prefix="loyalty:",
-         cluster=True, db=0):
+         cluster=True, db=0, **extra):
     entry = {"ts": ts or int(time.time()), "redis": seeds, "db": db,
              "prefix": prefix, "customer": cid, "order": oid,
              "amount": amount, "earned": earned, "redeem": redeem,
              "ledger": 100, "expire": 0, "reason": "retries exhausted"}
+    entry.update(extra)
     if cluster:
         entry["cluster"] = True
     return json.dumps(entry, separators=(",", ":"))
@@ -263,6 +264,44 @@ def test_replay_into_cluster(cluster, tmp_root, redis):
     assert out.count(": duplicate order ") == len(lines), out
     for cid, want in expect.items():
         check_applied(cluster, cid, *want)
+
+
+def test_replay_cluster_wait(cluster, tmp_root):
+    """A line journaled under loyalty_credit_wait ("wait", "wait_ms") is
+    confirmed by WAIT on the master that ran its script: these masters
+    have no replica, so it runs there, is reported unconfirmed and
+    fails; the next replay finds it applied (and unconfirmed again);
+    with --wait 0 it is taken as applied before."""
+    seeds = seeds_of(cluster)
+    owned = cluster.customers(1, "rw")
+    cids = [cids[0] for cids in owned.values()]
+    journal = write_journal(tmp_root, "wait.journal", [
+        line(seeds, cid, cid + "-1", "8.00", 8, wait=1, wait_ms=100)
+        for cid in cids])
+
+    def waits():
+        return sum(int(cluster.node(p).info("commandstats").get(
+            "cmdstat_wait", {}).get("calls", 0)) for p in cluster.ports)
+
+    before = waits()
+    rc, applied, already, failed, out = replay(journal)
+    assert (rc, applied, already, failed) == (1, 0, 0, len(cids)), out
+    assert out.count("unconfirmed: applied order ") == len(cids), out
+    assert "reached 0 of 1 replicas within 100 ms" in out, out
+    assert waits() == before + len(cids)
+    for cid in cids:
+        check_applied(cluster, cid, [(cid + "-1", 8, 0)], 8, 8)
+
+    rc, applied, already, failed, out = replay(journal)
+    assert (rc, failed) == (1, len(cids)), out
+    assert out.count("unconfirmed: already applied order ") == len(cids), out
+
+    rc, applied, already, failed, out = replay(journal,
+                                               extra=["--wait", "0"])
+    assert (rc, applied, already, failed) == (0, 0, len(cids), 0), out
+    assert waits() == before + 2 * len(cids)
+    for cid in cids:
+        check_applied(cluster, cid, [(cid + "-1", 8, 0)], 8, 8)
 
 
 def test_replay_cluster_option(cluster, tmp_root):
