@@ -1039,7 +1039,7 @@ ngx_http_loyalty_add_server(ngx_conf_t *cf, ngx_str_t **names, ngx_uint_t n,
 {
     u_char                        *p;
     ngx_url_t                      u;
-    ngx_str_t                      name;
+    ngx_str_t                      name, host;
     ngx_uint_t                     i;
     ngx_http_loyalty_server_t     *server, **s;
     ngx_http_loyalty_main_conf_t  *lmcf;
@@ -1137,13 +1137,25 @@ ngx_http_loyalty_add_server(ngx_conf_t *cf, ngx_str_t **names, ngx_uint_t n,
 
         server->seeds[i] = u.addrs[0];
 
-        server->hosts[i].data = ngx_pnalloc(cf->pool, u.host.len + 1);
+        /*
+         * "[::1]" is kept as "::1", the address that the certificate's IP
+         * entry names
+         */
+
+        host = u.host;
+
+        if (host.len > 2 && host.data[0] == '[') {
+            host.data++;
+            host.len -= 2;
+        }
+
+        server->hosts[i].data = ngx_pnalloc(cf->pool, host.len + 1);
         if (server->hosts[i].data == NULL) {
             return NULL;
         }
 
-        server->hosts[i].len = u.host.len;
-        *ngx_cpymem(server->hosts[i].data, u.host.data, u.host.len) = '\0';
+        server->hosts[i].len = host.len;
+        *ngx_cpymem(server->hosts[i].data, host.data, host.len) = '\0';
 
         if (i == 0) {
             server->addrs = u.addrs;

@@ -434,7 +434,7 @@ class RedisServer:
         """Start (or restart, on the same port)."""
         assert self.proc is None or self.proc.poll() is not None
         args = [REDIS_BIN] + self.listen_args() + [
-                "--bind", self.bind,
+                "--bind", *self.bind.split(),
                 "--save", "", "--appendonly", "no", "--dir", self.dir,
                 "--daemonize", "no",
                 "--logfile", os.path.join(self.dir, "redis.log")]

@@ -344,6 +344,33 @@ def test_ip_address_matched_against_ip_entries(tls_redis_factory, nginx,
         "the chain of other.test is trusted: only its name is wrong"
 
 
+def test_ipv6_address_over_tls(tls_redis_factory, nginx, pki):
+    """A bracketed IPv6 address: connected to over TLS, without SNI, its
+    certificate matched against the IP entry ::1 (the chain of "other"
+    has none: unavailable, and the error names the address); and in
+    plain TCP.  Regression: the name checked was "[::1]", which no
+    certificate entry can match."""
+    servers = []
+    for cert in ("server", "other"):
+        r = tls_redis_factory(cert=cert, start=False)
+        r.bind = "127.0.0.1 ::1"
+        r.start()
+        r.seed("c6", points=6, lifetime=6, orders=1)
+        servers.append(r)
+    good, other = servers
+    locations = (loc("/v6", "[::1]:%d tls" % good.tls_port)
+                 + loc("/v6-other", "[::1]:%d tls" % other.tls_port)
+                 + loc("/v6-plain", "[::1]:%d" % good.port))
+    n = nginx(checkout_conf(http=trusted(pki.ca), redis=None,
+                            locations=locations))
+    for _ in range(2):
+        assert read(n, "c6", "/v6") == expected("ok", "c6", 6, 6, 1)
+        assert read(n, "c6", "/v6-plain") == expected("ok", "c6", 6, 6, 1)
+        assert read(n, "c6", "/v6-other") == UNAVAILABLE
+    wait_log(n, mismatch("::1"), 'does not match "::1"')
+    assert not VERIFY_ERROR.search(n.error_log())
+
+
 def test_ssl_name(tls_redis_factory, nginx, pki):
     good = tls_redis_factory()
     other = tls_redis_factory(cert="other")

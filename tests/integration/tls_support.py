@@ -65,7 +65,7 @@ keyUsage = critical,digitalSignature
 extendedKeyUsage = serverAuth
 subjectKeyIdentifier = hash
 authorityKeyIdentifier = keyid:always
-subjectAltName = DNS:redis.test,DNS:localhost,IP:127.0.0.1
+subjectAltName = DNS:redis.test,DNS:localhost,IP:127.0.0.1,IP:::1
 
 [v3_other]
 basicConstraints = critical,CA:FALSE
