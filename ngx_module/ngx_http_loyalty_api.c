@@ -137,6 +137,7 @@ ngx_http_loyalty_api(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     }
 
     clcf->handler = ngx_http_loyalty_api_handler;
+    llcf->handler = ngx_http_loyalty_api_handler;
 
     /*
      * the merge gives the location a Redis; and the calls are not

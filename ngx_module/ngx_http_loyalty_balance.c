@@ -62,6 +62,7 @@ ngx_http_loyalty_balance(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     }
 
     clcf->handler = ngx_http_loyalty_balance_handler;
+    llcf->handler = ngx_http_loyalty_balance_handler;
 
     /*
      * the merge gives the location a Redis: this handler reads one, the

@@ -505,6 +505,7 @@ ngx_http_loyalty_create_loc_conf(ngx_conf_t *cf)
      *     conf->offers = NULL;
      *     conf->balance = 0;
      *     conf->noread = 0;
+     *     conf->handler = NULL;
      */
 
     conf->enable = NGX_CONF_UNSET;
@@ -539,8 +540,27 @@ ngx_http_loyalty_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_http_loyalty_loc_conf_t *prev = parent;
     ngx_http_loyalty_loc_conf_t *conf = child;
 
+    ngx_http_core_loc_conf_t      *clcf;
     ngx_http_loyalty_srv_conf_t   *lscf;
     ngx_http_loyalty_main_conf_t  *lmcf;
+
+    /*
+     * an "if" or "limit_except" block in a location of loyalty_api,
+     * loyalty_balance or loyalty_status answers as the location does,
+     * and so reads no customer in the access phase either
+     */
+
+    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+
+    if (clcf->noname && conf->handler == NULL) {
+        conf->handler = prev->handler;
+        conf->balance = prev->balance;
+        conf->noread = prev->noread;
+
+        if (clcf->lmt_excpt && clcf->handler == NULL) {
+            clcf->handler = conf->handler;
+        }
+    }
 
     ngx_conf_merge_value(conf->enable, prev->enable, 0);
 

@@ -201,6 +201,8 @@ typedef struct {
     ngx_http_loyalty_ssl_conf_t  ssl;
 #endif
 
+    ngx_http_handler_pt        handler;         /* of the three below */
+
     unsigned                   balance:1;       /* loyalty_balance here */
     unsigned                   noread:1;        /* not "loyalty on" here */
 } ngx_http_loyalty_loc_conf_t;

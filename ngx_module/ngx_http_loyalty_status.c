@@ -285,6 +285,7 @@ ngx_http_loyalty_status(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     }
 
     clcf->handler = ngx_http_loyalty_status_handler;
+    llcf->handler = ngx_http_loyalty_status_handler;
 
     /* a scrape is no checkout: an inherited "loyalty on" reads nothing */
     llcf->noread = 1;

@@ -385,6 +385,56 @@ def test_own_locations_under_server_loyalty_on(redis, nginx):
     assert order(n, "rs1", "5", "o2").status == 503
 
 
+BLOCKS = """
+    location = /metrics-if { loyalty_status; if ($arg_x) { set $d 1; } }
+    location = /balance-if { loyalty_balance; if ($arg_x) { set $d 1; } }
+    location /api-if/ { loyalty_api; if ($arg_x) { set $d 1; } }
+    location /api-le/ {
+        loyalty_api;
+        limit_except GET { allow 127.0.0.1; deny all; }
+    }
+"""
+
+
+def test_own_locations_with_if_and_limit_except(redis, nginx):
+    """An "if" or "limit_except" block in those locations answers as the
+    location does: no read in the access phase, the location's handler
+    (limit_except has none of its own: a POST allowed by it got 404).
+    Regression for both."""
+    c = redis.client
+    n = nginx(edge_conf(server="loyalty on; loyalty_fail reject;",
+                        locations=API + BLOCKS), redis_port=redis.port)
+    buy(n, "rb1", "30", "o1", client=c)
+    cust = {"X-Customer": "rb1"}
+    before = metric_sum(n, "loyalty_requests_total")
+    r, doc = call(n, "/api-le/refund", {"customer": "rb1", "order": "o1",
+                                        "refunded": "10"},
+                  headers=dict(FORM, **cust))
+    assert (r.status, doc["status"]) == (200, "applied"), doc
+    r, doc = call(n, "/api-if/ledger", query="customer=rb1&x=1",
+                  headers=cust, method="GET")
+    assert (r.status, doc["status"]) == (200, "ok"), doc
+    r = http_request(n.port, "/metrics-if?x=1", headers=cust)
+    assert r.status == 200 and "loyalty_requests_total" in r.body
+    assert metric_sum(n, "loyalty_requests_total") == before
+    r, doc = call(n, "/balance-if", query="x=1", headers=cust, method="GET")
+    assert (r.status, doc["points"]) == (200, 20), doc
+    assert metric_sum(n, "loyalty_requests_total") == before + 1
+
+    stop_redis_keeping_data(redis)
+    for path, body, method in (
+            ("/api-if/refund?x=1", {"customer": "rb1", "order": "o1",
+                                    "refunded": "all"}, "POST"),
+            ("/api-le/refund", {"customer": "rb1", "order": "o1",
+                                "refunded": "all"}, "POST"),
+            ("/balance-if?x=1", None, "GET")):
+        r, doc = call(n, path, body, headers=dict(FORM, **cust),
+                      method=method)
+        assert (r.status, doc) == (503, {"status": "unavailable"}), path
+    r = http_request(n.port, "/metrics-if?x=1", headers=cust)
+    assert r.status == 200, r
+
+
 def test_script_error_is_unavailable(redis, nginx):
     """A record another tool broke: 503 unavailable, a warn naming the
     order, customer and Redis' words, and nothing written."""
