@@ -269,10 +269,15 @@ def test_replay_wait_arguments(redis, tmp_path):
 
     bad = [{"order": "b%d" % i, **e} for i, e in enumerate([
         {"wait": "1"}, {"wait": True}, {"wait": 65}, {"wait": -1},
-        {"wait": 1, "wait_ms": 0}, {"wait": 1, "wait_ms": "100"}])]
+        {"wait": 1, "wait_ms": 0}, {"wait": 1, "wait_ms": "100"},
+        {"wait": 1, "wait_ms": True}, {"wait": 1, "wait_ms": 3600001}])]
     rc, applied, already, failed, out = replay(write(*bad))
     assert (rc, applied, already, failed) == (1, 0, 0, len(bad)), out
-    assert out.count(": bad line: wait ") == len(bad), out
+    assert out.count(": bad line: wait") == len(bad), out
+    # a negative lock period is no release before the order either
+    rc, applied, already, failed, out = replay(write({"order": "p1",
+                                                      "pending": -60}))
+    assert (rc, failed) == (1, 1) and ": bad line: pending -60" in out, out
     assert not redis.client.exists(hkey("rw1"))
 
     for extra in (["--wait", "65"], ["--wait", "-1"], ["--wait-ms", "0"]):
@@ -292,9 +297,14 @@ def test_replay_wait_arguments(redis, tmp_path):
         write({"order": "w1", "wait": 1, "wait_ms": 60000}),
         extra=["--wait-ms", "50"])
     assert (rc, failed) == (1, 1) and "within 50 ms" in out, out
+    # --wait-ms stands in for a recorded one that is not a time
+    rc, applied, already, failed, out = replay(
+        write({"order": "w1", "wait": 1, "wait_ms": "x"}),
+        extra=["--wait-ms", "50"])
+    assert (rc, failed) == (1, 1) and "within 50 ms" in out, out
     rc, applied, already, failed, out = replay(write({"order": "w1"}))
     assert (rc, applied, already, failed) == (0, 0, 1, 0), out
-    assert waits(redis) == 2
+    assert waits(redis) == 3
 
 
 @pytest.mark.parametrize("answer", [

@@ -360,12 +360,16 @@ def test_ipv6_address_over_tls(tls_redis_factory, nginx, pki):
     good, other = servers
     locations = (loc("/v6", "[::1]:%d tls" % good.tls_port)
                  + loc("/v6-other", "[::1]:%d tls" % other.tls_port)
-                 + loc("/v6-plain", "[::1]:%d" % good.port))
+                 + loc("/v6-plain", "[::1]:%d" % good.port)
+                 + loc("/v6-name", "127.0.0.1:%d tls" % good.tls_port,
+                       "loyalty_redis_ssl_name [::1];"))
     n = nginx(checkout_conf(http=trusted(pki.ca), redis=None,
                             locations=locations))
     for _ in range(2):
         assert read(n, "c6", "/v6") == expected("ok", "c6", 6, 6, 1)
         assert read(n, "c6", "/v6-plain") == expected("ok", "c6", 6, 6, 1)
+        # and loyalty_redis_ssl_name written the same way
+        assert read(n, "c6", "/v6-name") == expected("ok", "c6", 6, 6, 1)
         assert read(n, "c6", "/v6-other") == UNAVAILABLE
     wait_log(n, mismatch("::1"), 'does not match "::1"')
     assert not VERIFY_ERROR.search(n.error_log())
