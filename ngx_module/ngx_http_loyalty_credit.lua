@@ -88,8 +88,10 @@ end
 -- points released (due at "now"), those still locked, the length of the
 -- entries released, which come first, and the latest release time; or
 -- nil for any other field, which locked() then reads.  Strings only: the
--- release times are compared as strings of the same length, and a number
--- is made only of the points, by adding them up.
+-- release times are compared as strings of the same length (Redis's Lua
+-- compares with strcoll(), which orders such digit strings as numbers in
+-- every locale), and a number is made only of the points, by adding them
+-- up.
 
 local function scan(list, now)
     local due, still, cut, pos, last, len = 0, 0, 0, 1, '', #list
@@ -363,7 +365,7 @@ if keep > 0 then
                    'points', balance, 'ts', ts, 'pending', false}
     local fields = 12
     if release ~= '0' then
-        entry[14], fields = format('%d', still), 14
+        entry[14], fields = fmt(still), 14
     end
     local id = redis.pcall('XADD', ledger, 'MAXLEN', '~',
                            redis_number(ARGV[4], keep), '*',

@@ -1157,17 +1157,8 @@ ngx_http_loyalty_add_server(ngx_conf_t *cf, ngx_str_t **names, ngx_uint_t n,
 
         server->seeds[i] = u.addrs[0];
 
-        /*
-         * "[::1]" is kept as "::1", the address that the certificate's IP
-         * entry names
-         */
-
         host = u.host;
-
-        if (host.len > 2 && host.data[0] == '[') {
-            host.data++;
-            host.len -= 2;
-        }
+        ngx_http_loyalty_unbracket(&host);
 
         server->hosts[i].data = ngx_pnalloc(cf->pool, host.len + 1);
         if (server->hosts[i].data == NULL) {
@@ -1209,6 +1200,24 @@ ngx_http_loyalty_add_server(ngx_conf_t *cf, ngx_str_t **names, ngx_uint_t n,
 
 
 /* an IP address, [::1] included, not a host name */
+
+/*
+ * "[::1]" as "::1": the address that a certificate's IP entry names, and
+ * that X509_check_ip_asc() takes
+ */
+
+void
+ngx_http_loyalty_unbracket(ngx_str_t *host)
+{
+    if (host->len > 2
+        && host->data[0] == '['
+        && host->data[host->len - 1] == ']')
+    {
+        host->data++;
+        host->len -= 2;
+    }
+}
+
 
 ngx_uint_t
 ngx_http_loyalty_ip_literal(ngx_str_t *host)

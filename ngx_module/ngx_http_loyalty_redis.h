@@ -282,6 +282,7 @@ void ngx_http_loyalty_cluster_failed(ngx_http_loyalty_server_t *server,
 
 /* ngx_http_loyalty_module.c */
 ngx_uint_t ngx_http_loyalty_ip_literal(ngx_str_t *host);
+void ngx_http_loyalty_unbracket(ngx_str_t *host);
 ngx_uint_t ngx_http_loyalty_same_str(ngx_str_t *a, ngx_str_t *b);
 
 

@@ -376,20 +376,11 @@ ngx_http_loyalty_ssl_create(ngx_conf_t *cf, ngx_http_loyalty_ssl_t *ssl)
         return NGX_ERROR;
     }
 
-    /*
-     * the name as a C string, for SNI and X509_check_ip_asc(); "[::1]"
-     * as the address alone, as in loyalty_redis
-     */
+    /* the name as a C string, for SNI and X509_check_ip_asc() */
 
     name = &ssl->conf.name;
 
-    if (name->len > 2
-        && name->data[0] == '['
-        && name->data[name->len - 1] == ']')
-    {
-        name->data++;
-        name->len -= 2;
-    }
+    ngx_http_loyalty_unbracket(name);
 
     if (name->len) {
         p = ngx_pnalloc(cf->pool, name->len + 1);
