@@ -533,13 +533,25 @@ ngx_http_loyalty_status_api(u_char *p, ngx_http_loyalty_shctx_t *sh)
 }
 
 
-/* the first n offers of the zone */
+/*
+ * The first n offers of the zone.  A request counts an offer shown before
+ * its order can count it converted, so the converted counts are read
+ * first: read after the shown ones, a credit finishing in between would
+ * show more conversions than showings.
+ */
 
 static u_char *
 ngx_http_loyalty_status_offers(u_char *p, ngx_http_loyalty_shctx_t *sh,
     ngx_uint_t n)
 {
-    ngx_uint_t  i;
+    ngx_uint_t         i;
+    ngx_atomic_uint_t  converted[NGX_HTTP_LOYALTY_OFFERS_MAX];
+
+    for (i = 0; i < n; i++) {
+        converted[i] = sh->offers[i].converted;
+    }
+
+    ngx_memory_barrier();
 
     p = ngx_sprintf(p,
             "# HELP loyalty_offers_shown_total Requests that carried the "
@@ -562,7 +574,7 @@ ngx_http_loyalty_status_offers(u_char *p, ngx_http_loyalty_shctx_t *sh,
         p = ngx_http_loyalty_status_offer(p, "loyalty_offers_converted_total",
                                           sh->offers[i].name,
                                           sh->offers[i].len,
-                                          sh->offers[i].converted);
+                                          converted[i]);
     }
 
     return p;

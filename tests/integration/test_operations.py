@@ -23,6 +23,8 @@ import math
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -762,6 +764,73 @@ def test_counters_never_go_backwards(redis, nginx):
     assert key("loyalty_credits_total", result="applied") in grew
     assert key("loyalty_credits_total", result="duplicate") in grew
     assert key("loyalty_offers_converted_total", offer="spring") in grew
+
+
+# spring first, then offers that never match: a scrape prints spring's
+# shown count, 63 more lines, then its converted count
+FILLER_OFFERS = "".join(
+    "    loyalty_offer filler_%02d_%s code=F if=$arg_never;\n" % (i, "x" * 48)
+    for i in range(63))
+ORDERS = 6000
+
+# Scrapes in a process of its own (the traffic's threads hold the GIL),
+# over one keep-alive connection, until its stdin closes; prints the
+# number of scrapes, then each (shown, converted) of spring where
+# converted was the larger.
+SPRING_SCRAPER = r"""
+import http.client, re, sys, threading
+spring = re.compile(r'^loyalty_offers_(shown|converted)_total'
+                    r'\{offer="spring"\} (\d+)$', re.M)
+stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), stop.set()),
+                 daemon=True).start()
+conn = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=10)
+count, over = 0, []
+while not stop.is_set():
+    conn.request("GET", "/metrics")
+    r = conn.getresponse()
+    m = dict(spring.findall(r.read().decode()))
+    assert r.status == 200 and len(m) == 2, (r.status, m)
+    count += 1
+    if int(m["converted"]) > int(m["shown"]):
+        over.append((int(m["shown"]), int(m["converted"])))
+print(count)
+for s, c in over:
+    print(s, c)
+"""
+
+
+def test_no_scrape_converts_more_than_it_showed(redis, nginx):
+    """Regression: converted was read after every shown count, so a credit
+    that finished in between made one scrape of CI's report spring
+    converted 21 of 20 shown.  A race: with the counts read in that
+    order this catches it in nearly every run; it cannot happen now."""
+    n = start(nginx, redis, ops_conf(
+        server="loyalty_offer spring code=SPRING;\n" + FILLER_OFFERS),
+        workers=2)
+    assert len(offers(scrape(n), "shown")) == 64
+
+    scraper = subprocess.Popen([sys.executable, "-c", SPRING_SCRAPER,
+                                str(n.port)], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        results = run_parallel(
+            lambda i: order(n, "c-%d" % (i % 50), "1", "o-%d" % i).status,
+            range(ORDERS), threads=8, timeout=60)
+    finally:
+        out, _ = scraper.communicate(timeout=30)
+    assert scraper.returncode == 0, (scraper.returncode, out)
+    assert sorted(set(results)) == [200], results
+    m = wait_scrape(n, lambda m: credits_total(m)["applied"] == ORDERS,
+                    "the credits of the traffic")
+    assert offers(m, "shown")["spring"] == ORDERS
+    assert offers(m, "converted")["spring"] == ORDERS
+
+    lines = out.split("\n")
+    scrapes, over = int(lines[0]), [line for line in lines[1:] if line]
+    assert scrapes >= 100, scrapes
+    assert not over, "%d of %d scrapes (shown converted): %r" % (
+        len(over), scrapes, over[:5])
 
 
 # --------------------------------------------------------------------------
