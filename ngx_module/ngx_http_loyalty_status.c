@@ -422,7 +422,8 @@ ngx_http_loyalty_status_redis(u_char *p, ngx_http_loyalty_shctx_t *sh)
 static u_char *
 ngx_http_loyalty_status_latency(u_char *p, ngx_http_loyalty_shctx_t *sh)
 {
-    ngx_uint_t  i, cumulative;
+    ngx_uint_t         i, cumulative;
+    ngx_atomic_uint_t  sum;
 
     p = ngx_sprintf(p,
             "# HELP loyalty_redis_latency_seconds Time from sending a read "
@@ -439,12 +440,15 @@ ngx_http_loyalty_status_latency(u_char *p, ngx_http_loyalty_shctx_t *sh)
 
     cumulative += sh->latency[NGX_HTTP_LOYALTY_BUCKETS];
 
+    /* read once: seconds and microseconds of two reads could go back */
+
+    sum = sh->latency_sum;
+
     return ngx_sprintf(p,
             "loyalty_redis_latency_seconds_bucket{le=\"+Inf\"} %ui\n"
             "loyalty_redis_latency_seconds_sum %uA.%06uA\n"
             "loyalty_redis_latency_seconds_count %ui\n",
-            cumulative, sh->latency_sum / 1000000,
-            sh->latency_sum % 1000000, cumulative);
+            cumulative, sum / 1000000, sum % 1000000, cumulative);
 }
 
 
