@@ -29,7 +29,7 @@ import threading
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import http_request, run_parallel, wait_until
+from conftest import SLOW, http_request, run_parallel, wait_until
 from credit_support import (TIERS, HeldShop, edge_conf, order, record,
                             stop_redis_keeping_data, wait_marker)
 
@@ -816,7 +816,7 @@ def test_no_scrape_converts_more_than_it_showed(redis, nginx):
     try:
         results = run_parallel(
             lambda i: order(n, "c-%d" % (i % 50), "1", "o-%d" % i).status,
-            range(ORDERS), threads=8, timeout=60)
+            range(ORDERS), threads=8, timeout=60 * SLOW)
     finally:
         out, _ = scraper.communicate(timeout=30)
     assert scraper.returncode == 0, (scraper.returncode, out)
